@@ -1,0 +1,1 @@
+"""red: RED distillation engine."""

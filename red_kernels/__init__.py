@@ -1,0 +1,1 @@
+"""red_kernels: Triton kernels for RED distillation, each beside a plain-PyTorch reference."""
