@@ -1,0 +1,110 @@
+"""`red analyze`: per-layer eRank of teacher vs student and the spectra of the projections."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import RedError
+from .metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
+
+
+def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
+    """Rebuild the ProjectedStudent of a `red distill` output folder from a checkpoint
+    (default: the last complete one). Returns (student, tokenizer, config)."""
+    from .checkpoint import list_checkpoints, load_trainable, read_meta
+    from .config import make_config
+    from .student import ProjectedStudent
+    from .teacher import load_teacher
+
+    run = Path(run_dir)
+    if not (run / "run.yaml").is_file():
+        raise RedError(f"{run} is not a red run folder (no run.yaml); pass the --out folder of `red distill`")
+    cfg = make_config(run / "run.yaml")
+    if checkpoint is None:
+        found = list_checkpoints(run / "checkpoints")
+        if not found:
+            raise RedError(f"run folder {run} has no complete checkpoint; train first or pass --checkpoint")
+        checkpoint = found[-1]
+    meta = read_meta(checkpoint)
+    teacher, tok = load_teacher(cfg.teacher, device=device, trust_remote_code=cfg.trust_remote_code)
+    if meta.get("teacher_hidden_size") != teacher.config.hidden_size:
+        raise RedError(f"checkpoint {checkpoint} belongs to a teacher of width {meta.get('teacher_hidden_size')}, "
+                       f"{cfg.teacher} has {teacher.config.hidden_size}; use the run's own teacher")
+    student = ProjectedStudent(teacher, meta["hidden_size"], norm_eps=cfg.norm_eps)
+    sd = load_trainable(checkpoint)
+    if set(sd) != set(student.state_dict()):
+        raise RedError(f"checkpoint {checkpoint} does not match the student built from {cfg.teacher}")
+    student.load_state_dict(sd)
+    return student, tok, cfg
+
+
+def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | None = None) -> dict:
+    """Compare per-layer eRank (and mean token cosine) of teacher and student on
+    ``input_ids``, and list the singular-value spread of every projection when the
+    student is a ProjectedStudent. Writes analysis.json and PNG plots to ``out_dir``."""
+    report: dict = {
+        "teacher_erank": layer_eranks(teacher, input_ids),
+        "student_erank": layer_eranks(student, input_ids),
+        "teacher_last_cosine": mean_token_cosine(hidden_states(teacher, input_ids)[-1]),
+        "student_last_cosine": mean_token_cosine(hidden_states(student, input_ids)[-1]),
+        "projections": {},
+    }
+    if hasattr(student, "projections"):
+        report["projections"] = {n: spectrum(p) for n, p in student.projections().items()}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "analysis.json").write_text(json.dumps(report, indent=1))
+        plot_analysis(report, out)
+    return report
+
+
+def plot_analysis(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("teacher_erank", "teacher"), ("student_erank", "student")):
+        ax.plot(range(len(report[key])), report[key], marker="o", label=label)
+    ax.set_xlabel("hidden state (0 = embedding, last = after final norm)")
+    ax.set_ylabel("eRank")
+    ax.set_title("Per-layer effective rank")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "erank.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if report["projections"]:
+        names = list(report["projections"])
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.25), 4))
+        mx = [report["projections"][n]["max"] for n in names]
+        mn = [report["projections"][n]["min"] for n in names]
+        ax.vlines(range(len(names)), mn, mx)
+        ax.scatter(range(len(names)), mx, s=8, label="max singular value")
+        ax.scatter(range(len(names)), mn, s=8, label="min singular value")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_ylabel("singular value")
+        ax.set_title("Projection spectra")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "spectra.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def format_report(report: dict) -> str:
+    lines = ["layer  teacher_eRank  student_eRank"]
+    for i, (t, s) in enumerate(zip(report["teacher_erank"], report["student_erank"])):
+        lines.append(f"{i:5d}  {t:13.2f}  {s:13.2f}")
+    lines.append(f"mean token cosine (last): teacher {report['teacher_last_cosine']:.3f}  "
+                 f"student {report['student_last_cosine']:.3f}")
+    if report["projections"]:
+        lines.append("projection            s_max    s_min  s_max/s_min   eRank")
+        for n, s in report["projections"].items():
+            lines.append(f"{n:18s} {s['max']:8.3f} {s['min']:8.3f} {s['ratio']:12.2f} {s['erank']:7.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Calibration: per-channel statistics of the teacher's residual stream.
+
+The statistics are taken at every residual-reading RMSNorm (each layer's input and
+post-attention norms, and the final norm) by swapping those norms' forward for
+``red_kernels.rmsnorm_with_stats``: one read of the residual gives the normalized output
+the teacher needs and the statistics of both the raw and the normalized values.
+Statistics are kept per sequence, so any score can be computed later from the file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import red_kernels as K
+
+from .errors import RedError
+from .teacher import check_safetensors_file
+
+STAT_NAMES = ("raw_abs_sum", "raw_sq_sum", "norm_abs_sum", "norm_sq_sum")
+
+
+def norm_points(teacher) -> dict[str, torch.nn.Module]:
+    """The residual-reading RMSNorm modules, by name, in forward order."""
+    points = {}
+    for i, layer in enumerate(teacher.model.layers):
+        points[f"layers.{i}.input"] = layer.input_layernorm
+        points[f"layers.{i}.post_attention"] = layer.post_attention_layernorm
+    points["final"] = teacher.model.norm
+    return points
+
+
+@dataclass
+class Calibration:
+    """Per point, per sequence, per channel sums: stats[point, seq, stat, channel] (fp32)."""
+
+    stats: torch.Tensor
+    tokens_per_seq: int
+    points: list[str]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.stats.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.stats.shape[-1]
+
+    def save(self, path: str | Path) -> None:
+        meta = dict(self.meta, points=self.points, tokens_per_seq=self.tokens_per_seq, stat_names=list(STAT_NAMES))
+        save_file({"stats": self.stats.contiguous()}, str(path), metadata={"red": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        p = Path(path)
+        if not p.is_file():
+            raise RedError(f"calibration file {p} does not exist; run `red calibrate` or drop --calibration")
+        check_safetensors_file(p, what="calibration file")
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get("red")
+        if raw is None:
+            raise RedError(f"{p} is not a red calibration file (no 'red' metadata); run `red calibrate`")
+        meta = json.loads(raw)
+        stats = load_file(str(p))["stats"]
+        return cls(stats=stats, tokens_per_seq=int(meta.pop("tokens_per_seq")), points=list(meta.pop("points")),
+                   meta={k: v for k, v in meta.items() if k != "stat_names"})
+
+
+@torch.no_grad()
+def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Calibration:
+    """Run the teacher on ``sequences`` [N, T] and collect channel statistics at every
+    residual-reading RMSNorm (teacher's own transformers forward, norms swapped)."""
+    if sequences.dim() != 2 or sequences.shape[0] == 0:
+        raise RedError("calibration needs at least one sequence; give a corpus with enough text")
+    points = norm_points(teacher)
+    N, T = sequences.shape
+    D = teacher.config.hidden_size
+    stats = torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32)
+    cursor = {"start": 0}
+
+    def make_forward(pi, module):
+        def forward(x):
+            ys = []
+            for b in range(x.shape[0]):
+                y, st = K.rmsnorm_with_stats(x[b], module.weight, module.variance_epsilon)
+                stats[pi, cursor["start"] + b] += st.float().cpu()
+                ys.append(y)
+            return torch.stack(ys)
+        return forward
+
+    for pi, (name, module) in enumerate(points.items()):
+        module.forward = make_forward(pi, module)
+    device = teacher.model.embed_tokens.weight.device
+    try:
+        for start in tqdm(range(0, N, batch_size), desc="calibrate", disable=not progress, leave=False):
+            cursor["start"] = start
+            teacher(input_ids=sequences[start: start + batch_size].to(device), use_cache=False)
+    finally:
+        for module in points.values():
+            del module.forward
+    return Calibration(stats=stats, tokens_per_seq=T, points=list(points),
+                       meta={"model_type": teacher.config.model_type, "hidden_size": D})
+
+
+def channel_scores(cal: Calibration, method: str = "minitron") -> torch.Tensor:
+    """Importance of each residual channel, [D] (higher = keep).
+
+    - "minitron": per norm output, mean over tokens of |y_j|, L2 over sequences,
+      summed over all norm points (Minitron's hidden-channel importance).
+    - "rms": RMS of the raw residual stream entering each norm, summed over points.
+    """
+    s = cal.stats.double()
+    T, N = cal.tokens_per_seq, cal.num_sequences
+    if method == "minitron":
+        per_seq = s[:, :, 2] / T
+        return per_seq.pow(2).sum(1).sqrt().sum(0).float()
+    if method == "rms":
+        return (s[:, :, 1].sum(1) / (N * T)).sqrt().sum(0).float()
+    raise RedError(f"unknown channel score {method!r}; use minitron or rms")

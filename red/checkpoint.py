@@ -1,0 +1,163 @@
+"""Training checkpoints: trainable tensors, optimizer, scheduler, RNG and data position.
+
+Tensors go to safetensors, everything else to JSON. A checkpoint is written into a
+temporary folder and renamed into place, so a folder named ``step-NNNNNNN`` is always
+complete; a crash mid-write leaves only a ``.tmp`` folder that is ignored and cleaned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import RedError
+from .teacher import check_safetensors_file
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, sampler, meta: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``root/step-<step>`` atomically and prune old ones (keep the last ``keep``)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {f"student.{k}": v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt_scalars: dict = {}
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                opt_scalars[f"{idx}.{k}"] = v
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(tmp / "state.safetensors"))
+    with open(tmp / "state.safetensors", "rb+") as f:
+        os.fsync(f.fileno())
+    _write_json(tmp / "trainer.json", {
+        "step": step,
+        "meta": meta,
+        "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+        "optimizer_scalars": opt_scalars,
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+    })
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "trainer.json").is_file() and (p / "state.safetensors").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, expect_meta: dict) -> int:
+    """Restore everything saved by ``save_checkpoint``; returns the step to continue from."""
+    path = Path(path)
+    try:
+        info = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RedError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to resume from an older one") from None
+    for key, want in expect_meta.items():
+        have = info.get("meta", {}).get(key)
+        if have != want:
+            raise RedError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}; "
+                           "resume with the same teacher and width, or start a new output folder")
+    check_safetensors_file(path / "state.safetensors", what="checkpoint")
+    tensors = load_file(str(path / "state.safetensors"))
+    sd = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    missing = set(student.state_dict()) ^ set(sd)
+    if missing:
+        raise RedError(f"checkpoint {path} does not match this student ({len(missing)} tensors differ); "
+                       "resume with the same teacher and width")
+    with torch.no_grad():
+        for k, v in student.state_dict().items():
+            if v.shape != sd[k].shape:
+                raise RedError(f"checkpoint {path} tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+            v.copy_(sd[k])
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for k, v in info["optimizer_scalars"].items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = optimizer.state_dict()["param_groups"]
+    saved_groups = info["optimizer_param_groups"]
+    if len(groups) != len(saved_groups):
+        raise RedError(f"checkpoint {path} has {len(saved_groups)} optimizer groups, expected {len(groups)}")
+    optimizer.load_state_dict({"state": state,
+                               "param_groups": [dict(sg, params=g["params"]) for g, sg in zip(groups, saved_groups)]})
+    scheduler.load_state_dict(info["scheduler"])
+    sampler.load_state_dict(info["sampler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return int(info["step"])
+
+
+def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
+    """Only the student's trainable tensors of a checkpoint (for export)."""
+    f = Path(path) / "state.safetensors"
+    if not f.is_file():
+        raise RedError(f"{path} is not a red checkpoint (no state.safetensors); pick a checkpoints/step-* folder")
+    check_safetensors_file(f, what="checkpoint")
+    return {k[len("student."):]: v for k, v in load_file(str(f)).items() if k.startswith("student.")}
+
+
+def read_meta(path: str | Path) -> dict:
+    try:
+        return json.loads((Path(path) / "trainer.json").read_text())["meta"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise RedError(f"{path} is not a readable red checkpoint (trainer.json missing or corrupt)") from None

@@ -1,0 +1,156 @@
+"""The `red` command: calibrate, distill, export, analyze.
+
+Every option of `red distill` comes from a field of DistillConfig, so YAML keys and
+flags are the same names (hidden_size <-> --hidden-size). User errors print one line
+and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import PRESETS, DistillConfig
+from .errors import RedError
+
+
+def _optional_float(s: str):
+    return None if s.lower() in ("none", "null") else float(s)
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(DistillConfig)
+    for f in fields(DistillConfig):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        preset_note = ""
+        by_preset = {name: vals[f.name] for name, vals in PRESETS.items() if f.name in vals}
+        if by_preset:
+            preset_note = "; by preset: " + ", ".join(f"{k} {v}" for k, v in by_preset.items())
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r}{preset_note})"
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is typing.Union:
+            p.add_argument(flag, type=_optional_float, default=None, metavar="FLOAT|null", help=help_text)
+        else:
+            p.add_argument(flag, type=tp, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
+                                     "into a student that keeps its reasoning.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("distill", help="calibrate, initialize, train and export a student", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Distill TEACHER into a student of width --hidden-size. Options override --config "
+                                   "(YAML with the same keys, e.g. OUT/run.yaml), which overrides the preset.")
+    p.add_argument("--config", default=None, help="YAML file of options (default: None)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: False)")
+    _add_config_options(p)
+
+    p = sub.add_parser("calibrate", help="measure teacher channel statistics", formatter_class=fmt)
+    p.add_argument("--teacher", required=True, help="teacher folder")
+    p.add_argument("--data", required=True, help="corpus (.txt, .jsonl, .parquet)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet")
+    p.add_argument("--txt-split", default="line", choices=("line", "paragraph", "file"), help="documents of a .txt")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("export", help="export a run's checkpoint as a Hugging Face model", formatter_class=fmt)
+    p.add_argument("--run", required=True, help="the --out folder of `red distill`")
+    p.add_argument("--out", required=True, help="folder for the exported model")
+    p.add_argument("--checkpoint", default=None, help="a checkpoints/step-* folder (default: the last)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weight dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
+    p.add_argument("--teacher", required=True, help="teacher folder")
+    p.add_argument("--student", required=True, help="a `red distill` run folder or an exported model folder")
+    p.add_argument("--data", required=True, help="corpus to take sequences from")
+    p.add_argument("--out", default=None, help="folder for analysis.json and PNG plots (default: none)")
+    p.add_argument("--samples", type=int, default=8, help="sequences to analyze")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet")
+    return parser
+
+
+def _cmd_distill(args) -> int:
+    from .config import make_config
+    from .pipeline import distill
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig)}
+    cfg = make_config(args.config, **overrides)
+    result = distill(cfg, progress=not args.quiet)
+    last = [r for r in result.metrics.rows if "val_loss" in r]
+    tail = f"; final val_loss {last[-1]['val_loss']:.4f}, eRank {last[-1]['erank_last']:.2f}" if last else ""
+    print(f"student written to {result.out / 'student'}{tail}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibration import channel_scores
+    from .pipeline import run_calibration
+
+    cal = run_calibration(args.teacher, args.data, args.out, args.calib_samples, args.seq_len, args.text_field,
+                          args.txt_split, args.device, args.overwrite, progress=not args.quiet)
+    top = channel_scores(cal).topk(min(8, cal.hidden_size)).indices.tolist()
+    print(f"calibration of {cal.num_sequences} sequences x {cal.tokens_per_seq} tokens written to {args.out}; "
+          f"top channels {top}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .pipeline import export_run
+
+    out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
+    print(f"exported to {out}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from .analyze import analyze, format_report, load_run_student
+    from .data import load_corpus
+    from .teacher import load_teacher
+
+    teacher, tok = load_teacher(args.teacher)
+    sp = Path(args.student)
+    if (sp / "run.yaml").is_file():
+        student, _, _ = load_run_student(sp)
+    else:
+        student, _ = load_teacher(sp, with_tokenizer=False)
+    corpus = load_corpus(args.data, tok, args.seq_len, 0.5, args.text_field)
+    ids = corpus.train[: args.samples]
+    report = analyze(teacher, student, ids, args.out)
+    print(format_report(report))
+    if args.out:
+        print(f"analysis.json and plots written to {args.out}")
+    return 0
+
+
+COMMANDS = {"distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RedError as e:
+        print(f"red {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"red {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Merge a trained student into an ordinary checkpoint of the teacher's architecture.
+
+Every teacher tensor is mapped to its student counterpart by name (so the file uses the
+teacher's own key names), the config gets ``hidden_size = d``, an explicit ``head_dim``,
+the tie flag the student was trained with and the ``rms_norm_eps`` used in training.
+The result loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import RedError
+from .student import ProjectedStudent
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_IN = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
+       "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up"}
+_OUT = {"self_attn.o_proj.weight": "o", "mlp.down_proj.weight": "down"}
+_KEEP = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+         "self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+def teacher_dtype(teacher) -> torch.dtype:
+    d = getattr(teacher.config, "dtype", None) or getattr(teacher.config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = _DTYPES.get(d)
+    return d if isinstance(d, torch.dtype) else torch.float32
+
+
+@torch.no_grad()
+def merged_state_dict(student: ProjectedStudent) -> dict[str, torch.Tensor]:
+    """The student's weights under the teacher's key names (float32, CPU)."""
+    teacher = student.teacher
+    out: dict[str, torch.Tensor] = {}
+    f32 = lambda t: t.detach().float()
+    for key, w in teacher.state_dict().items():
+        if key == "lm_head.weight":
+            if student.arch.tied:
+                continue
+            out[key] = f32(w) @ f32(student.lm_head)
+        elif key == "model.embed_tokens.weight":
+            out[key] = f32(w) @ f32(student.embed)
+        elif key == "model.norm.weight":
+            out[key] = f32(student.final_norm)
+        else:
+            m = _LAYER_KEY.match(key)
+            if not m:
+                raise RedError(f"teacher tensor {key!r} has no student counterpart; this architecture is not supported")
+            layer, name = student.layers[int(m.group(1))], m.group(2)
+            if name in _IN:
+                out[key] = f32(w) @ f32(getattr(layer, _IN[name]))
+            elif name in _OUT:
+                out[key] = f32(getattr(layer, _OUT[name])).T @ f32(w)
+            elif name == "input_layernorm.weight":
+                out[key] = f32(layer.input_norm)
+            elif name == "post_attention_layernorm.weight":
+                out[key] = f32(layer.post_attention_norm)
+            elif name in _KEEP:
+                out[key] = f32(w)
+            else:
+                raise RedError(f"teacher tensor {key!r} has no student counterpart; this architecture is not supported")
+    return {k: v.cpu().contiguous() for k, v in out.items()}
+
+
+def student_config(student: ProjectedStudent, dtype: torch.dtype):
+    cfg = copy.deepcopy(student.teacher.config)
+    cfg.hidden_size = student.hidden_size
+    cfg.head_dim = student.arch.head_dim
+    cfg.rms_norm_eps = student.norm_eps
+    cfg.tie_word_embeddings = student.arch.tied
+    cfg.dtype = dtype
+    return cfg
+
+
+def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",
+                   overwrite: bool = False) -> Path:
+    """Write ``out_dir`` as a Hugging Face checkpoint: config.json, model.safetensors,
+    tokenizer files (and generation_config.json when the teacher has one).
+
+    The folder is written under a temporary name and renamed at the end, so an existing
+    export is only replaced (with ``overwrite``) by a complete one.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RedError(f"export folder {out_dir} is not empty; choose another folder or pass --overwrite")
+    if isinstance(dtype, str):
+        dtype = teacher_dtype(student.teacher) if dtype == "auto" else _DTYPES[dtype]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        sd = {k: v.to(dtype) for k, v in merged_state_dict(student).items()}
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        student_config(student, dtype).save_pretrained(tmp)
+        gen = getattr(student.teacher, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,73 @@
+"""Initial values of the student's projections and gains (red-method.md §3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import RedError
+from .student import ProjectedStudent
+
+
+def select_channels(scores: torch.Tensor, d: int) -> torch.Tensor:
+    """The top-d channels by score, in ascending channel order (int64 [d])."""
+    D = scores.numel()
+    if not 0 < d < D:
+        raise RedError(f"cannot select {d} of {D} channels; the student width must be in (0, {D})")
+    # a stable sort keeps the choice deterministic when scores tie
+    top = torch.sort(scores.float(), descending=True, stable=True).indices[:d]
+    return torch.sort(top).values.long()
+
+
+def selection_matrix(channels: torch.Tensor, D: int, dtype=torch.float32) -> torch.Tensor:
+    """P_S = [e_j1 ... e_jd], [D, d]: W P_S gathers columns S, P_S^T W gathers rows S."""
+    P = torch.zeros(D, channels.numel(), dtype=dtype)
+    P[channels.cpu(), torch.arange(channels.numel())] = 1.0
+    return P
+
+
+@torch.no_grad()
+def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | None = None,
+               std: float | None = 0.02, seed: int = 0) -> torch.Tensor | None:
+    """Set every projection and gain of ``student`` in place; returns the channel set used.
+
+    - "red": every P = P_S for the given global channel set S; gains = teacher gamma[S].
+    - "lrc": every P ~ N(0, std^2) independently (std None: 1/sqrt(D)); gains = 1.
+    - "orthogonal": every P a random matrix with orthonormal columns; gains = 1.
+    - "random-select": like "red" with S drawn at random (the shared-basis control).
+    """
+    D, d = student.arch.hidden_size, student.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    teacher = student.teacher
+    if method in ("red", "random-select"):
+        if method == "random-select":
+            channels = torch.sort(torch.randperm(D, generator=g)[:d]).values
+        if channels is None:
+            raise RedError("the red init needs a channel set; calibrate first (or pass --calibration)")
+        channels = channels.long().cpu()
+        if channels.numel() != d or channels.min() < 0 or channels.max() >= D or channels.unique().numel() != d:
+            raise RedError(f"channel set must hold {d} distinct channels in [0, {D}); recalibrate for this width")
+        P = selection_matrix(channels, D)
+        for p in student.projections().values():
+            p.copy_(P)
+        for i, layer in enumerate(student.layers):
+            tl = teacher.model.layers[i]
+            layer.input_norm.copy_(tl.input_layernorm.weight.float()[channels])
+            layer.post_attention_norm.copy_(tl.post_attention_layernorm.weight.float()[channels])
+        student.final_norm.copy_(teacher.model.norm.weight.float()[channels])
+        student.channels = channels
+        return channels
+    if method == "lrc":
+        s = 1.0 / math.sqrt(D) if std is None else float(std)
+        for p in student.projections().values():
+            p.copy_(torch.randn(D, d, generator=g) * s)
+    elif method == "orthogonal":
+        for p in student.projections().values():
+            q, r = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
+            p.copy_((q * torch.sign(torch.diagonal(r))).float())
+    else:
+        raise RedError(f"unknown init {method!r}; use red, lrc, orthogonal or random-select")
+    for gain in student.gains().values():
+        gain.fill_(1.0)
+    student.channels = None
+    return None
