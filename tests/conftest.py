@@ -11,3 +11,32 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_teacher, write_corpus  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory):
+    """One tiny teacher per architecture, saved once per session: {arch: folder}."""
+    root = tmp_path_factory.mktemp("teachers")
+    return {arch: make_teacher(root / arch, arch, seed=i) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def loaded_teachers(teacher_dirs):
+    from red.teacher import load_teacher
+
+    return {arch: load_teacher(d) for arch, d in teacher_dirs.items()}
