@@ -17,7 +17,8 @@ from .errors import RedError
 
 
 def _optional_float(s: str):
-    return None if s.lower() in ("none", "null") else float(s)
+    # "null" stays a string here: None means "not given" to make_config
+    return "null" if s.lower() in ("none", "null") else float(s)
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:

@@ -94,7 +94,10 @@ class RunResult:
 def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     """Run a whole distillation as configured and export the student to ``cfg.out/student``."""
     cfg.validate()
-    read_teacher_config(cfg.teacher, cfg.trust_remote_code)  # fail fast, before any work
+    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)  # fail fast, before any work
+    D = tcfg.hidden_size
+    if not 0 < cfg.hidden_size < D:
+        raise RedError(f"--hidden-size {cfg.hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
     out = prepare_output(cfg.out, cfg.overwrite, cfg.resume)
     # run.yaml repeats the run; overwrite/resume are per-invocation and never persisted
     save_yaml(dataclasses.replace(cfg, overwrite=False, resume=False), out / "run.yaml")
@@ -103,9 +106,6 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher, tokenizer = load_teacher(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    D = teacher.config.hidden_size
-    if not 0 < cfg.hidden_size < D:
-        raise RedError(f"--hidden-size {cfg.hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
     corpus = load_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.txt_split)
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)

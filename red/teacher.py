@@ -98,6 +98,9 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise RedError(f"teacher folder {p} has no *.safetensors weights; convert the checkpoint to safetensors "
                        "(pickled .bin files are never loaded)")
     _check_safetensors(p)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # red shows its own progress; loading bars are noise
     tokenizer = None
     if with_tokenizer:
         tokenizer = load_tokenizer(p, trust_remote_code)
