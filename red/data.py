@@ -139,14 +139,15 @@ class BlockSampler:
         return torch.randperm(self.n, generator=g)
 
     def next(self) -> torch.Tensor:
-        out = []
-        while len(out) < self.batch_size:
+        out, count = [], 0
+        while count < self.batch_size:
             if self.index >= self.n:
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self._perm(self.epoch)
-            take = min(self.batch_size - len(out), self.n - self.index)
+            take = min(self.batch_size - count, self.n - self.index)
             out.append(self._order[self.index: self.index + take])
             self.index += take
+            count += take
         return torch.cat(out)
 
     def state_dict(self) -> dict:
