@@ -21,14 +21,15 @@ def _optional_float(s: str):
     return "null" if s.lower() in ("none", "null") else float(s)
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(DistillConfig)
-    for f in fields(DistillConfig):
+def _add_config_options(p: argparse.ArgumentParser, cls=DistillConfig) -> None:
+    """One option per dataclass field, help text with its default (None = not given)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         preset_note = ""
-        by_preset = {name: vals[f.name] for name, vals in PRESETS.items() if f.name in vals}
+        by_preset = {name: vals[f.name] for name, vals in PRESETS.items() if f.name in vals} if cls is DistillConfig else {}
         if by_preset:
             preset_note = "; by preset: " + ", ".join(f"{k} {v}" for k, v in by_preset.items())
         help_text = f"{f.metadata.get('help', '')} (default: {default!r}{preset_note})"
@@ -72,6 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="a checkpoints/step-* folder (default: the last)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weight dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    from .demo.run import DemoConfig
+    p = sub.add_parser("demo", help="show reasoning collapse (lrc) and RED's fix on the bundled tiny teacher",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Distill the bundled teacher on k<=2 problems with each preset, score every "
+                                   "model on held-out problems of every k, write report.json and PNG plots.")
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: False)")
+    _add_config_options(p, DemoConfig)
+
+    p = sub.add_parser("eval", help="score a model: synthetic reasoning benchmark, optional lm-eval tasks",
+                       formatter_class=fmt)
+    p.add_argument("--model", required=True, help="model folder (e.g. OUT/student)")
+    p.add_argument("--ks", default="1-6", help="step counts of the synthetic benchmark")
+    p.add_argument("--n-per-k", type=int, default=200, help="held-out problems per k (0 skips the synthetic benchmark)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out problems")
+    p.add_argument("--lm-eval-tasks", default="", help="comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs red[lm-eval])")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks (task default if unset)")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="generation length for lm-eval generative tasks")
+    p.add_argument("--apply-chat-template", action="store_true", help="format lm-eval prompts with the model's chat template")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task (for quick checks only)")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
 
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
@@ -137,7 +159,38 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
+def _cmd_demo(args) -> int:
+    from .demo.run import DemoConfig, format_table, run_demo
+    from .evaluation import parse_ks
+
+    given = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
+    if given.get("init_std") == "null":
+        given["init_std"] = None
+    report = run_demo(DemoConfig(**given), progress=not args.quiet)
+    print(format_table(report, parse_ks(report["config"]["eval_ks"])))
+    print(f"report.json and plots written to {report['config']['out']}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from .evaluation import evaluate_model
+
+    report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
+                            args.max_gen_toks, args.apply_chat_template, args.limit, args.out)
+    syn = report.get("synthetic")
+    if syn:
+        ks = [k for k in syn if k.startswith("k")]
+        print("  ".join(f"{k}={100 * syn[k]:.0f}%" for k in ks)
+              + f"  general={100 * syn['general']:.0f}%"
+              + (f"  reasoning={100 * syn['reasoning']:.0f}%" if syn["reasoning"] is not None else ""))
+    if "lm_eval" in report:
+        print(json.dumps(report["lm_eval"], indent=1))
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,8 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, o
         if not found:
             raise RedError(f"--resume: no complete checkpoint in {ckpt_root}; start without --resume")
         step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta)
+    elif cfg.eval_every:
+        log.write({"step": 0, **evaluate(student, corpus, cfg)})  # the init itself, for comparison
     loss = loss_settings(cfg)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * corpus.seq_len
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not progress, dynamic_ncols=True)

@@ -8,7 +8,7 @@ from red.metrics import erank, mean_token_cosine, spectrum
 
 def test_erank_known_values():
     assert erank(torch.eye(7)) == pytest.approx(7.0, rel=1e-9)
-    u, v = torch.randn(30, 1), torch.randn(1, 12)
+    u, v = torch.randn(30, 1, dtype=torch.float64), torch.randn(1, 12, dtype=torch.float64)
     assert erank(u @ v) == pytest.approx(1.0, abs=1e-6)
     # two equal singular values and one zero -> 2
     X = torch.diag(torch.tensor([3.0, 3.0, 0.0]))

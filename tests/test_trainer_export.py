@@ -62,7 +62,7 @@ def test_training_lowers_validation_loss_and_logs_every_term(teacher_dirs, corpu
     for key in ("kl", "lm", "clone", "clone/q", "clone/k", "clone/v", "clone/attn", "clone/gate", "clone/up",
                 "clone/ffn", "lr", "grad_norm", "tokens_per_s"):
         assert key in steps[0], key
-    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert all(r["erank_last"] > 1 for r in evals)
     assert steps[-1]["loss"] < steps[0]["loss"]

@@ -1,0 +1,76 @@
+"""`red eval`: the synthetic reasoning benchmark on any model, and lm-evaluation-harness
+tasks when the optional `lm-eval` extra is installed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import RedError
+
+
+def parse_ks(text: str) -> list[int]:
+    """"1-6" or "1,3,5" -> [1, ...]."""
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            ks = list(range(int(a), int(b) + 1))
+        else:
+            ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RedError(f"--ks {text!r} is not a range like 1-6 or a list like 1,2,3") from None
+    if not ks or min(ks) < 1:
+        raise RedError(f"--ks {text!r} must name step counts of at least 1")
+    return ks
+
+
+def synthetic_benchmark(model_dir: str | Path, ks=range(1, 7), n_per_k: int = 200, seed: int = 0,
+                        batch_size: int = 200) -> dict:
+    """Exact-match accuracy per k of held-out multi-step problems (red.demo.task)."""
+    from .demo.task import CHARS, evaluate_reasoning
+    from .teacher import load_teacher
+
+    model, tok = load_teacher(model_dir)
+    missing = [c for c in CHARS if tok.convert_tokens_to_ids(c) in (None, tok.unk_token_id)]
+    if missing:
+        raise RedError(f"the tokenizer of {model_dir} lacks the task's characters {''.join(missing)!r}; the synthetic "
+                       "benchmark runs on the demo teacher and its students")
+    return evaluate_reasoning(model, tok, ks=list(ks), n_per_k=n_per_k, seed=seed, batch_size=batch_size)
+
+
+def lm_eval_benchmark(model_dir: str | Path, tasks: list[str], num_fewshot: int | None = None,
+                      max_gen_toks: int = 256, apply_chat_template: bool = False, limit: int | None = None,
+                      batch_size: int = 8, device: str = "cpu") -> dict:
+    """lm-evaluation-harness tasks through its Python API. Returns the per-task metrics
+    and the settings that decide reasoning scores (few-shot count, generation length,
+    chat template, limit), so they travel with the numbers."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise RedError("lm-evaluation-harness is not installed; install it with: pip install 'red[lm-eval]'") from None
+    settings = {"tasks": tasks, "num_fewshot": num_fewshot, "max_gen_toks": max_gen_toks,
+                "apply_chat_template": apply_chat_template, "limit": limit, "batch_size": batch_size,
+                "greedy": True}
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_dir), "dtype": "auto"}, tasks=tasks,
+        num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
+        gen_kwargs={"max_gen_toks": max_gen_toks, "do_sample": False}, apply_chat_template=apply_chat_template)
+    return {"settings": settings, "results": out.get("results", {})}
+
+
+def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: int = 0,
+                   lm_eval_tasks: str = "", num_fewshot: int | None = None, max_gen_toks: int = 256,
+                   apply_chat_template: bool = False, limit: int | None = None, out: str | Path | None = None) -> dict:
+    """What `red eval` does; writes the report to ``out`` (JSON) when given."""
+    if not Path(model_dir).is_dir():
+        raise RedError(f"model folder {model_dir} does not exist; pass an exported student (OUT/student)")
+    report: dict = {"model": str(model_dir)}
+    if n_per_k > 0:
+        report["synthetic"] = synthetic_benchmark(model_dir, parse_ks(ks) if isinstance(ks, str) else ks,
+                                                  n_per_k, seed)
+    if lm_eval_tasks:
+        tasks = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
+        report["lm_eval"] = lm_eval_benchmark(model_dir, tasks, num_fewshot, max_gen_toks, apply_chat_template, limit)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
