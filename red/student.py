@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import red_kernels as K
@@ -58,14 +59,98 @@ def causal_attention(attn_module, q, k, v, cos, sin, arch: Arch) -> torch.Tensor
 
 
 class StudentLayer(nn.Module):
-    """Trainable tensors of one decoder layer: seven projections and two norm gains."""
+    """One decoder layer of the student: its trainable tensors and its lockstep forward.
 
-    def __init__(self, D: int, d: int):
+    Parameters: seven projections and two norm gains (``q``, ..., ``down``, ``input_norm``,
+    ``post_attention_norm``). The teacher's decoder layer is referenced as ``teacher_layer``:
+    a plain attribute in a single process (so ``state_dict()`` and ``parameters()`` hold only
+    trainable tensors), registered as a frozen submodule by ``register_teacher()`` before
+    FSDP2 shards the layer, so that one ``fully_shard(layer)`` covers the teacher layer and
+    its student tensors and their all-gather fires in this module's ``forward``.
+    """
+
+    def __init__(self, D: int, d: int, teacher_layer: nn.Module | None = None, arch: Arch | None = None):
         super().__init__()
         for name in PROJ_NAMES:
             setattr(self, name, nn.Parameter(torch.empty(D, d)))
         self.input_norm = nn.Parameter(torch.ones(d))
         self.post_attention_norm = nn.Parameter(torch.ones(d))
+        object.__setattr__(self, "teacher_layer", teacher_layer)
+        self.arch = arch
+
+    def register_teacher(self) -> None:
+        """Make the teacher layer a (frozen) submodule, for FSDP2; idempotent."""
+        tl = self.__dict__.pop("teacher_layer", None)
+        if tl is not None:
+            self.add_module("teacher_layer", tl)
+
+    def teacher_forward(self, h, cos, sin):
+        """The teacher layer, op by op, returning every tensor a clone term compares."""
+        tl = self.teacher_layer
+        at, mlp = tl.self_attn, tl.mlp
+        x = tl.input_layernorm(h)
+        q, k, v = at.q_proj(x), at.k_proj(x), at.v_proj(x)
+        a = causal_attention(at, q, k, v, cos, sin, self.arch)
+        h = h + at.o_proj(a)
+        x = tl.post_attention_layernorm(h)
+        g, u = mlp.gate_proj(x), mlp.up_proj(x)
+        dn = mlp.down_proj(mlp.act_fn(g) * u)
+        return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
+
+    def student_forward(self, h, cos, sin, eps: float):
+        """The student layer: teacher weights seen through this layer's projections."""
+        tl = self.teacher_layer
+        at, mlp = tl.self_attn, tl.mlp
+        x = rms_norm(h, self.input_norm, eps)
+        q, k, v = K.projected_linear_group(
+            x, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), (self.q, self.k, self.v), side="in",
+            biases=(at.q_proj.bias, at.k_proj.bias, at.v_proj.bias))
+        a = causal_attention(at, q, k, v, cos, sin, self.arch)
+        h = h + K.projected_linear(a, at.o_proj.weight, self.o, side="out")
+        x = rms_norm(h, self.post_attention_norm, eps)
+        g, u = K.projected_linear_group(x, (mlp.gate_proj.weight, mlp.up_proj.weight), (self.gate, self.up), side="in")
+        dn = K.projected_linear(mlp.act_fn(g) * u, mlp.down_proj.weight, self.down, side="out")
+        return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
+
+    def clone_terms(self, rec_s: dict, rec_t: dict, norm: str, reduce_mean=None) -> dict[str, torch.Tensor]:
+        """Every clone MSE of this layer. "ffn" compares in student space against the teacher
+        output pushed through the student's own down projection (t P_down).
+
+        With ``norm == "teacher-ms"`` each MSE is divided by the teacher activation's mean
+        square; ``reduce_mean`` (data-parallel runs) averages those scales over the ranks so
+        that every rank divides by the scale of the whole global micro-batch.
+        """
+        scales = None
+        if norm == "teacher-ms":
+            ms = [rec_t[t].float().pow(2).mean() for t in CLONE_TERMS]
+            if reduce_mean is not None:
+                ms = list(reduce_mean(torch.stack(ms)).unbind())
+            scales = [m.clamp_min(1e-12) for m in ms]
+        out = {}
+        for j, t in enumerate(CLONE_TERMS):
+            s, tt = rec_s[t], rec_t[t]
+            if t == "ffn":
+                mse = K.projected_mse_student_space(s, tt, self.down)
+            else:
+                mse = F.mse_loss(s.float(), tt.float())
+            out[t] = mse / scales[j] if scales is not None else mse
+        return out
+
+    def forward(self, h_s, cos, sin, eps: float, h_t=None, clone_norm: str | None = None, reduce_mean=None):
+        """One lockstep step: ``(h_s, h_t, clone)``.
+
+        Runs the teacher layer (no grad) when ``h_t`` is given, then the student layer, then
+        the clone terms when ``clone_norm`` is given (else ``clone`` is None).
+        """
+        rec_t = None
+        if h_t is not None:
+            with torch.no_grad():
+                h_t, rec_t = self.teacher_forward(h_t, cos, sin)
+        h_s, rec_s = self.student_forward(h_s, cos, sin, eps)
+        clone = None
+        if rec_t is not None and clone_norm is not None:
+            clone = self.clone_terms(rec_s, rec_t, clone_norm, reduce_mean)
+        return h_s, h_t, clone
 
 
 @dataclass
@@ -80,11 +165,25 @@ class LossSettings:
     clone_norm: str = "teacher-ms"
 
 
+FROZEN_MODULES = ("frozen", "teacher_layer")  # names of the teacher's pieces once registered for FSDP2
+
+
+def is_trainable_name(name: str) -> bool:
+    """True for the names of trainable tensors ("layers.0.q"), False for teacher pieces."""
+    return not any(part in FROZEN_MODULES for part in name.split("."))
+
+
 class ProjectedStudent(nn.Module):
     """A width-d student made from a frozen width-D teacher (LRC form).
 
-    The teacher is held as a plain attribute, not a submodule: ``state_dict()`` holds only
-    the trainable tensors (projections and gains), which is what checkpoints save.
+    The teacher is held as a plain attribute, not a submodule: ``state_dict()``,
+    ``parameters()``, ``projections()`` and ``gains()`` hold only the trainable tensors
+    (projections and gains), which is what checkpoints save.
+
+    For FSDP2 (see ``red.distributed.shard_student``) ``register_teacher()`` makes the
+    teacher's pieces frozen submodules: each decoder layer under its ``StudentLayer``, the
+    embedding, final norm, LM head and rotary embedding under ``frozen`` in this root
+    module. ``state_dict()`` and the named accessors keep naming only trainable tensors.
     """
 
     def __init__(self, teacher, hidden_size: int, norm_eps: float | None = None):
@@ -101,22 +200,57 @@ class ProjectedStudent(nn.Module):
         self.embed = nn.Parameter(torch.empty(D, d))
         self.lm_head = None if arch.tied else nn.Parameter(torch.empty(D, d))
         self.final_norm = nn.Parameter(torch.ones(d))
-        self.layers = nn.ModuleList(StudentLayer(D, d) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(StudentLayer(D, d, teacher.model.layers[i], arch) for i in range(arch.num_layers))
         self.channels: torch.Tensor | None = None  # the channel set S of a selection init
+        self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer's config)
+        self.reduce_mean = None  # data-parallel runs: averages the clone-norm scales over ranks
         dev = teacher.model.embed_tokens.weight.device
         self.to(dev)
+
+    def register_teacher(self) -> None:
+        """Put the teacher's pieces into the module tree (frozen), so FSDP2 can shard them."""
+        if "frozen" not in self._modules:
+            m = self.teacher.model
+            self.frozen = nn.ModuleDict(dict(embed_tokens=m.embed_tokens, norm=m.norm, lm_head=self.teacher.lm_head,
+                                             rotary_emb=m.rotary_emb))
+        for layer in self.layers:
+            layer.register_teacher()
 
     # -- the parameter groups ---------------------------------------------------------
     @property
     def head_projection(self) -> nn.Parameter:
         return self.embed if self.lm_head is None else self.lm_head
 
+    def named_trainable_parameters(self):
+        """(name, parameter) of every trainable tensor, in registration order."""
+        return [(n, p) for n, p in self.named_parameters() if is_trainable_name(n)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
     def projections(self) -> dict[str, nn.Parameter]:
         """Every projection P by name ("embed", "lm_head", "layers.3.q", ...)."""
-        return {n: p for n, p in self.named_parameters() if p.dim() == 2}
+        return {n: p for n, p in self.named_trainable_parameters() if p.dim() == 2}
 
     def gains(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.dim() == 1}
+        return {n: p for n, p in self.named_trainable_parameters() if p.dim() == 1}
+
+    def state_dict(self, *args, **kwargs):
+        """Only the trainable tensors, named as in a single process ("layers.0.q", "embed")."""
+        sd = super().state_dict(*args, **kwargs)
+        for k in [k for k in sd if not is_trainable_name(k)]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load trainable tensors; ``strict`` checks exactly those names (teacher pieces are
+        never in a checkpoint)."""
+        own = set(self.state_dict())
+        if strict:
+            missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+            if missing or unexpected:
+                raise RuntimeError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # -- forward pieces ---------------------------------------------------------------
     def _teacher_layers(self):
@@ -131,52 +265,44 @@ class ProjectedStudent(nn.Module):
         return e_t, e_t @ self.embed.to(e_t.dtype)
 
     def _teacher_layer(self, i, h, cos, sin):
-        tl = self._teacher_layers()[i]
-        at, mlp = tl.self_attn, tl.mlp
-        x = tl.input_layernorm(h)
-        q, k, v = at.q_proj(x), at.k_proj(x), at.v_proj(x)
-        a = causal_attention(at, q, k, v, cos, sin, self.arch)
-        h = h + at.o_proj(a)
-        x = tl.post_attention_layernorm(h)
-        g, u = mlp.gate_proj(x), mlp.up_proj(x)
-        dn = mlp.down_proj(mlp.act_fn(g) * u)
-        return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
+        return self.layers[i].teacher_forward(h, cos, sin)
 
     def _student_layer(self, i, h, cos, sin):
-        tl, L = self._teacher_layers()[i], self.layers[i]
-        at, mlp = tl.self_attn, tl.mlp
-        x = rms_norm(h, L.input_norm, self.norm_eps)
-        q, k, v = K.projected_linear_group(
-            x, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), (L.q, L.k, L.v), side="in",
-            biases=(at.q_proj.bias, at.k_proj.bias, at.v_proj.bias))
-        a = causal_attention(at, q, k, v, cos, sin, self.arch)
-        h = h + K.projected_linear(a, at.o_proj.weight, L.o, side="out")
-        x = rms_norm(h, L.post_attention_norm, self.norm_eps)
-        g, u = K.projected_linear_group(x, (mlp.gate_proj.weight, mlp.up_proj.weight), (L.gate, L.up), side="in")
-        dn = K.projected_linear(mlp.act_fn(g) * u, mlp.down_proj.weight, L.down, side="out")
-        return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
+        return self.layers[i].student_forward(h, cos, sin, self.norm_eps)
+
+    def _run_layer(self, i, h_s, cos, sin, h_t=None, clone_norm=None):
+        """Call layer ``i`` (through its module call, so FSDP2's hooks fire), recomputed in
+        backward when activation checkpointing is on."""
+        layer = self.layers[i]
+        args = (h_s, cos, sin, self.norm_eps, h_t, clone_norm, self.reduce_mean)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
     def head_weight(self) -> torch.Tensor:
         """The student's LM head W_lm P_lm, [V, d]."""
         w = self.teacher.lm_head.weight
         return w @ self.head_projection.to(w.dtype)
 
-    # -- public forwards --------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Student hidden states: the embedding output, then each layer's output; the
-        last entry is after the final norm (the convention of transformers)."""
+    def _hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         _, h = self._embed(input_ids)
         cos, sin = self._rope(h)
         out = [h]
         for i in range(self.arch.num_layers):
-            h, _ = self._student_layer(i, h, cos, sin)
+            h, _, _ = self._run_layer(i, h, cos, sin)
             out.append(h)
         out[-1] = rms_norm(h, self.final_norm, self.norm_eps)
         return out
 
+    # -- public forwards --------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Student hidden states: the embedding output, then each layer's output; the
+        last entry is after the final norm (the convention of transformers)."""
+        return self._hidden_states(input_ids)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Student logits [B, T, V] (materialized: for evaluation and tests, not training)."""
-        h = self.hidden_states(input_ids)[-1]
+        h = self._hidden_states(input_ids)[-1]
         return h @ self.head_weight().to(h.dtype).T
 
     def distill_losses(self, input_ids: torch.Tensor, loss: LossSettings) -> dict[str, torch.Tensor]:
@@ -192,14 +318,12 @@ class ProjectedStudent(nn.Module):
         _, h_s = self._embed(input_ids)
         cos, sin = self._rope(h_t)
         clone_terms = {t: h_s.new_zeros((), dtype=torch.float32) for t in CLONE_TERMS}
+        clone_norm = loss.clone_norm if loss.clone_weight else None
         for i in range(self.arch.num_layers):
-            with torch.no_grad():
-                h_t, rec_t = self._teacher_layer(i, h_t, cos, sin)
-            h_s, rec_s = self._student_layer(i, h_s, cos, sin)
-            if loss.clone_weight:
+            h_s, h_t, terms = self._run_layer(i, h_s, cos, sin, h_t, clone_norm)
+            if terms is not None:
                 for t in CLONE_TERMS:
-                    clone_terms[t] = clone_terms[t] + self._clone_term(t, rec_s[t], rec_t[t], i, loss.clone_norm)
-            del rec_t
+                    clone_terms[t] = clone_terms[t] + terms[t]
         with torch.no_grad():
             ht_final = self.teacher.model.norm(h_t)
         hs_final = rms_norm(h_s, self.final_norm, self.norm_eps)
@@ -213,13 +337,3 @@ class ProjectedStudent(nn.Module):
         out = {"loss": total, "kl": kl.detach(), "lm": lm.detach(), "clone": clone.detach()}
         out.update({f"clone/{t}": v.detach() for t, v in clone_terms.items()})
         return out
-
-    def _clone_term(self, term, s, t, layer, norm):
-        """One clone MSE; "ffn" compares in student space against the teacher output
-        pushed through the student's own down projection (t P_down)."""
-        scale = t.float().pow(2).mean().clamp_min(1e-12) if norm == "teacher-ms" else None
-        if term == "ffn":
-            mse = K.projected_mse_student_space(s, t, self.layers[layer].down)
-        else:
-            mse = F.mse_loss(s.float(), t.float())
-        return mse / scale if scale is not None else mse
