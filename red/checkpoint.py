@@ -10,11 +10,13 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import DistContext, full_tensor, like_param
 from .errors import RedError
 from .teacher import check_safetensors_file
 
@@ -39,50 +41,80 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, sampler, meta: dict,
-                    keep: int = 2) -> Path:
-    """Write checkpoint ``root/step-<step>`` atomically and prune old ones (keep the last ``keep``)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    tensors = {f"student.{k}": v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
+def test_hold(point: str, step: int, folder: Path) -> None:
+    """Fault-injection hook for the SIGKILL tests; inert unless the environment sets
+    ``RED_TEST_HOLD="<point>:<step>"``. It then drops a marker file ``.hold-<point>-<step>``
+    in ``folder`` (inside the run's output) and sleeps, so that a test can kill the process
+    at a known point: "save" = inside a checkpoint write, after the tensors are written but
+    before the folder is renamed into place; "train" = between optimizer steps."""
+    if os.environ.get("RED_TEST_HOLD") == f"{point}:{step}":
+        (Path(folder) / f".hold-{point}-{step}").write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
+def gather_state(student, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor a checkpoint holds, whole (sharded tensors are all-gathered: call on
+    every rank), plus the optimizer's non-tensor state."""
+    tensors = {f"student.{k}": full_tensor(v.detach()).float().cpu().contiguous()
+               for k, v in student.state_dict().items()}
     opt = optimizer.state_dict()
     opt_scalars: dict = {}
     for idx, st in opt["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"opt.{idx}.{k}"] = full_tensor(v.detach()).cpu().contiguous()
             else:
                 opt_scalars[f"{idx}.{k}"] = v
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    save_file(tensors, str(tmp / "state.safetensors"))
-    with open(tmp / "state.safetensors", "rb+") as f:
-        os.fsync(f.fileno())
-    _write_json(tmp / "trainer.json", {
-        "step": step,
-        "meta": meta,
-        "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-        "optimizer_scalars": opt_scalars,
-        "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
-    })
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+    return tensors, {"optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                for g in opt["param_groups"]],
+                     "optimizer_scalars": opt_scalars}
+
+
+def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, sampler, meta: dict,
+                    keep: int = 2, ctx: DistContext | None = None) -> Path:
+    """Write checkpoint ``root/step-<step>`` atomically and prune old ones (keep the last ``keep``).
+
+    In a sharded run every rank must call this (the tensors are gathered from all ranks);
+    rank 0 alone writes, the others wait at a barrier. The layout is the same for every
+    number of processes, so a checkpoint resumes on any number of processes.
+    """
+    ctx = ctx or DistContext()
+    root = Path(root)
+    final = root / f"step-{step:07d}"
+    tensors, opt_info = gather_state(student, optimizer)
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        save_file(tensors, str(tmp / "state.safetensors"))
+        with open(tmp / "state.safetensors", "rb+") as f:
+            os.fsync(f.fileno())
+        test_hold("save", step, root)
+        _write_json(tmp / "trainer.json", {
+            "step": step,
+            "meta": meta,
+            "world_size": ctx.world_size,
+            **opt_info,
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+        })
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".step-*.tmp-*"):
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+    ctx.barrier()
     return final
 
 
@@ -99,35 +131,83 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, expect_meta: dict) -> int:
-    """Restore everything saved by ``save_checkpoint``; returns the step to continue from."""
+# meta keys that older checkpoints may lack; compared only when the checkpoint has them
+_OPTIONAL_META = ("teacher_fingerprint",)
+
+
+def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[str, tuple] | None = None) -> dict:
+    """Validate checkpoint ``path`` without loading its tensors; returns its trainer.json.
+
+    Raises RedError (naming the problem) when trainer.json is unreadable, the checkpoint
+    was made for another teacher or width (``expect_meta``), its safetensors file is
+    truncated or corrupt, or its student tensors do not have ``expect_shapes``.
+    """
     path = Path(path)
     try:
         info = json.loads((path / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RedError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to resume from an older one") from None
+        saved_meta = info["meta"]
+        int(info["step"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RedError(f"checkpoint {path} is unreadable ({type(e).__name__} in trainer.json); "
+                       "delete it to resume from an older one") from None
     for key, want in expect_meta.items():
-        have = info.get("meta", {}).get(key)
+        if key in _OPTIONAL_META and key not in saved_meta:
+            continue
+        have = saved_meta.get(key)
         if have != want:
+            if key == "teacher_fingerprint":
+                raise RedError(f"checkpoint {path} belongs to another teacher (its weights fingerprint differs); "
+                               "use the run's own teacher, or start a new output folder")
             raise RedError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}; "
                            "resume with the same teacher and width, or start a new output folder")
-    check_safetensors_file(path / "state.safetensors", what="checkpoint")
+    f = path / "state.safetensors"
+    check_safetensors_file(f, what="checkpoint")
+    if expect_shapes is not None:
+        header = _safetensors_header(f)
+        have = {k[len("student."):]: tuple(v["shape"]) for k, v in header.items() if k.startswith("student.")}
+        if set(have) != set(expect_shapes):
+            raise RedError(f"checkpoint {path} does not match this student ({len(set(have) ^ set(expect_shapes))} "
+                           "tensors differ); resume with the same teacher and width")
+        for k, shape in expect_shapes.items():
+            if have[k] != tuple(shape):
+                raise RedError(f"checkpoint {path} tensor {k} has shape {have[k]}, expected {tuple(shape)}; "
+                               "resume with the same teacher and width")
+    return info
+
+
+def _safetensors_header(f: Path) -> dict:
+    with f.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return {k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"}
+
+
+def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, expect_meta: dict) -> int:
+    """Restore everything saved by ``save_checkpoint``; returns the step to continue from.
+
+    Works for a sharded student too (every rank reads the file and keeps its shard), and
+    for any number of processes, whatever the number that saved it.
+    """
+    path = Path(path)
+    info = check_checkpoint(path, expect_meta)
     tensors = load_file(str(path / "state.safetensors"))
     sd = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
-    missing = set(student.state_dict()) ^ set(sd)
+    own = student.state_dict()
+    missing = set(own) ^ set(sd)
     if missing:
         raise RedError(f"checkpoint {path} does not match this student ({len(missing)} tensors differ); "
                        "resume with the same teacher and width")
     with torch.no_grad():
-        for k, v in student.state_dict().items():
+        for k, v in own.items():
             if v.shape != sd[k].shape:
                 raise RedError(f"checkpoint {path} tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-            v.copy_(sd[k])
+            v.copy_(like_param(sd[k].to(v.dtype), v))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
+            param = params[int(idx)]
+            state.setdefault(int(idx), {})[name] = like_param(v, param) if v.shape == param.shape and v.dim() else v
     for k, v in info["optimizer_scalars"].items():
         idx, name = k.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
@@ -143,7 +223,7 @@ def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, ex
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
         if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     return int(info["step"])
 
 

@@ -7,6 +7,7 @@ and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -41,11 +42,18 @@ def _add_config_options(p: argparse.ArgumentParser, cls=DistillConfig) -> None:
             p.add_argument(flag, type=tp, default=None, help=help_text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, "red <command>: error: ...", exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
+    parser = _Parser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
                                      "into a student that keeps its reasoning.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("distill", help="calibrate, initialize, train and export a student", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-chat-template", action="store_true", help="format lm-eval prompts with the model's chat template")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task (for quick checks only)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
+
+    p = sub.add_parser("plan", help="memory per GPU of a distillation run, from the teacher's config alone",
+                       formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
+                       "optimizer state, FSDP2 working copies, activations, logits) so a run can be sized before "
+                       "it starts. Reads config.json only.")
+    p.add_argument("--teacher", required=True, help="teacher folder (or its config.json)")
+    p.add_argument("--hidden-size", type=int, required=True, help="student width d")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=8, help="global micro-batch (--batch-size of red distill), split over the GPUs")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (torchrun processes)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="plan with per-layer activation checkpointing")
+    p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="teacher weight dtype")
+    p.add_argument("--logits-chunk", type=int, default=0, help="tokens per logits chunk of a fused KL kernel (0: materialized)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
@@ -190,21 +212,62 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
+def _cmd_plan(args) -> int:
+    import json
+
+    from .plan import format_plan, plan_memory
+
+    plan = plan_memory(args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus,
+                       args.activation_checkpointing, args.teacher_dtype, logits_chunk=args.logits_chunk)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
+COMMANDS = {"plan": _cmd_plan, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `red` command; returns the exit code (2 for any user error, one line)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(f"red {args.command}: error: unrecognized arguments: {' '.join(extra)}; see red {args.command} --help",
+              file=sys.stderr)
+        return 2
+    from .distributed import launched_by_torchrun
+
+    quiet = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"  # rank 0 alone reports
     try:
         return COMMANDS[args.command](args)
     except RedError as e:
-        print(f"red {args.command}: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"red {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"red {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``python -m red`` / the ``red`` script. Under torchrun the process group is torn
+    down and the process leaves with ``os._exit``: gloo groups can abort at interpreter
+    exit after the work is done, which would turn a finished run into a failed exit code."""
+    from .distributed import launched_by_torchrun
+
+    rc = main(argv)
+    if launched_by_torchrun():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

@@ -59,6 +59,7 @@ class DistillConfig:
     warmup: float = field(default=0.005, metadata={"help": "warmup: fraction of steps if < 1, else a step count"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 disables)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data order and everything else"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer (teacher and student) in backward instead of storing its activations"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     kernels: str = field(default="auto", metadata={"help": "auto (Triton on CUDA), triton or torch"})
     # logging and checkpoints

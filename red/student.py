@@ -337,3 +337,18 @@ class ProjectedStudent(nn.Module):
         out = {"loss": total, "kl": kl.detach(), "lm": lm.detach(), "clone": clone.detach()}
         out.update({f"clone/{t}": v.detach() for t, v in clone_terms.items()})
         return out
+
+
+def trainable_shapes(arch: Arch, d: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every trainable tensor of a width-``d`` student of ``arch``, in the
+    order of ``ProjectedStudent.state_dict()`` (computed from the config alone)."""
+    D = arch.hidden_size
+    out: dict[str, tuple[int, ...]] = {"embed": (D, d)}
+    if not arch.tied:
+        out["lm_head"] = (D, d)
+    out["final_norm"] = (d,)
+    for i in range(arch.num_layers):
+        out.update({f"layers.{i}.{n}": (D, d) for n in PROJ_NAMES})
+        out[f"layers.{i}.input_norm"] = (d,)
+        out[f"layers.{i}.post_attention_norm"] = (d,)
+    return out

@@ -94,10 +94,7 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
     p = Path(path)
     config = read_teacher_config(p, trust_remote_code)
-    if not list(p.glob("*.safetensors")):
-        raise RedError(f"teacher folder {p} has no *.safetensors weights; convert the checkpoint to safetensors "
-                       "(pickled .bin files are never loaded)")
-    _check_safetensors(p)
+    check_teacher_files(p)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # red shows its own progress; loading bars are noise
@@ -129,9 +126,15 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
                        "restore the teacher's tokenizer files") from None
 
 
-def _check_safetensors(folder: Path) -> None:
-    """Check every safetensors file so a truncated or corrupt one fails with its name."""
-    for f in sorted(folder.glob("*.safetensors")):
+def check_teacher_files(folder: str | Path) -> None:
+    """The teacher folder has safetensors weights (pickled .bin files are never loaded)
+    and every safetensors file is complete; a truncated or corrupt one fails with its name."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RedError(f"teacher folder {folder} has no *.safetensors weights; convert the checkpoint to safetensors "
+                       "(pickled .bin files are never loaded)")
+    for f in files:
         check_safetensors_file(f, what="teacher weights")
 
 
@@ -151,3 +154,25 @@ def check_safetensors_file(f: str | Path, what: str = "file") -> None:
     except Exception as e:
         raise RedError(f"{what} {f} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}); "
                        "restore or re-save it") from None
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """A short digest that tells one teacher from another without reading all its weights:
+    config.json plus, for every safetensors file, its size, header and the first and last
+    64 KiB of tensor data. Stored in checkpoints so that resuming or exporting with a
+    different teacher of the same shape is refused."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    h.update((p / "config.json").read_bytes())
+    for f in sorted(p.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + size.to_bytes(8, "little"))
+            h.update(fh.read(min(n, 1 << 24)))
+            h.update(fh.read(1 << 16))
+            fh.seek(max(8 + n, size - (1 << 16)))
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, test_hold
 from .config import DistillConfig
 from .data import BlockSampler, PackedCorpus
+from .distributed import DistContext, full_tensor
 from .errors import RedError
 from .metrics import erank
 from .student import LossSettings, ProjectedStudent
@@ -50,57 +51,112 @@ def autocast(device: torch.device):
 class MetricsLog:
     """Append-only JSONL log; one JSON object per line."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False on ranks other than 0: rows are kept, nothing is written
         self.rows: list[dict] = []
 
     def write(self, row: dict) -> None:
         row = {k: (float(v) if torch.is_tensor(v) else v) for k, v in row.items()}
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 @torch.no_grad()
-def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig) -> dict:
-    """Mean loss terms over validation batches and the eRank of the student's last hidden state."""
+def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, ctx: DistContext | None = None) -> dict:
+    """Mean loss terms over validation batches and the eRank of the student's last hidden state.
+
+    In a data-parallel run every rank takes its slice of each validation micro-batch and
+    the results are averaged over ranks (the eRank is taken of the gathered rows), so the
+    numbers mean the same for any number of processes (rows of a validation micro-batch
+    that do not divide evenly over the ranks are left out).
+    """
+    ctx = ctx or DistContext()
     device = student.embed.device
     loss = loss_settings(cfg)
     sums: dict[str, float] = {}
     n = 0
     for i in range(0, min(len(corpus.val), cfg.val_batches * cfg.batch_size), cfg.batch_size):
-        batch = corpus.val[i: i + cfg.batch_size].to(device)
+        batch = corpus.val[i: i + cfg.batch_size]
+        if ctx.distributed:
+            batch = batch[: len(batch) - len(batch) % ctx.world_size]
+            if not len(batch):
+                continue
         with autocast(device):
-            parts = student.distill_losses(batch, loss)
+            parts = student.distill_losses(ctx.local_rows(batch).to(device), loss)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
-    out = {f"val_{k}": v / n for k, v in sums.items()}
-    first = corpus.val[: cfg.batch_size].to(device)
+    sums = _mean_over_ranks(sums, ctx)
+    out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    first = corpus.val[: cfg.batch_size]
+    split = ctx.distributed and len(first) >= ctx.world_size
+    if split:
+        first = first[: len(first) - len(first) % ctx.world_size]
     with autocast(device):
-        out["erank_last"] = erank(student.hidden_states(first)[-1].float())
+        h = student.hidden_states((ctx.local_rows(first) if split else first).to(device))[-1].float()
+    out["erank_last"] = erank(ctx.all_gather_rows(h) if split else h)
     return out
 
 
+def _mean_over_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Average a dict of floats over ranks with one all-reduce (identity in one process)."""
+    if not ctx.distributed or not values:
+        return values
+    keys = list(values)
+    t = ctx.all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device(ctx)))
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def _comm_device(ctx: DistContext) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if ctx.mesh is not None and ctx.mesh.device_type == "cuda" \
+        else torch.device("cpu")
+
+
+def _nonfinite_grads(named_params, ctx: DistContext) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or inf (on any rank)."""
+    from .distributed import local_tensor
+
+    flags = torch.tensor([0.0 if p.grad is None else float(not torch.isfinite(local_tensor(p.grad)).all())
+                          for _, p in named_params], device=_comm_device(ctx))
+    flags = ctx.all_reduce_mean(flags)
+    return [n for (n, _), f in zip(named_params, flags.tolist()) if f > 0]
+
+
 def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, out_dir: str | Path,
-          progress: bool = True, meta: dict | None = None, stop_at: int | None = None) -> MetricsLog:
+          progress: bool = True, meta: dict | None = None, stop_at: int | None = None,
+          ctx: DistContext | None = None) -> MetricsLog:
     """Train ``student`` in place for ``cfg.steps`` optimizer steps; returns the metrics log.
 
     Checkpoints go to ``out_dir/checkpoints``; with ``cfg.resume`` the last complete one is
     restored first. ``stop_at`` ends the run early at that step (with a checkpoint), as if
-    it had been interrupted there; the schedule still follows ``cfg.steps``. Stops with RedError on a non-finite loss or gradient (the last good
-    checkpoint stays on disk).
+    it had been interrupted there; the schedule still follows ``cfg.steps``. Stops with
+    RedError on a non-finite loss or gradient, naming the step and the loss terms (or the
+    parameters) affected; the last good checkpoint stays on disk.
+
+    ``ctx`` (from ``red.distributed.init_distributed``) makes this one rank of a sharded
+    run: each micro-batch of ``cfg.batch_size`` sequences is split across ranks, loss terms
+    are averaged over ranks, and rank 0 alone writes metrics and checkpoints.
     """
+    ctx = ctx or DistContext()
     out_dir = Path(out_dir)
     device = student.embed.device
-    params = list(student.parameters())
+    if cfg.batch_size % ctx.world_size:
+        raise RedError(f"batch_size {cfg.batch_size} is the global micro-batch and must be divisible by the "
+                       f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
+    student.activation_checkpointing = cfg.activation_checkpointing
+    named = student.named_trainable_parameters()
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup))
     sampler = BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
     meta = dict(meta or {}, hidden_size=student.hidden_size, teacher_hidden_size=student.arch.hidden_size,
                 model_type=student.arch.model_type, num_layers=student.arch.num_layers)
     ckpt_root = out_dir / "checkpoints"
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
     step = 0
     if cfg.resume:
         found = list_checkpoints(ckpt_root)
@@ -108,30 +164,34 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, o
             raise RedError(f"--resume: no complete checkpoint in {ckpt_root}; start without --resume")
         step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta)
     elif cfg.eval_every:
-        log.write({"step": 0, **evaluate(student, corpus, cfg)})  # the init itself, for comparison
+        row = {"step": 0, **evaluate(student, corpus, cfg, ctx)}  # the init itself, for comparison
+        log.write(row)
     loss = loss_settings(cfg)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * corpus.seq_len
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and ctx.is_main), dynamic_ncols=True)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     while step < end:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            batch = corpus.train[sampler.next()].to(device)
+            batch = ctx.local_rows(corpus.train[sampler.next()]).to(device)
             with autocast(device):
                 parts = student.distill_losses(batch, loss)
             (parts["loss"] / cfg.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        sums = _mean_over_ranks(sums, ctx)
         bad = [k for k, v in sums.items() if not math.isfinite(v)]
         if bad:
             raise RedError(f"non-finite loss at step {step + 1} in term(s) {', '.join(bad)}; the last good "
                            f"checkpoint is kept in {ckpt_root}; lower --lr or check the data")
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         if not math.isfinite(grad_norm):
-            raise RedError(f"non-finite gradient norm at step {step + 1}; the last good checkpoint is kept in "
-                           f"{ckpt_root}; lower --lr or check the data")
+            names = _nonfinite_grads(named, ctx)
+            raise RedError(f"non-finite gradient at step {step + 1} (loss {sums['loss']:.4g} is finite) in "
+                           f"{', '.join(names[:6]) or 'the gradient norm'}{' ...' if len(names) > 6 else ''}; "
+                           f"the last good checkpoint is kept in {ckpt_root}; lower --lr or check the data")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -143,8 +203,11 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, o
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.write({"step": step, **sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s})
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            log.write({"step": step, **evaluate(student, corpus, cfg)})
+            log.write({"step": step, **evaluate(student, corpus, cfg, ctx)})
         if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-            save_checkpoint(ckpt_root, step, student, optimizer, scheduler, sampler, meta, keep=cfg.keep_checkpoints)
+            save_checkpoint(ckpt_root, step, student, optimizer, scheduler, sampler, meta,
+                            keep=cfg.keep_checkpoints, ctx=ctx)
+        if ctx.is_main:
+            test_hold("train", step, ckpt_root)
     bar.close()
     return log

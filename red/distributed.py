@@ -1,0 +1,182 @@
+"""Data-parallel training with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+``torchrun --nproc_per_node=N -m red distill ...`` starts N processes; each reads RANK,
+WORLD_SIZE and LOCAL_RANK from its environment and ``init_distributed`` joins the
+process group (NCCL on CUDA, gloo on CPU). Without torchrun nothing here is used and a
+single process trains exactly as before.
+
+What is sharded: every ``StudentLayer`` is one FSDP2 unit holding the teacher's decoder
+layer (frozen) and that layer's projections and gains; the root unit holds the teacher's
+embedding, final norm, LM head and the student's embedding/head projections and final
+norm. On CUDA parameters are all-gathered in bf16 and gradients reduced in fp32
+(``MixedPrecisionPolicy``); on CPU everything stays fp32, so a 2-process gloo run
+matches a single-process run to float32 rounding.
+
+Batch semantics: ``batch_size`` is the *global* micro-batch. Every rank draws the same
+global micro-batch from the same sampler and takes its contiguous slice of
+``batch_size / world_size`` rows, so the global batch of an optimizer step is
+``batch_size x grad_accum`` sequences whatever the number of processes, and a run (or a
+checkpoint) means the same thing on 1 or N processes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import RedError
+
+
+@dataclass
+class DistContext:
+    """Who this process is. ``world_size == 1`` means a plain single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: object = None  # a 1-D DeviceMesh over all ranks when distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (no-ops in a single process) ----------------------------------
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of ``x`` over ranks (a new tensor; differentiability is not needed)."""
+        if not self.distributed:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y / self.world_size
+
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along dim 0, in rank order (equal shapes)."""
+        if not self.distributed:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def broadcast_error(self, message: str | None) -> str | None:
+        """Rank 0's error message (or None) on every rank, sent as UTF-8 bytes (no pickle)."""
+        if not self.distributed:
+            return message
+        dev = _collective_device()
+        data = (message or "").encode()
+        n = torch.tensor([len(data)], dtype=torch.long, device=dev)
+        dist.broadcast(n, 0)
+        buf = torch.zeros(int(n), dtype=torch.uint8, device=dev)
+        if self.is_main and data:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if int(n):
+            dist.broadcast(buf, 0)
+        text = bytes(buf.cpu().tolist()).decode()
+        return text or None
+
+    def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global micro-batch."""
+        if not self.distributed:
+            return batch
+        n = batch.shape[0] // self.world_size
+        return batch[self.rank * n: (self.rank + 1) * n]
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes in the environment (or return a
+    single-process context). NCCL when this rank uses CUDA, gloo on CPU."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return DistContext()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    mesh = init_device_mesh("cuda" if use_cuda else "cpu", (world,))
+    return DistContext(rank=rank, world_size=world, local_rank=local, mesh=mesh)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(ctx: DistContext, device: str) -> str:
+    """The device this rank trains on: its own GPU under torchrun, else ``device``."""
+    if ctx.distributed and torch.cuda.is_available() and device in ("auto", "cuda"):
+        return f"cuda:{ctx.local_rank}"
+    if ctx.distributed and device.startswith("cuda:"):
+        raise RedError(f"--device {device} names one GPU, but under torchrun each rank uses its LOCAL_RANK's GPU; "
+                       "use --device auto or cuda")
+    return device
+
+
+def shard_student(student, ctx: DistContext) -> None:
+    """Shard ``student`` and its frozen teacher with FSDP2, one unit per decoder layer
+    plus the root. bf16 all-gather / fp32 reduce on CUDA, fp32 throughout on CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    on_cuda = student.embed.device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+    student.register_teacher()
+    for layer in student.layers:
+        fully_shard(layer, mesh=ctx.mesh, mp_policy=mp)
+    fully_shard(student, mesh=ctx.mesh, mp_policy=mp)
+    # the root's parameters must be gathered for these methods too, not only forward()
+    for name in ("distill_losses", "hidden_states"):
+        register_fsdp_forward_method(student, name)
+    student.reduce_mean = ctx.all_reduce_mean
+    # FSDP2 replaced the teacher's parameters by DTensor shards: it can no longer be used
+    # unsharded; red.pipeline reloads it from disk where a full teacher is needed (export).
+    student.sharded = True
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) parameter or optimizer state.
+
+    A collective for DTensors: every rank must call it in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``param``: this rank's shard for a DTensor, else as is.
+    Every rank holds the same ``full`` (read from the same checkpoint), so no
+    communication is needed."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t

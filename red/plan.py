@@ -1,0 +1,216 @@
+"""`red plan`: what each GPU holds during a distillation, from the teacher's config.json alone.
+
+``plan_memory(...)`` returns bytes per GPU for each category; no weights are loaded.
+
+Model (N = number of GPUs, FSDP2 shards every tensor along its first dimension, so a
+rank holds ceil(rows / N) rows of each; single GPU: N = 1):
+
+- ``teacher``: every teacher parameter in the teacher dtype (bf16 by default), sharded.
+- ``projections``: the trainable tensors (7 projections D x d per layer, embedding and an
+  untied head projection, 2 gains per layer + the final gain), fp32, sharded.
+- ``gradients``: one fp32 gradient per trainable tensor, sharded (FSDP2 reduce-scatters).
+- ``optimizer``: AdamW's exp_avg and exp_avg_sq (fp32, sharded) and its step counter (one
+  fp32 scalar per tensor).
+- ``gathered`` (N > 1 only): FSDP2's unsharded working copies, in the compute dtype: the
+  root unit (embedding, head, final norms) plus two layer units (the one running and the
+  one prefetched).
+- ``activations``: what autograd keeps for backward until the backward pass reaches it,
+  per micro-batch of B sequences of T tokens on this GPU (B = global micro-batch / N):
+  under lockstep distillation each layer keeps the student's activations, the teacher
+  activations its clone terms compare against, and the student weights the projected
+  linear layers materialize (W_t P). With activation checkpointing only each layer's
+  two inputs (student h_s [d] and teacher h_t [D] per token) are kept, plus one layer's
+  activations while it is recomputed. The per-token coefficients below count the tensors
+  the reference kernels (red_kernels' PyTorch path) save; the test checks the formula is
+  an upper bound within 25% of the real saved tensors of tiny models. Fused (Triton)
+  kernels keep less.
+- ``logits``: KL + cross-entropy over a vocabulary of V: materialized, three [B*T, V]
+  fp32 tensors are kept for backward (student log-probs, teacher probs, the
+  cross-entropy's log-probs) and two more are live while they are made; with chunking
+  (``logits_chunk`` tokens at a time) five [chunk, V] fp32 tensors.
+
+Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB per GPU),
+NCCL buffers, and the data loader. Leave headroom.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .errors import RedError
+from .student import trainable_shapes
+from .teacher import Arch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CATEGORIES = ("teacher", "projections", "gradients", "optimizer", "gathered", "activations", "logits")
+
+
+def teacher_shapes(arch: Arch, attention_bias: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every teacher parameter (transformers' names; a tied head is
+    counted once, as the embedding)."""
+    D, I, V, h = arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.head_dim
+    q, kv = arch.num_heads * h, arch.num_kv_heads * h
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj.weight": (q, D), p + "self_attn.k_proj.weight": (kv, D),
+                    p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, q)})
+        if attention_bias:
+            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,)})
+        if arch.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (h,), p + "self_attn.k_norm.weight": (h,)})
+        out.update({p + "mlp.gate_proj.weight": (I, D), p + "mlp.up_proj.weight": (I, D),
+                    p + "mlp.down_proj.weight": (D, I), p + "input_layernorm.weight": (D,),
+                    p + "post_attention_layernorm.weight": (D,)})
+    out["model.norm.weight"] = (D,)
+    if not arch.tied:
+        out["lm_head.weight"] = (V, D)
+    return out
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def _sharded_numel(shape, n: int) -> int:
+    """Elements one rank holds of a tensor FSDP2 shards on dim 0 over ``n`` ranks (the
+    largest shard, which is also FSDP2's padded shard size)."""
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / n) * _numel(shape[1:])
+
+
+def checkpoint_bytes(arch: Arch, d: int) -> int:
+    """Bytes of one training checkpoint (state.safetensors + trainer.json): the fp32
+    trainable tensors, AdamW's two moments and step per tensor, RNG state and headers."""
+    shapes = trainable_shapes(arch, d)
+    tensors = sum(_numel(s) for s in shapes.values())
+    return 4 * 3 * tensors + 4 * len(shapes) + 16 * 1024 + 200 * 4 * len(shapes)
+
+
+def activation_elements(arch: Arch, d: int, compute_bytes: int = 2) -> tuple[int, int, int]:
+    """Per-layer activation model of the reference kernels: (elements per token kept in the
+    compute dtype, elements per token kept in fp32, weight-shaped elements per layer)."""
+    D, I, h = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    q, kv = arch.num_heads * h, arch.num_kv_heads * h
+    rep = arch.num_heads // arch.num_kv_heads
+    # student: two norms (input + normalized), q/k/v and their rotary copies, k/v repeated
+    # to all heads, the attention output (+ its reshaped copy), gate, up, silu(gate),
+    # silu(gate)*up, the layer output; teacher: q, k, v, attention, gate, up, ffn output
+    student = 4 * d + 3 * (q + 2 * kv) + (2 * q if rep > 1 else 0) + 2 * q + 4 * I + d
+    teacher = 2 * q + 2 * kv + 2 * I + D
+    fp32 = arch.num_heads + 2 * d  # attention log-sum-exp; the ffn clone term in student space
+    if compute_bytes < 4:  # the clone MSEs compare fp32 copies of student and teacher tensors
+        fp32 += 2 * (2 * q + 2 * kv + 2 * I) + D
+    weights = (2 * q + 2 * kv + 3 * I) * d  # W_t P materialized for q, k, v, o, gate, up, down
+    return student + teacher, fp32, weights
+
+
+def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
+                activation_checkpointing: bool = False, teacher_dtype: str = "bfloat16",
+                compute_dtype: str | None = None, logits_chunk: int = 0) -> dict:
+    """Bytes each GPU holds, by category (see the module docstring for the model).
+
+    ``teacher``: a teacher folder (its config.json is read; no weights) or a config dict.
+    ``micro_batch`` is the global micro-batch (``--batch-size``), split over ``gpus``.
+    ``compute_dtype`` defaults to ``teacher_dtype``. ``logits_chunk`` 0 means materialized
+    logits. Returns ``{"per_gpu": {category: bytes, ..., "total": bytes}, "inputs": {...}}``.
+    """
+    raw = _read_config(teacher)
+    from transformers import AutoConfig
+
+    model_type = raw.get("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
+    except Exception as e:
+        raise RedError(f"teacher config could not be parsed ({type(e).__name__}: {e}); fix config.json") from None
+    arch = Arch.from_config(config)
+    d, N = int(hidden_size), int(gpus)
+    if not 0 < d < arch.hidden_size:
+        raise RedError(f"--hidden-size {d} must be between 1 and {arch.hidden_size - 1}")
+    if N < 1 or micro_batch < 1 or seq_len < 1:
+        raise RedError("--gpus, --micro-batch and --seq-len must be at least 1")
+    if micro_batch % N:
+        raise RedError(f"--micro-batch {micro_batch} (global) must be divisible by --gpus {N}")
+    for name, dt in (("teacher dtype", teacher_dtype), ("compute dtype", compute_dtype or teacher_dtype)):
+        if dt not in DTYPE_BYTES:
+            raise RedError(f"{name} {dt!r} is not one of {', '.join(DTYPE_BYTES)}")
+    tb, cb = DTYPE_BYTES[teacher_dtype], DTYPE_BYTES[compute_dtype or teacher_dtype]
+    bias = bool(raw.get("attention_bias", model_type == "qwen2"))
+    t_shapes, s_shapes = teacher_shapes(arch, bias), trainable_shapes(arch, d)
+    shard = lambda shapes: sum(_sharded_numel(s, N) for s in shapes.values())
+    out = {
+        "teacher": tb * shard(t_shapes),
+        "projections": 4 * shard(s_shapes),
+        "gradients": 4 * shard(s_shapes),
+        "optimizer": 4 * 2 * shard(s_shapes) + 4 * len(s_shapes),
+    }
+    if N > 1:
+        layer_t = sum(_numel(s) for k, s in t_shapes.items() if k.startswith("model.layers.0."))
+        layer_s = sum(_numel(s) for k, s in s_shapes.items() if k.startswith("layers.0."))
+        root = sum(_numel(s) for k, s in t_shapes.items() if not k.startswith("model.layers.")) + \
+            sum(_numel(s) for k, s in s_shapes.items() if not k.startswith("layers."))
+        out["gathered"] = cb * (root + 2 * (layer_t + layer_s))
+    else:
+        out["gathered"] = 0
+    tokens = (micro_batch // N) * seq_len
+    per_tok, per_tok32, weights = activation_elements(arch, d, cb)
+    L = arch.num_layers
+    embed = tokens * (arch.hidden_size + d) * cb  # teacher and student embeddings
+    if activation_checkpointing:
+        layer_all = tokens * (per_tok * cb + per_tok32 * 4) + weights * cb
+        out["activations"] = embed + L * tokens * (d + arch.hidden_size) * cb + layer_all
+    else:
+        out["activations"] = embed + L * (tokens * (per_tok * cb + per_tok32 * 4) + weights * cb)
+    V = arch.vocab_size
+    rows = tokens if not logits_chunk else min(tokens, int(logits_chunk))
+    out["logits"] = 4 * rows * V * 5 if logits_chunk else 4 * rows * V * 3 + 4 * rows * V * 2
+    out["total"] = sum(out[c] for c in CATEGORIES)
+    return {"per_gpu": out, "inputs": {
+        "model_type": model_type, "num_layers": L, "teacher_hidden_size": arch.hidden_size, "hidden_size": d,
+        "vocab_size": V, "seq_len": seq_len, "micro_batch": micro_batch, "micro_batch_per_gpu": micro_batch // N,
+        "gpus": N, "activation_checkpointing": activation_checkpointing, "teacher_dtype": teacher_dtype,
+        "compute_dtype": compute_dtype or teacher_dtype, "logits_chunk": logits_chunk,
+        "checkpoint_bytes": checkpoint_bytes(arch, d)}}
+
+
+def _read_config(teacher) -> dict:
+    if isinstance(teacher, dict):
+        return dict(teacher)
+    p = Path(teacher)
+    f = p / "config.json" if p.is_dir() else p
+    if not f.is_file():
+        raise RedError(f"teacher {p} has no config.json; pass --teacher DIR (a Hugging Face model folder)")
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RedError(f"teacher config {f} is unreadable ({type(e).__name__}); restore the file") from None
+    from .teacher import SUPPORTED
+
+    if raw.get("model_type") not in SUPPORTED:
+        raise RedError(f"teacher architecture {raw.get('model_type')!r} is not supported; "
+                       f"supported: {', '.join(SUPPORTED.values())}")
+    return raw
+
+
+def format_plan(plan: dict) -> str:
+    """The table `red plan` prints."""
+    g, i = plan["per_gpu"], plan["inputs"]
+    gib = lambda b: f"{b / 2**30:10.2f} GiB"
+    lines = [f"red plan: {i['model_type']} teacher D={i['teacher_hidden_size']} L={i['num_layers']} V={i['vocab_size']} "
+             f"-> student d={i['hidden_size']}; {i['gpus']} GPU(s), micro-batch {i['micro_batch']} "
+             f"({i['micro_batch_per_gpu']} per GPU) x {i['seq_len']} tokens, activation checkpointing "
+             f"{'on' if i['activation_checkpointing'] else 'off'}, logits "
+             f"{'chunked by ' + str(i['logits_chunk']) if i['logits_chunk'] else 'materialized'}",
+             "per GPU:"]
+    notes = {"teacher": f"frozen weights, {i['teacher_dtype']}, sharded", "projections": "trainable, fp32, sharded",
+             "gradients": "fp32, sharded", "optimizer": "AdamW moments, fp32, sharded",
+             "gathered": "FSDP2 unsharded root + 2 layer units", "activations": "kept for backward",
+             "logits": "KL + cross-entropy over the vocabulary"}
+    for c in CATEGORIES:
+        lines.append(f"  {c:<12}{gib(g[c])}   {notes[c]}")
+    lines.append(f"  {'total':<12}{gib(g['total'])}   + CUDA context and allocator slack (~1-3 GiB)")
+    lines.append(f"one checkpoint on disk: {i['checkpoint_bytes'] / 2**30:.2f} GiB")
+    return "\n".join(lines)
