@@ -13,10 +13,10 @@ from .metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
 def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
     """Rebuild the ProjectedStudent of a `red distill` output folder from a checkpoint
     (default: the last complete one). Returns (student, tokenizer, config)."""
-    from .checkpoint import list_checkpoints, load_trainable, read_meta
+    from .checkpoint import check_checkpoint, list_checkpoints, load_trainable, read_meta
     from .config import make_config
-    from .student import ProjectedStudent
-    from .teacher import load_teacher
+    from .student import ProjectedStudent, trainable_shapes
+    from .teacher import Arch, read_teacher_config, teacher_fingerprint
 
     run = Path(run_dir)
     if not (run / "run.yaml").is_file():
@@ -27,11 +27,17 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
         if not found:
             raise RedError(f"run folder {run} has no complete checkpoint; train first or pass --checkpoint")
         checkpoint = found[-1]
+    if not Path(checkpoint).is_dir():
+        raise RedError(f"checkpoint {checkpoint} does not exist; pass a checkpoints/step-* folder")
     meta = read_meta(checkpoint)
-    teacher, tok = load_teacher(cfg.teacher, device=device, trust_remote_code=cfg.trust_remote_code)
-    if meta.get("teacher_hidden_size") != teacher.config.hidden_size:
+    arch = Arch.from_config(read_teacher_config(cfg.teacher, cfg.trust_remote_code))
+    if meta.get("teacher_hidden_size") != arch.hidden_size:
         raise RedError(f"checkpoint {checkpoint} belongs to a teacher of width {meta.get('teacher_hidden_size')}, "
-                       f"{cfg.teacher} has {teacher.config.hidden_size}; use the run's own teacher")
+                       f"{cfg.teacher} has {arch.hidden_size}; use the run's own teacher")
+    expect = {"hidden_size": cfg.hidden_size, "model_type": arch.model_type, "num_layers": arch.num_layers,
+              "teacher_fingerprint": teacher_fingerprint(cfg.teacher)}
+    check_checkpoint(checkpoint, expect, trainable_shapes(arch, cfg.hidden_size))
+    teacher, tok = load_teacher(cfg.teacher, device=device, trust_remote_code=cfg.trust_remote_code)
     student = ProjectedStudent(teacher, meta["hidden_size"], norm_eps=cfg.norm_eps)
     sd = load_trainable(checkpoint)
     if set(sd) != set(student.state_dict()):

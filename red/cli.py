@@ -135,6 +135,8 @@ def _cmd_distill(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig)}
     cfg = make_config(args.config, **overrides)
     result = distill(cfg, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports
     last = [r for r in result.metrics.rows if "val_loss" in r]
     tail = f"; final val_loss {last[-1]['val_loss']:.4f}, eRank {last[-1]['erank_last']:.2f}" if last else ""
     print(f"student written to {result.out / 'student'}{tail}")

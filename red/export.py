@@ -85,18 +85,22 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
     """Write ``out_dir`` as a Hugging Face checkpoint: config.json, model.safetensors,
     tokenizer files (and generation_config.json when the teacher has one).
 
-    The folder is written under a temporary name and renamed at the end, so an existing
-    export is only replaced (with ``overwrite``) by a complete one.
+    The files are written into a staging folder inside ``out_dir`` (nothing is written
+    outside it) and moved into place only once all of them are complete; an existing
+    export is replaced (with ``overwrite``) only after the new one is fully written.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RedError(f"export path {out_dir} is a file; pass a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise RedError(f"export folder {out_dir} is not empty; choose another folder or pass --overwrite")
     if isinstance(dtype, str):
         dtype = teacher_dtype(student.teacher) if dtype == "auto" else _DTYPES[dtype]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".staging-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         sd = {k: v.to(dtype) for k, v in merged_state_dict(student).items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -106,9 +110,11 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        for old in out_dir.iterdir():
+            if old != tmp:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -267,6 +267,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     from .analyze import load_run_student
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RedError(f"export path {out} is a file; pass a folder to --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RedError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
     student, tok, _ = load_run_student(run_dir, checkpoint)
