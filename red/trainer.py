@@ -186,12 +186,16 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, o
             raise RedError(f"non-finite loss at step {step + 1} in term(s) {', '.join(bad)}; the last good "
                            f"checkpoint is kept in {ckpt_root}; lower --lr or check the data")
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        # the norm first and the clipping after (what clip_grad_norm_ does), so that a
+        # non-finite gradient is found before clipping spreads the NaN to every tensor
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = float(full_tensor(total_norm))
         if not math.isfinite(grad_norm):
             names = _nonfinite_grads(named, ctx)
             raise RedError(f"non-finite gradient at step {step + 1} (loss {sums['loss']:.4g} is finite) in "
                            f"{', '.join(names[:6]) or 'the gradient norm'}{' ...' if len(names) > 6 else ''}; "
                            f"the last good checkpoint is kept in {ckpt_root}; lower --lr or check the data")
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
