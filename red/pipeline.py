@@ -176,7 +176,11 @@ def preflight(cfg: DistillConfig, tcfg, ctx: DistContext | None = None):
         found = list_checkpoints(Path(cfg.out) / "checkpoints")
         if not found:
             raise RedError(f"--resume: no complete checkpoint in {Path(cfg.out) / 'checkpoints'}; start without --resume")
-        check_checkpoint(found[-1], expect_meta, trainable_shapes(arch, cfg.hidden_size))
+        info = check_checkpoint(found[-1], expect_meta, trainable_shapes(arch, cfg.hidden_size))
+        n = info.get("sampler", {}).get("n")
+        if n != len(corpus.train):
+            raise RedError(f"checkpoint {found[-1]} was made with {n} training sequences, this corpus packs to "
+                           f"{len(corpus.train)}; resume with the same --data and --seq-len")
     # rank 0 alone checks (and later writes) the output folder; the others hear its verdict
     err = None
     if ctx.is_main:
