@@ -16,7 +16,7 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
     from .checkpoint import check_checkpoint, list_checkpoints, load_trainable, read_meta
     from .config import make_config
     from .student import ProjectedStudent, trainable_shapes
-    from .teacher import Arch, read_teacher_config, teacher_fingerprint
+    from .teacher import Arch, load_teacher, read_teacher_config, teacher_fingerprint
 
     run = Path(run_dir)
     if not (run / "run.yaml").is_file():
