@@ -1,1 +1,14 @@
-"""red_kernels: Triton kernels for RED distillation, each beside a plain-PyTorch reference."""
+"""red_kernels: Triton kernels for RED distillation, each beside a plain-PyTorch reference.
+
+Every functional API dispatches through :func:`get_backend` ("triton" on CUDA tensors,
+"torch" otherwise; force with ``RED_KERNELS=triton|torch``, :func:`set_backend` or
+:func:`use_backend`). The ``naive_*`` functions are the eager compositions the kernels are
+tested and benchmarked against.
+"""
+from ._backend import VALID_BACKENDS, get_backend, set_backend, use_backend
+from .norm_stats import RMSNormWithStats, naive_rmsnorm_with_stats, rmsnorm_with_stats
+
+__all__ = [
+    "VALID_BACKENDS", "get_backend", "set_backend", "use_backend",
+    "rmsnorm_with_stats", "naive_rmsnorm_with_stats", "RMSNormWithStats",
+]
