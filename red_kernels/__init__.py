@@ -6,9 +6,15 @@ Every functional API dispatches through :func:`get_backend` ("triton" on CUDA te
 tested and benchmarked against.
 """
 from ._backend import VALID_BACKENDS, get_backend, set_backend, use_backend
+from .channel_gather import (
+    gather_columns, gather_rows, naive_gather_columns, naive_gather_rows, naive_select_linear,
+    select_linear,
+)
 from .norm_stats import RMSNormWithStats, naive_rmsnorm_with_stats, rmsnorm_with_stats
 
 __all__ = [
     "VALID_BACKENDS", "get_backend", "set_backend", "use_backend",
+    "gather_columns", "gather_rows", "select_linear",
+    "naive_gather_columns", "naive_gather_rows", "naive_select_linear",
     "rmsnorm_with_stats", "naive_rmsnorm_with_stats", "RMSNormWithStats",
 ]
