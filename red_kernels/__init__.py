@@ -10,11 +10,19 @@ from .channel_gather import (
     gather_columns, gather_rows, naive_gather_columns, naive_gather_rows, naive_select_linear,
     select_linear,
 )
+from .projected_mse import (
+    naive_projected_mse, naive_projected_mse_student_space, naive_selected_mse,
+    naive_selected_mse_student_space, projected_mse, projected_mse_student_space, selected_mse,
+    selected_mse_student_space,
+)
 from .norm_stats import RMSNormWithStats, naive_rmsnorm_with_stats, rmsnorm_with_stats
 
 __all__ = [
     "VALID_BACKENDS", "get_backend", "set_backend", "use_backend",
     "gather_columns", "gather_rows", "select_linear",
     "naive_gather_columns", "naive_gather_rows", "naive_select_linear",
+    "projected_mse", "projected_mse_student_space", "selected_mse", "selected_mse_student_space",
+    "naive_projected_mse", "naive_projected_mse_student_space", "naive_selected_mse",
+    "naive_selected_mse_student_space",
     "rmsnorm_with_stats", "naive_rmsnorm_with_stats", "RMSNormWithStats",
 ]
