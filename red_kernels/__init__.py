@@ -15,6 +15,10 @@ from .projected_mse import (
     naive_selected_mse_student_space, projected_mse, projected_mse_student_space, selected_mse,
     selected_mse_student_space,
 )
+from .projected_linear import (
+    ProjectedLinear, naive_projected_linear, naive_projected_linear_group, projected_linear,
+    projected_linear_group,
+)
 from .norm_stats import RMSNormWithStats, naive_rmsnorm_with_stats, rmsnorm_with_stats
 
 __all__ = [
@@ -24,5 +28,7 @@ __all__ = [
     "projected_mse", "projected_mse_student_space", "selected_mse", "selected_mse_student_space",
     "naive_projected_mse", "naive_projected_mse_student_space", "naive_selected_mse",
     "naive_selected_mse_student_space",
+    "projected_linear", "projected_linear_group", "ProjectedLinear",
+    "naive_projected_linear", "naive_projected_linear_group",
     "rmsnorm_with_stats", "naive_rmsnorm_with_stats", "RMSNormWithStats",
 ]
