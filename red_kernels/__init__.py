@@ -19,6 +19,7 @@ from .projected_linear import (
     ProjectedLinear, naive_projected_linear, naive_projected_linear_group, projected_linear,
     projected_linear_group,
 )
+from .fused_linear_kl import FusedLinearKL, fused_linear_kl, naive_fused_linear_kl
 from .norm_stats import RMSNormWithStats, naive_rmsnorm_with_stats, rmsnorm_with_stats
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "naive_selected_mse_student_space",
     "projected_linear", "projected_linear_group", "ProjectedLinear",
     "naive_projected_linear", "naive_projected_linear_group",
+    "fused_linear_kl", "naive_fused_linear_kl", "FusedLinearKL",
     "rmsnorm_with_stats", "naive_rmsnorm_with_stats", "RMSNormWithStats",
 ]
