@@ -155,7 +155,7 @@ def _diff_gemm(a, b, b_kn_strides, t, sign, scale, e_out):
 def _chunk_rows(T: int, D: int, chunk_rows: int | None) -> int:
     if chunk_rows:
         return chunk_rows
-    return max(1, min(T, max(256, (1 << 24) // max(D, 1))))
+    return max(1, min(T, max(256, (1 << 23) // max(D, 1))))  # ~16 MB of bf16 a chunk
 
 
 def _empty_loss(ref: torch.Tensor, cdt):
