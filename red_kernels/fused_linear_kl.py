@@ -176,7 +176,7 @@ class _FusedLinearKL(torch.autograd.Function):
             lt = h_t[n0:n1] @ wt.t()
             lab = labels[n0:n1] if has_labels else None
             if backend == "triton":
-                bn, bv, nw = (1, 4096, 8) if ls.is_cuda else (8, 128, 4)
+                bn, bv, nw = (2, 2048, 8) if ls.is_cuda else (8, 128, 4)
                 _kl_ce_kernel[(cdiv(n1 - n0, bn),)](
                     ls, lt, lab if has_labels else kl_rows, kl_rows[n0:n1],
                     ce_rows[n0:n1] if has_ce else kl_rows, n1 - n0, V, ls.stride(0),

@@ -82,7 +82,7 @@ def _rmsnorm_with_stats_triton(x, weight, eps, block_t=None, programs=None):
         return y.reshape(x.shape), torch.zeros(4, D, dtype=torch.float32, device=x.device)
     block_d = next_pow2(D)
     if block_t is None:
-        block_t = max(1, min(64, 16384 // block_d)) if x.is_cuda else 4
+        block_t = max(1, min(64, 8192 // block_d)) if x.is_cuda else 4  # ~32 fp32/thread
     n_blocks = cdiv(T, block_t)
     grid = min(n_blocks, programs or max_programs(x, per_sm=2, interp=4))
     part = alloc((grid, 4, D), compute_dtype(x), x.device)
