@@ -50,13 +50,12 @@ if HAS_TRITON:
             valid = rmask
         s_row = ls_ptr + rows_c[:, None] * stride_s
         t_row = lt_ptr + rows_c[:, None] * stride_t
-        NEG: tl.constexpr = float("-inf")
-        m_s = tl.full((BLOCK_N,), NEG, dtype=CDT)
+        m_s = tl.full((BLOCK_N,), float("-inf"), dtype=CDT)
         z_s = tl.zeros((BLOCK_N,), dtype=CDT)
-        m_t = tl.full((BLOCK_N,), NEG, dtype=CDT)
+        m_t = tl.full((BLOCK_N,), float("-inf"), dtype=CDT)
         z_t = tl.zeros((BLOCK_N,), dtype=CDT)
         a_t = tl.zeros((BLOCK_N,), dtype=CDT)  # Σ exp(t' − m_t)·(t' − s')
-        m_c = tl.full((BLOCK_N,), NEG, dtype=CDT)
+        m_c = tl.full((BLOCK_N,), float("-inf"), dtype=CDT)
         z_c = tl.zeros((BLOCK_N,), dtype=CDT)
         # pass 1: online log-sum-exps
         for v0 in range(0, V, BLOCK_V):
@@ -65,8 +64,8 @@ if HAS_TRITON:
             s = tl.load(s_row + cols[None, :], mask=cm, other=0.0).to(CDT)
             t = tl.load(t_row + cols[None, :], mask=cm, other=0.0).to(CDT)
             diff = (t - s) * inv_temp  # finite everywhere (masked columns: 0)
-            sp = tl.where(cm, s * inv_temp, NEG)
-            tp = tl.where(cm, t * inv_temp, NEG)
+            sp = tl.where(cm, s * inv_temp, float("-inf"))
+            tp = tl.where(cm, t * inv_temp, float("-inf"))
             new_s = tl.maximum(m_s, tl.max(sp, axis=1))
             z_s = z_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(sp - new_s[:, None]), axis=1)
             m_s = new_s
@@ -78,7 +77,7 @@ if HAS_TRITON:
             m_t = new_t
             if HAS_CE:
                 if not SAME_T:
-                    sc = tl.where(cm, s, NEG)
+                    sc = tl.where(cm, s, float("-inf"))
                     new_c = tl.maximum(m_c, tl.max(sc, axis=1))
                     z_c = z_c * tl.exp(m_c - new_c) + tl.sum(tl.exp(sc - new_c[:, None]), axis=1)
                     m_c = new_c
