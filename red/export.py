@@ -70,12 +70,14 @@ def merged_state_dict(student: ProjectedStudent) -> dict[str, torch.Tensor]:
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
-def student_config(student: ProjectedStudent, dtype: torch.dtype):
-    cfg = copy.deepcopy(student.teacher.config)
-    cfg.hidden_size = student.hidden_size
-    cfg.head_dim = student.arch.head_dim
-    cfg.rms_norm_eps = student.norm_eps
-    cfg.tie_word_embeddings = student.arch.tied
+def student_config(teacher, hidden_size: int, norm_eps: float, dtype: torch.dtype):
+    """The teacher's config with the student's width, an explicit head_dim and the eps
+    and tie flag the student was trained with."""
+    cfg = copy.deepcopy(teacher.config)
+    cfg.head_dim = getattr(teacher.config, "head_dim", None) or teacher.config.hidden_size // teacher.config.num_attention_heads
+    cfg.hidden_size = int(hidden_size)
+    cfg.rms_norm_eps = float(norm_eps)
+    cfg.tie_word_embeddings = bool(getattr(teacher.config, "tie_word_embeddings", False))
     cfg.dtype = dtype
     return cfg
 
@@ -89,23 +91,28 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
     outside it) and moved into place only once all of them are complete; an existing
     export is replaced (with ``overwrite``) only after the new one is fully written.
     """
+    return _write_export(student.teacher, student.hidden_size, student.norm_eps, merged_state_dict(student),
+                         tokenizer, out_dir, dtype, overwrite)
+
+
+def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RedError(f"export path {out_dir} is a file; pass a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise RedError(f"export folder {out_dir} is not empty; choose another folder or pass --overwrite")
     if isinstance(dtype, str):
-        dtype = teacher_dtype(student.teacher) if dtype == "auto" else _DTYPES[dtype]
+        dtype = teacher_dtype(teacher) if dtype == "auto" else _DTYPES[dtype]
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".staging-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        sd = {k: v.to(dtype) for k, v in merged_state_dict(student).items()}
+        sd = {k: v.to(dtype) for k, v in state.items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        student_config(student, dtype).save_pretrained(tmp)
-        gen = getattr(student.teacher, "generation_config", None)
+        student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(tmp)
+        gen = getattr(teacher, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
@@ -119,3 +126,37 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+@torch.no_grad()
+def pruned_state_dict(teacher, channels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The width-pruned teacher: every residual-facing tensor gathered to the channels S
+    (``red_kernels`` gathers). It equals the `red`-initialized student before training."""
+    import red_kernels as K
+
+    idx = channels.to(teacher.model.embed_tokens.weight.device).long()
+    out = {}
+    for key, w in teacher.state_dict().items():
+        if key == "lm_head.weight" and teacher.config.tie_word_embeddings:
+            continue
+        m = _LAYER_KEY.match(key)
+        name = m.group(2) if m else key
+        if name in _IN or key in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[key] = K.gather_columns(w, idx)
+        elif name in _OUT:
+            out[key] = K.gather_rows(w, idx)
+        elif name in ("input_layernorm.weight", "post_attention_layernorm.weight") or key == "model.norm.weight":
+            out[key] = w[idx]
+        elif name in _KEEP:
+            out[key] = w
+        else:
+            raise RedError(f"teacher tensor {key!r} has no pruned counterpart; this architecture is not supported")
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+def export_pruned(teacher, tokenizer, channels: torch.Tensor, out_dir: str | Path, dtype: str | torch.dtype = "auto",
+                  overwrite: bool = False) -> Path:
+    """Write the width-pruned teacher (no training) as a Hugging Face folder: the
+    baseline that the `red` init starts from."""
+    return _write_export(teacher, channels.numel(), teacher.config.rms_norm_eps, pruned_state_dict(teacher, channels),
+                         tokenizer, out_dir, dtype, overwrite)

@@ -1,45 +1,36 @@
 """red_kernels: Triton kernels for RED distillation, each beside a plain-PyTorch reference.
 
-(Interim: plain-PyTorch references only, until the Triton kernels land.)
+Every functional API dispatches through :func:`get_backend` ("triton" on CUDA tensors,
+"torch" otherwise; force with ``RED_KERNELS=triton|torch``, :func:`set_backend` or
+:func:`use_backend`). The ``naive_*`` functions are the eager compositions the kernels are
+tested and benchmarked against.
 """
-import torch
-import torch.nn.functional as F
+from ._backend import VALID_BACKENDS, get_backend, set_backend, use_backend
+from .channel_gather import (
+    gather_columns, gather_rows, naive_gather_columns, naive_gather_rows, naive_select_linear,
+    select_linear,
+)
+from .projected_mse import (
+    naive_projected_mse, naive_projected_mse_student_space, naive_selected_mse,
+    naive_selected_mse_student_space, projected_mse, projected_mse_student_space, selected_mse,
+    selected_mse_student_space,
+)
+from .projected_linear import (
+    ProjectedLinear, naive_projected_linear, naive_projected_linear_group, projected_linear,
+    projected_linear_group,
+)
+from .fused_linear_kl import FusedLinearKL, fused_linear_kl, naive_fused_linear_kl
+from .norm_stats import RMSNormWithStats, naive_rmsnorm_with_stats, rmsnorm_with_stats
 
-
-def set_backend(name):
-    if name not in ("auto", "triton", "torch"):
-        raise ValueError(name)
-
-
-def rmsnorm_with_stats(x, weight, eps):
-    xf = x.float()
-    y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    x2, y2 = xf.reshape(-1, x.shape[-1]), y.float().reshape(-1, x.shape[-1])
-    return y, torch.stack([x2.abs().sum(0), x2.pow(2).sum(0), y2.abs().sum(0), y2.pow(2).sum(0)])
-
-
-def projected_linear(x, w_t, P, side, bias=None):
-    W = w_t @ P.to(w_t.dtype) if side == "in" else P.to(w_t.dtype).T @ w_t
-    return F.linear(x, W.to(x.dtype), bias)
-
-
-def projected_linear_group(x, w_ts, Ps, side="in", biases=None):
-    biases = biases or (None,) * len(w_ts)
-    return tuple(projected_linear(x, w, P, side, b) for w, P, b in zip(w_ts, Ps, biases))
-
-
-def projected_mse_student_space(y_s, y_t, P):
-    return F.mse_loss(y_s.float(), y_t.float() @ P.float())
-
-
-def fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_weight=1.0, ce_weight=1.0,
-                    ignore_index=-100, chunk_size=None):
-    ls = (h_s.float() @ w_s.float().T)
-    lt = (h_t.float() @ w_t.float().T)
-    valid = labels != ignore_index if labels is not None else torch.ones(ls.shape[0], dtype=torch.bool)
-    n = valid.sum().clamp_min(1)
-    lps = F.log_softmax(ls / temperature, -1)
-    lpt = F.log_softmax(lt / temperature, -1)
-    kl = ((lpt.exp() * (lpt - lps)).sum(-1) * valid).sum() / n
-    ce = F.cross_entropy(ls, labels, ignore_index=ignore_index, reduction="sum") / n if labels is not None else ls.new_zeros(())
-    return kl_weight * kl + ce_weight * ce, kl.detach(), ce.detach()
+__all__ = [
+    "VALID_BACKENDS", "get_backend", "set_backend", "use_backend",
+    "gather_columns", "gather_rows", "select_linear",
+    "naive_gather_columns", "naive_gather_rows", "naive_select_linear",
+    "projected_mse", "projected_mse_student_space", "selected_mse", "selected_mse_student_space",
+    "naive_projected_mse", "naive_projected_mse_student_space", "naive_selected_mse",
+    "naive_selected_mse_student_space",
+    "projected_linear", "projected_linear_group", "ProjectedLinear",
+    "naive_projected_linear", "naive_projected_linear_group",
+    "fused_linear_kl", "naive_fused_linear_kl", "FusedLinearKL",
+    "rmsnorm_with_stats", "naive_rmsnorm_with_stats", "RMSNormWithStats",
+]

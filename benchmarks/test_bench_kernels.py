@@ -1,0 +1,107 @@
+"""CPU benchmarks (pytest-benchmark): what a CPU can honestly show is memory.
+
+Run with ``python -m pytest benchmarks``; ``tests/`` never collects this directory.
+Time is reported by pytest-benchmark for the torch backend's chunked paths and the eager
+compositions; the Triton interpreter is skipped (far too slow to time). The peak memory
+above the inputs (fwd + bwd) is recorded in ``extra_info`` and printed.
+"""
+import pytest
+import torch
+
+import red_kernels as rk
+from cpu_memory import AVAILABLE, peak_extra_bytes
+
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="needs glibc mallinfo2")
+MB = 2 ** 20
+
+
+def _kl_inputs(T=2048, V=32000, d=64, D=128):
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(T, d, generator=g).requires_grad_()
+    w_s = (torch.randn(V, d, generator=g) * 0.05).requires_grad_()
+    h_t = torch.randn(T, D, generator=g)
+    w_t = torch.randn(V, D, generator=g) * 0.05
+    labels = torch.randint(0, V, (T,), generator=g)
+    return h_s, w_s, h_t, w_t, labels
+
+
+def _mse_inputs(T=2048, D=2048, d=1024):
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(T, d, generator=g).requires_grad_()
+    P = (torch.randn(D, d, generator=g) * 0.02).requires_grad_()
+    h_t = torch.randn(T, D, generator=g)
+    return h_s, P, h_t
+
+
+def _step(fn, *leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+    return run
+
+
+def _record(benchmark, name, fn):
+    peak = peak_extra_bytes(fn)
+    benchmark.extra_info["peak_extra_MB"] = round(peak / MB, 1)
+    print(f"\n{name}: peak memory above inputs {peak / MB:.1f} MB")
+    benchmark.pedantic(fn, rounds=2, iterations=1, warmup_rounds=0)  # the peak run warmed up
+    return peak
+
+
+_PEAKS = {}
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+def test_fused_linear_kl_memory(benchmark, impl):
+    """T=2048, V=32000 (fp32): eager holds [T, V] logits x several; chunked holds [c, V]."""
+    h_s, w_s, h_t, w_t, labels = _kl_inputs()
+    f = rk.naive_fused_linear_kl if impl == "eager" else rk.fused_linear_kl
+    with rk.use_backend("torch"):
+        peak = _record(benchmark, f"fused_linear_kl[{impl}]",
+                       _step(lambda: f(h_s, w_s, h_t, w_t, labels), h_s, w_s))
+    _PEAKS[("kl", impl)] = peak
+    if impl == "chunked":
+        assert ("kl", "eager") in _PEAKS
+        ratio = _PEAKS[("kl", "eager")] / max(peak, 1)
+        benchmark.extra_info["memory_ratio_vs_eager"] = round(ratio, 2)
+        print(f"fused_linear_kl: eager/chunked peak memory = {ratio:.1f}x")
+        assert ratio > 4
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+def test_projected_mse_memory(benchmark, impl):
+    """T=2048, D=2048, d=1024 (fp32): eager builds several [T, D] tensors."""
+    h_s, P, h_t = _mse_inputs()
+    f = rk.naive_projected_mse if impl == "eager" else rk.projected_mse
+    with rk.use_backend("torch"):
+        peak = _record(benchmark, f"projected_mse[{impl}]", _step(lambda: f(h_s, P, h_t), h_s, P))
+    _PEAKS[("mse", impl)] = peak
+    if impl == "chunked":
+        ratio = _PEAKS[("mse", "eager")] / max(peak, 1)
+        benchmark.extra_info["memory_ratio_vs_eager"] = round(ratio, 2)
+        print(f"projected_mse: eager/chunked peak memory = {ratio:.1f}x")
+        assert ratio > 1.5
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+def test_projected_linear_memory(benchmark, impl):
+    """q/k/v-like group at T=2048, D=2048, d=1024: eager keeps each W_s until backward."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 1024, generator=g).requires_grad_()
+    ws = [torch.randn(o, 2048, generator=g) * 0.02 for o in (2048, 512, 512)]
+    Ps = [(torch.randn(2048, 1024, generator=g) * 0.02).requires_grad_() for _ in ws]
+    f = rk.naive_projected_linear_group if impl == "eager" else rk.projected_linear_group
+
+    def fn():
+        ys = f(x, ws, Ps, "in")
+        return (sum(y.square().mean() for y in ys),)
+    peak = _record(benchmark, f"projected_linear_group[{impl}]", _step(fn, x, *Ps))
+    _PEAKS[("lin", impl)] = peak
+    if impl == "fused":
+        ratio = _PEAKS[("lin", "eager")] / max(peak, 1)
+        benchmark.extra_info["memory_ratio_vs_eager"] = round(ratio, 2)
+        print(f"projected_linear_group: eager/fused peak memory = {ratio:.2f}x")
+        assert ratio > 1.0

@@ -1,0 +1,148 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import red_kernels
+from red_kernels import fused_linear_kl
+from kernel_utils import assert_close, randn
+
+N, d, D, V = 37, 48, 96, 300
+
+
+def _ref(h_s, w_s, h_t, w_t, labels, T, kw, cw, ignore=-100):
+    """float64 reference written independently of the library's naive_*."""
+    ls, lt = h_s @ w_s.t(), h_t @ w_t.t()
+    valid = labels != ignore if labels is not None else torch.ones(len(h_s), dtype=torch.bool)
+    n = max(int(valid.sum()), 1)
+    p_t = torch.softmax(lt[valid] / T, -1)
+    kl = (p_t * (torch.log_softmax(lt[valid] / T, -1) - torch.log_softmax(ls[valid] / T, -1))).sum() / n
+    if labels is None:
+        return kw * kl, kl, torch.zeros(())
+    ce = -torch.log_softmax(ls[valid], -1).gather(1, labels[valid][:, None]).sum() / n
+    return kw * kl + cw * ce, kl, ce
+
+
+def _inputs(dtype, gen, n=N, scale=0.15):
+    h_s = randn(n, d, dtype=dtype, gen=gen, requires_grad=True)
+    w_s = randn(V, d, dtype=dtype, gen=gen, scale=scale, requires_grad=True)
+    h_t = randn(n, D, dtype=dtype, gen=gen)
+    w_t = randn(V, D, dtype=dtype, gen=gen, scale=scale)
+    labels = torch.randint(0, V, (n,), generator=gen)
+    if n > 3:
+        labels[torch.randperm(n, generator=gen)[: n // 4]] = -100
+    return h_s, w_s, h_t, w_t, labels
+
+
+def _run(dtype, gen, n=N, T=1.0, kw=1.0, cw=1.0, use_labels=True, chunk=None, scale=0.15):
+    h_s, w_s, h_t, w_t, labels = _inputs(dtype, gen, n, scale)
+    labels = labels if use_labels else None
+    loss, kl, ce = fused_linear_kl(h_s, w_s, h_t, w_t, labels, temperature=T, kl_weight=kw,
+                                   ce_weight=cw, chunk_size=chunk)
+    assert loss.dtype == kl.dtype == ce.dtype == torch.float32
+    assert not kl.requires_grad and not ce.requires_grad and loss.requires_grad
+    hd, wd = h_s.detach().double().requires_grad_(), w_s.detach().double().requires_grad_()
+    lr, klr, cer = _ref(hd, wd, h_t.double(), w_t.double(), labels, T, kw, cw)
+    assert_close(loss, lr, dtype, "loss")
+    assert_close(kl, klr, dtype, "kl")
+    assert_close(ce, cer, dtype, "ce")
+    (loss * 2.0).backward()
+    (lr * 2.0).backward()
+    assert h_s.grad.dtype == dtype and w_s.grad.dtype == dtype
+    assert_close(h_s.grad, hd.grad, dtype, "dh_s")
+    assert_close(w_s.grad, wd.grad, dtype, "dw_s")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_matches_reference(backend, dtype, T, gen):
+    _run(dtype, gen, T=T, kw=0.7, cw=0.3)
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 64])
+def test_chunking(backend, chunk, gen):
+    _run(torch.float32, gen, T=1.5, chunk=chunk)
+
+
+def test_no_labels(backend, gen):
+    _run(torch.float32, gen, use_labels=False, cw=5.0)  # ce_weight ignored, ce = 0
+
+
+def test_one_token(backend, gen):
+    _run(torch.float32, gen, n=1, chunk=4)
+
+
+def test_matches_naive(backend, gen):
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen)
+    out = fused_linear_kl(h_s, w_s, h_t, w_t, labels, temperature=1.3, ce_weight=0.5)
+    ref = red_kernels.naive_fused_linear_kl(h_s, w_s, h_t, w_t, labels, temperature=1.3, ce_weight=0.5)
+    for a, b in zip(out, ref):
+        assert_close(a, b, torch.float32)
+
+
+def test_empty_and_all_ignored(backend, gen):
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen, n=6)
+    loss, kl, ce = fused_linear_kl(h_s, w_s, h_t, w_t, torch.full((6,), -100))
+    assert loss.item() == 0 and kl.item() == 0 and ce.item() == 0
+    loss.backward()
+    assert torch.all(h_s.grad == 0) and torch.all(w_s.grad == 0)
+    e = torch.zeros(0, d, requires_grad=True)
+    loss, kl, ce = fused_linear_kl(e, w_s, torch.zeros(0, D), w_t, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(loss) and e.grad.shape == (0, d)
+
+
+def test_identical_models_zero_kl(backend, gen):
+    """Student == teacher: KL is 0 and, without CE, the gradient is 0."""
+    h = randn(N, d, gen=gen, requires_grad=True)
+    w = randn(V, d, gen=gen, scale=0.3, requires_grad=True)
+    loss, kl, _ = fused_linear_kl(h, w, h.detach(), w.detach())
+    loss.backward()
+    assert abs(kl.item()) < 1e-6
+    assert h.grad.abs().max().item() < 1e-6 and w.grad.abs().max().item() < 1e-6
+
+
+def test_no_grad_and_frozen_head(backend, gen):
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen)
+    with torch.no_grad():
+        loss, kl, ce = fused_linear_kl(h_s, w_s, h_t, w_t, labels)
+    lr, _, _ = _ref(h_s.double(), w_s.double(), h_t.double(), w_t.double(), labels, 1.0, 1.0, 1.0)
+    assert_close(loss, lr, torch.float32)
+    w_frozen = w_s.detach()
+    loss, _, _ = fused_linear_kl(h_s, w_frozen, h_t, w_t, labels)
+    loss.backward()
+    assert h_s.grad is not None and w_frozen.grad is None
+
+
+def test_deterministic_weight_grad(backend, gen):
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen)
+    grads = []
+    for _ in range(2):
+        w = w_s.detach().clone().requires_grad_()
+        fused_linear_kl(h_s, w, h_t, w_t, labels, chunk_size=8)[0].backward()
+        grads.append(w.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_gradcheck_fp64(backend, gen):
+    n, dd, DD, VV = 6, 5, 7, 40
+    h_s = randn(n, dd, dtype=torch.float64, gen=gen, requires_grad=True)
+    w_s = randn(VV, dd, dtype=torch.float64, gen=gen, requires_grad=True)
+    h_t = randn(n, DD, dtype=torch.float64, gen=gen)
+    w_t = randn(VV, DD, dtype=torch.float64, gen=gen)
+    labels = torch.randint(0, VV, (n,), generator=gen)
+    labels[1] = -100
+    f = lambda h, w: fused_linear_kl(h, w, h_t, w_t, labels, temperature=1.7, kl_weight=0.6,  # noqa: E731
+                                     ce_weight=0.4, chunk_size=4)[0]
+    assert torch.autograd.gradcheck(f, (h_s, w_s), fast_mode=True)
+
+
+def test_module_and_errors(gen):
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen)
+    m = red_kernels.FusedLinearKL(temperature=2.0, ce_weight=0.0)
+    loss, kl, ce = m(h_s, w_s, h_t, w_t, labels)
+    assert ce.item() == 0 and torch.allclose(loss, kl)
+    with pytest.raises(ValueError):
+        fused_linear_kl(h_s, w_s[:, :5], h_t, w_t)
+    with pytest.raises(ValueError):
+        fused_linear_kl(h_s, w_s, h_t, w_t, temperature=0.0)
+    assert F is not None
