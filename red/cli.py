@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (torchrun processes)")
     p.add_argument("--activation-checkpointing", action="store_true", help="plan with per-layer activation checkpointing")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="teacher weight dtype")
-    p.add_argument("--logits-chunk", type=int, default=0, help="tokens per logits chunk of a fused KL kernel (0: materialized)")
+    p.add_argument("--logits-chunk", type=int, default=0, help="rows per logits chunk of the fused KL kernel (0: its default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)

@@ -17,17 +17,19 @@ rank holds ceil(rows / N) rows of each; single GPU: N = 1):
 - ``activations``: what autograd keeps for backward until the backward pass reaches it,
   per micro-batch of B sequences of T tokens on this GPU (B = global micro-batch / N):
   under lockstep distillation each layer keeps the student's activations, the teacher
-  activations its clone terms compare against, and the student weights the projected
-  linear layers materialize (W_t P). With activation checkpointing only each layer's
-  two inputs (student h_s [d] and teacher h_t [D] per token) are kept, plus one layer's
-  activations while it is recomputed. The per-token coefficients below count the tensors
-  the reference kernels (red_kernels' PyTorch path) save; the test checks the formula is
-  an upper bound within 25% of the real saved tensors of tiny models. Fused (Triton)
-  kernels keep less.
-- ``logits``: KL + cross-entropy over a vocabulary of V: materialized, three [B*T, V]
-  fp32 tensors are kept for backward (student log-probs, teacher probs, the
-  cross-entropy's log-probs) and two more are live while they are made; with chunking
-  (``logits_chunk`` tokens at a time) five [chunk, V] fp32 tensors.
+  activations its clone terms compare against, and the fp32 gradient of P_down that
+  the student-space FFN clone term computes in its forward; the student weights W_t P
+  are re-made in backward, so only one layer's are live at a time. With activation
+  checkpointing only each layer's two inputs (student h_s [d] and teacher h_t [D] per
+  token) are kept, plus one layer's activations while it is recomputed. The per-token
+  coefficients count the tensors ``red_kernels`` (its PyTorch path, which the Triton
+  path mirrors) saves; the test checks the formula is an upper bound within 30% of the
+  real saved tensors of tiny models in fp32.
+- ``logits``: the fused linear-KL kernel never materializes all logits: it walks the
+  B*T rows in chunks (``logits_chunk``, default the kernel's own rule: about as many
+  logits as h_s has elements, at least 256 rows) and keeps, for backward, the gradient
+  of h_s [B*T, d] and of the head [V, d] (fp32); while a chunk is processed about four
+  [chunk, V] fp32 tensors are live (student and teacher logits and their softmaxes).
 
 Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB per GPU),
 NCCL buffers, and the data loader. Leave headroom.
@@ -91,21 +93,35 @@ def checkpoint_bytes(arch: Arch, d: int) -> int:
 
 
 def activation_elements(arch: Arch, d: int, compute_bytes: int = 2) -> tuple[int, int, int]:
-    """Per-layer activation model of the reference kernels: (elements per token kept in the
-    compute dtype, elements per token kept in fp32, weight-shaped elements per layer)."""
+    """Per-layer activation model of ``red_kernels``: (elements per token kept in the
+    compute dtype, elements per token kept in fp32, fp32 weight-shaped elements kept per
+    layer)."""
     D, I, h = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q, kv = arch.num_heads * h, arch.num_kv_heads * h
     rep = arch.num_heads // arch.num_kv_heads
     # student: two norms (input + normalized), q/k/v and their rotary copies, k/v repeated
     # to all heads, the attention output (+ its reshaped copy), gate, up, silu(gate),
-    # silu(gate)*up, the layer output; teacher: q, k, v, attention, gate, up, ffn output
+    # silu(gate)*up, the gradient of the FFN clone term; teacher: q, k, v, attention,
+    # gate, up (the clone targets) and the FFN output
     student = 4 * d + 3 * (q + 2 * kv) + (2 * q if rep > 1 else 0) + 2 * q + 4 * I + d
     teacher = 2 * q + 2 * kv + 2 * I + D
-    fp32 = arch.num_heads + 2 * d  # attention log-sum-exp; the ffn clone term in student space
+    fp32 = arch.num_heads  # attention log-sum-exp
     if compute_bytes < 4:  # the clone MSEs compare fp32 copies of student and teacher tensors
-        fp32 += 2 * (2 * q + 2 * kv + 2 * I) + D
-    weights = (2 * q + 2 * kv + 3 * I) * d  # W_t P materialized for q, k, v, o, gate, up, down
-    return student + teacher, fp32, weights
+        fp32 += 2 * (2 * q + 2 * kv + 2 * I)
+    return student + teacher, fp32, D * d  # dP_down of the FFN clone term
+
+
+def student_weight_elements(arch: Arch, d: int) -> int:
+    """Elements of one layer's student weights W_t P (q, k, v, o, gate, up, down)."""
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return (2 * q + 2 * kv + 3 * arch.intermediate_size) * d
+
+
+def default_logits_chunk(rows: int, V: int, d: int) -> int:
+    """The fused KL kernel's chunk rule (red_kernels.fused_linear_kl): about rows*d
+    logits per chunk, at least 256 rows, a power of two, at most ``rows``."""
+    per = -(-rows // max(1, -(-V // max(d, 1))))
+    return max(1, min(rows, max(256, 1 << max(0, (per - 1).bit_length()))))
 
 
 def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
@@ -115,8 +131,8 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
 
     ``teacher``: a teacher folder (its config.json is read; no weights) or a config dict.
     ``micro_batch`` is the global micro-batch (``--batch-size``), split over ``gpus``.
-    ``compute_dtype`` defaults to ``teacher_dtype``. ``logits_chunk`` 0 means materialized
-    logits. Returns ``{"per_gpu": {category: bytes, ..., "total": bytes}, "inputs": {...}}``.
+    ``compute_dtype`` defaults to ``teacher_dtype``. ``logits_chunk`` 0 means the fused
+    KL kernel's default chunk. Returns ``{"per_gpu": {category: bytes, ..., "total": bytes}, "inputs": {...}}``.
     """
     raw = _read_config(teacher)
     from transformers import AutoConfig
@@ -156,17 +172,17 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     else:
         out["gathered"] = 0
     tokens = (micro_batch // N) * seq_len
-    per_tok, per_tok32, weights = activation_elements(arch, d, cb)
-    L = arch.num_layers
-    embed = tokens * (arch.hidden_size + d) * cb  # teacher and student embeddings
+    per_tok, per_tok32, kept32 = activation_elements(arch, d, cb)
+    L, D, V = arch.num_layers, arch.hidden_size, arch.vocab_size
+    layer = tokens * (per_tok * cb + per_tok32 * 4) + kept32 * 4
+    live_weights = student_weight_elements(arch, d) * cb  # one layer's W_t P at a time
+    embed = tokens * (D + d) * cb  # teacher and student embeddings
     if activation_checkpointing:
-        layer_all = tokens * (per_tok * cb + per_tok32 * 4) + weights * cb
-        out["activations"] = embed + L * tokens * (d + arch.hidden_size) * cb + layer_all
+        out["activations"] = embed + L * tokens * (d + D) * cb + layer + live_weights
     else:
-        out["activations"] = embed + L * (tokens * (per_tok * cb + per_tok32 * 4) + weights * cb)
-    V = arch.vocab_size
-    rows = tokens if not logits_chunk else min(tokens, int(logits_chunk))
-    out["logits"] = 4 * rows * V * 5 if logits_chunk else 4 * rows * V * 3 + 4 * rows * V * 2
+        out["activations"] = embed + L * layer + live_weights
+    chunk = min(tokens, int(logits_chunk)) if logits_chunk else default_logits_chunk(tokens, V, d)
+    out["logits"] = tokens * d * cb + V * d * 4 + 4 * chunk * V * 4
     out["total"] = sum(out[c] for c in CATEGORIES)
     return {"per_gpu": out, "inputs": {
         "model_type": model_type, "num_layers": L, "teacher_hidden_size": arch.hidden_size, "hidden_size": d,
@@ -198,12 +214,16 @@ def _read_config(teacher) -> dict:
 def format_plan(plan: dict) -> str:
     """The table `red plan` prints."""
     g, i = plan["per_gpu"], plan["inputs"]
-    gib = lambda b: f"{b / 2**30:10.2f} GiB"
+    def gib(b):
+        for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if b >= 2 ** k:
+                return f"{b / 2 ** k:10.2f} {unit}"
+        return f"{b:10d} B  "
     lines = [f"red plan: {i['model_type']} teacher D={i['teacher_hidden_size']} L={i['num_layers']} V={i['vocab_size']} "
              f"-> student d={i['hidden_size']}; {i['gpus']} GPU(s), micro-batch {i['micro_batch']} "
              f"({i['micro_batch_per_gpu']} per GPU) x {i['seq_len']} tokens, activation checkpointing "
              f"{'on' if i['activation_checkpointing'] else 'off'}, logits "
-             f"{'chunked by ' + str(i['logits_chunk']) if i['logits_chunk'] else 'materialized'}",
+             f"chunked by {i['logits_chunk'] or 'the kernel default'}",
              "per GPU:"]
     notes = {"teacher": f"frozen weights, {i['teacher_dtype']}, sharded", "projections": "trainable, fp32, sharded",
              "gradients": "fp32, sharded", "optimizer": "AdamW moments, fp32, sharded",
@@ -212,5 +232,5 @@ def format_plan(plan: dict) -> str:
     for c in CATEGORIES:
         lines.append(f"  {c:<12}{gib(g[c])}   {notes[c]}")
     lines.append(f"  {'total':<12}{gib(g['total'])}   + CUDA context and allocator slack (~1-3 GiB)")
-    lines.append(f"one checkpoint on disk: {i['checkpoint_bytes'] / 2**30:.2f} GiB")
+    lines.append(f"one checkpoint on disk: {gib(i['checkpoint_bytes']).strip()}")
     return "\n".join(lines)
