@@ -69,6 +69,15 @@ def test_each_step_reads_the_previous_result():
             assert x != y
 
 
+def test_variable_names():
+    for p in generate_problems(200, range(1, task.MAX_K + 1), "train", seed=4):
+        clauses = p.question.split("?")[0].split(",")
+        bound = [c[0] for c in clauses[: task.N_INITIAL]]
+        assert len(set(bound)) == task.N_INITIAL and set(bound) <= set(task.INPUT_VARIABLES)
+        assert [c[0] for c in clauses[task.N_INITIAL:]] == list(task.STEP_VARIABLES[: p.k])
+        assert p.question.endswith("?" + task.STEP_VARIABLES[p.k - 1])
+
+
 def test_check_problem_rejects_wrong_problems():
     p = generate_problems(1, [3], "train", 0)[0]
     wrong = str((int(p.answer) + 1) % 10)
@@ -108,6 +117,8 @@ def test_bad_arguments_raise():
         generate_problems(1, [1], "test", 0)
     with pytest.raises(ValueError):
         generate_problems(1, [0], "train", 0)
+    with pytest.raises(ValueError):
+        generate_problems(1, [task.MAX_K + 1], "train", 0)
     with pytest.raises(ValueError):
         write_corpus("/dev/null", 1, fmt="csv")
 

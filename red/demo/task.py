@@ -1,17 +1,23 @@
 """Synthetic multi-step reasoning task for the CPU-scale RED demo.
 
-A problem binds three one-letter variables to digits, then defines ``k`` new variables,
-each as ``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are uniform and
-chance is 10%). Step 1 reads two distinct initial variables; every later step reads the
-result of the step before it plus one other variable defined earlier (initial or computed;
-never the same one twice, so no ``x-x`` shortcuts), so the answer cannot be had without
-walking the chain: every operand is a variable name that must be looked up. The question
-asks for the last variable. The chain of thought writes out every step with the operand
-values substituted, then the answer::
+A problem binds three variables (a random choice among ``a``..``h``) to digits, then
+defines ``k`` new variables, step i defining the i-th of ``i j k l m n o p``, each as
+``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are near-uniform and chance is
+about 10%). Step 1 reads two distinct bound variables; every later step reads the result of
+the step before it plus one other variable defined earlier (bound or computed; never the
+same one twice, so no ``x-x`` shortcuts), so the answer cannot be had without walking the
+chain: every operand is a variable name whose value must be looked up, in the question or
+in the chain of thought so far. The question asks for the last variable. The chain of
+thought writes out every step with the operand values substituted, then the answer::
 
-    question        a=3,k=7,c=1,d=a+k,e=c-d?e
-    prompt_text     a=3,k=7,c=1,d=a+k,e=c-d?e:
-    format_problem  a=3,k=7,c=1,d=a+k,e=c-d?e:d=3+7=0,e=1-0=1#1
+    question        c=3,h=7,a=1,i=c+h,j=a-i?j
+    prompt_text     c=3,h=7,a=1,i=c+h,j=a-i?j:
+    format_problem  c=3,h=7,a=1,i=c+h,j=a-i?j:i=3+7=0,j=1-0=1#1
+
+Step variables are named in a fixed order so that "which step comes next" is not itself a
+search problem: a first design with random names for the steps left a 4-layer, width-128
+teacher at chance after 600 steps (it never learned which clause to write out next),
+while the lookups of operand values, which are the point, stay.
 
 Tokens are characters. The longest k=6 text is 99 characters, 101 tokens with bos/eos.
 
@@ -30,7 +36,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
@@ -38,6 +44,8 @@ import torch
 __all__ = [
     "Problem",
     "VARIABLES",
+    "INPUT_VARIABLES",
+    "STEP_VARIABLES",
     "DIGITS",
     "SYMBOLS",
     "CHARS",
@@ -66,8 +74,10 @@ __all__ = [
 
 MOD = 10
 N_INITIAL = 3                       # variables bound to digits before the chain
-VARIABLES = "abcdefghijklmnop"      # 16 names; a problem uses N_INITIAL + k distinct ones
-MAX_K = len(VARIABLES) - N_INITIAL  # 13
+INPUT_VARIABLES = "abcdefgh"   # the N_INITIAL bound variables: a random choice of these
+STEP_VARIABLES = "ijklmnop"    # step i defines STEP_VARIABLES[i-1]
+VARIABLES = INPUT_VARIABLES + STEP_VARIABLES
+MAX_K = len(STEP_VARIABLES)    # 8
 DIGITS = "0123456789"
 OPS = "+-"  # no "*": products mod 10 pile up on 0 (30% of answers), "+-" keep them uniform
 # ',' separates clauses, '?' asks, ':' starts the chain of thought, '#' the answer.
@@ -105,7 +115,7 @@ def make_problem(rng: random.Random, k: int) -> Problem:
     """One problem with ``k`` steps, drawn from ``rng`` (no split filtering)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
-    names = rng.sample(VARIABLES, N_INITIAL + k)
+    names = rng.sample(INPUT_VARIABLES, N_INITIAL) + list(STEP_VARIABLES[:k])
     values = {}
     clauses, steps = [], []
     for v in names[:N_INITIAL]:
@@ -192,14 +202,14 @@ def check_problem(p: Problem) -> None:
     values = {}
     for c in clauses[:N_INITIAL]:
         v, d = c.split("=")
-        assert len(v) == 1 and v in VARIABLES and v not in values, c
+        assert len(v) == 1 and v in INPUT_VARIABLES and v not in values, c
         values[v] = int(d)
     steps = p.cot.split(",")
     assert len(steps) == len(clauses) - N_INITIAL == p.k, (p, len(steps))
     prev = None
-    for c, s in zip(clauses[N_INITIAL:], steps):
+    for i, (c, s) in enumerate(zip(clauses[N_INITIAL:], steps)):
         v, expr = c.split("=")
-        assert v not in values, c
+        assert v == STEP_VARIABLES[i], c
         x, op, y = expr[0], expr[1], expr[2]
         assert len(expr) == 3 and op in OPS and x in values and y in values, c
         if prev is not None:
