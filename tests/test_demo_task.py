@@ -28,7 +28,7 @@ def solve(question: str) -> str:
         x, op, y = rhs
         a, b = vals[x], vals[y]
         r = eval(f"({a}{op}{b}) % 10")
-        steps.append(f"{v}={a}{op}{b}={r}")
+        steps.append(f"{v}={x}{op}{y}={a}{op}{b}={r}")
         vals[v] = r
     return ",".join(steps) + f"#{vals[query]}"
 
@@ -92,7 +92,7 @@ def test_check_problem_rejects_wrong_problems():
 def test_longest_problem_is_short():
     tok = build_tokenizer()
     for p in generate_problems(200, [6], "train", 0):
-        assert len(encode_document(format_problem(p), tok)) <= 101
+        assert len(encode_document(format_problem(p), tok)) <= 125
 
 
 def test_heldout_and_train_are_disjoint():

@@ -12,14 +12,17 @@ thought writes out every step with the operand values substituted, then the answ
 
     question        c=3,h=7,a=1,i=c+h,j=a-i?j
     prompt_text     c=3,h=7,a=1,i=c+h,j=a-i?j:
-    format_problem  c=3,h=7,a=1,i=c+h,j=a-i?j:i=3+7=0,j=1-0=1#1
+    format_problem  c=3,h=7,a=1,i=c+h,j=a-i?j:i=c+h=3+7=0,j=a-i=1-0=1#1
 
-Step variables are named in a fixed order so that "which step comes next" is not itself a
-search problem: a first design with random names for the steps left a 4-layer, width-128
-teacher at chance after 600 steps (it never learned which clause to write out next),
-while the lookups of operand values, which are the point, stay.
+Each written step first copies the step's definition, then the operand values, then the
+result. Both choices keep every token one lookup away, which a 4-layer, width-128 teacher
+needs to learn the task in half an hour on a CPU: with random names for the step variables
+it stayed at chance after 600-800 steps (it never learned which clause to write out next),
+and with values only (``i=3+7=0``, two lookups for one token: clause -> operand name ->
+value) it learned neither the operand names nor the operator in 1100 steps (k=1 at 25%).
+The lookups of operand values by name, which are the point, stay.
 
-Tokens are characters. The longest k=6 text is 99 characters, 101 tokens with bos/eos.
+Tokens are characters. The longest k=6 text is 123 characters, 125 tokens with bos/eos.
 
 Held-out split: a question is held out iff ``sha256(question) % HELDOUT_MODULUS == 0``.
 The generators for ``split="train"`` and ``split="heldout"`` reject the other split's
@@ -92,7 +95,7 @@ HELDOUT_MODULUS = 10  # about 1 question in 10 is held out
 @dataclass(frozen=True)
 class Problem:
     question: str  # bindings and step definitions, ends with "?<var>"
-    cot: str       # written-out steps, "d=3+7=0,e=1-0=1"
+    cot: str       # written-out steps, "i=c+h=3+7=0,j=a-i=1-0=1"
     answer: str    # one digit
     k: int         # number of steps
 
@@ -132,7 +135,7 @@ def make_problem(rng: random.Random, k: int) -> Problem:
             x, y = (prev, other) if rng.random() < 0.5 else (other, prev)
         r = _apply(op, values[x], values[y])
         clauses.append(f"{v}={x}{op}{y}")
-        steps.append(f"{v}={values[x]}{op}{values[y]}={r}")
+        steps.append(f"{v}={x}{op}{y}={values[x]}{op}{values[y]}={r}")
         values[v] = r
         defined.append(v)
         prev = v
@@ -215,7 +218,7 @@ def check_problem(p: Problem) -> None:
         if prev is not None:
             assert prev in (x, y), f"step {c} does not read the previous result {prev}"
         r = _apply(op, values[x], values[y])
-        assert s == f"{v}={values[x]}{op}{values[y]}={r}", (c, s)
+        assert s == f"{v}={x}{op}{y}={values[x]}{op}{values[y]}={r}", (c, s)
         values[v] = r
         prev = v
     assert query == prev, p
