@@ -2,27 +2,31 @@
 
 A problem binds three variables (a random choice among ``a``..``h``) to digits, then
 defines ``k`` new variables, step i defining the i-th of ``i j k l m n o p``, each as
-``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are near-uniform and chance is
-about 10%). Step 1 reads two distinct bound variables; every later step reads the result of
-the step before it plus one other variable defined earlier (bound or computed; never the
-same one twice, so no ``x-x`` shortcuts), so the answer cannot be had without walking the
-chain: every operand is a variable name whose value must be looked up, in the question or
-in the chain of thought so far. The question asks for the last variable. The chain of
-thought writes out every step with the operand values substituted, then the answer::
+``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are near-uniform digits).
+Step 1 reads two distinct bound variables; every later step reads the result of the step
+before it plus one other variable defined earlier (bound or computed; never the same one
+twice, so no ``x-x`` shortcuts), so the answer cannot be had without walking the chain:
+every operand is a variable name whose value must be looked up, in the question or in the
+chain of thought so far. The question asks for the last variable. The chain of thought
+writes every step as its definition with each variable followed by its value, then the
+result, then the answer::
 
-    question        c=3,h=7,a=1,i=c+h,j=a-i?j
-    prompt_text     c=3,h=7,a=1,i=c+h,j=a-i?j:
-    format_problem  c=3,h=7,a=1,i=c+h,j=a-i?j:i=c+h=3+7=0,j=a-i=1-0=1#1
+    question        c3,h7,a1,i=c+h,j=a-i?j
+    prompt_text     c3,h7,a1,i=c+h,j=a-i?j:
+    format_problem  c3,h7,a1,i=c+h,j=a-i?j:i=c3+h7=i0,j=a1-i0=j1#1
 
-Each written step first copies the step's definition, then the operand values, then the
-result. Both choices keep every token one lookup away, which a 4-layer, width-128 teacher
-needs to learn the task in half an hour on a CPU: with random names for the step variables
-it stayed at chance after 600-800 steps (it never learned which clause to write out next),
-and with values only (``i=3+7=0``, two lookups for one token: clause -> operand name ->
-value) it learned neither the operand names nor the operator in 1100 steps (k=1 at 25%).
-The lookups of operand values by name, which are the point, stay.
+Tokens are characters. The longest k=6 text is 114 characters, 116 tokens with bos/eos.
 
-Tokens are characters. The longest k=6 text is 123 characters, 125 tokens with bos/eos.
+Why this shape: everywhere a value is written it directly follows its variable's name
+(``c3`` in the question, ``c3`` and ``i0`` in the chain of thought), so looking a value
+up is the plain "find the earlier occurrence of this name, copy what came next" pattern
+(an induction head), and every written token is one lookup away. Step variables are named
+in a fixed order so that "which step comes next" is not itself a search problem. Three
+earlier shapes left a 4-layer, width-128 teacher near chance after 600-1400 steps of CPU
+training: random step names (it never learned which clause to write next); ``i=3+7=0``
+(clause -> operand name -> value, two lookups for one token: it learned the arithmetic
+but picked a random one of the three bound values); ``i=c+h=3+7=0`` with bindings ``c=3``
+(the name three tokens before the value it selects: not learned in 1400 steps).
 
 Held-out split: a question is held out iff ``sha256(question) % HELDOUT_MODULUS == 0``.
 The generators for ``split="train"`` and ``split="heldout"`` reject the other split's
@@ -94,8 +98,8 @@ HELDOUT_MODULUS = 10  # about 1 question in 10 is held out
 
 @dataclass(frozen=True)
 class Problem:
-    question: str  # bindings and step definitions, ends with "?<var>"
-    cot: str       # written-out steps, "i=c+h=3+7=0,j=a-i=1-0=1"
+    question: str  # bindings ("c3") and step definitions ("i=c+h"), ends with "?<var>"
+    cot: str       # written-out steps, "i=c3+h7=i0,j=a1-i0=j1"
     answer: str    # one digit
     k: int         # number of steps
 
@@ -123,7 +127,7 @@ def make_problem(rng: random.Random, k: int) -> Problem:
     clauses, steps = [], []
     for v in names[:N_INITIAL]:
         values[v] = rng.randrange(MOD)
-        clauses.append(f"{v}={values[v]}")
+        clauses.append(f"{v}{values[v]}")
     defined = list(names[:N_INITIAL])
     prev = None
     for v in names[N_INITIAL:]:
@@ -135,7 +139,7 @@ def make_problem(rng: random.Random, k: int) -> Problem:
             x, y = (prev, other) if rng.random() < 0.5 else (other, prev)
         r = _apply(op, values[x], values[y])
         clauses.append(f"{v}={x}{op}{y}")
-        steps.append(f"{v}={x}{op}{y}={values[x]}{op}{values[y]}={r}")
+        steps.append(f"{v}={x}{values[x]}{op}{y}{values[y]}={v}{r}")
         values[v] = r
         defined.append(v)
         prev = v
@@ -204,7 +208,8 @@ def check_problem(p: Problem) -> None:
     clauses = head.split(",")
     values = {}
     for c in clauses[:N_INITIAL]:
-        v, d = c.split("=")
+        assert len(c) == 2 and c[1] in DIGITS, c
+        v, d = c[0], c[1]
         assert len(v) == 1 and v in INPUT_VARIABLES and v not in values, c
         values[v] = int(d)
     steps = p.cot.split(",")
@@ -218,7 +223,7 @@ def check_problem(p: Problem) -> None:
         if prev is not None:
             assert prev in (x, y), f"step {c} does not read the previous result {prev}"
         r = _apply(op, values[x], values[y])
-        assert s == f"{v}={x}{op}{y}={values[x]}{op}{values[y]}={r}", (c, s)
+        assert s == f"{v}={x}{values[x]}{op}{y}{values[y]}={v}{r}", (c, s)
         values[v] = r
         prev = v
     assert query == prev, p
