@@ -21,14 +21,13 @@ def solve(question: str) -> str:
     head, query = question.split("?")
     vals, steps = {}, []
     for clause in head.split(","):
-        v, rhs = clause.split("=")
-        if rhs.isdigit():
-            vals[v] = int(rhs)
+        if "=" not in clause:  # binding, "c3"
+            vals[clause[0]] = int(clause[1:])
             continue
-        x, op, y = rhs
+        v, (x, op, y) = clause.split("=")
         a, b = vals[x], vals[y]
         r = eval(f"({a}{op}{b}) % 10")
-        steps.append(f"{v}={a}{op}{b}={r}")
+        steps.append(f"{v}={x}{a}{op}{y}{b}={v}{r}")
         vals[v] = r
     return ",".join(steps) + f"#{vals[query]}"
 
@@ -69,6 +68,15 @@ def test_each_step_reads_the_previous_result():
             assert x != y
 
 
+def test_variable_names():
+    for p in generate_problems(200, range(1, task.MAX_K + 1), "train", seed=4):
+        clauses = p.question.split("?")[0].split(",")
+        bound = [c[0] for c in clauses[: task.N_INITIAL]]
+        assert len(set(bound)) == task.N_INITIAL and set(bound) <= set(task.INPUT_VARIABLES)
+        assert [c[0] for c in clauses[task.N_INITIAL:]] == list(task.STEP_VARIABLES[: p.k])
+        assert p.question.endswith("?" + task.STEP_VARIABLES[p.k - 1])
+
+
 def test_check_problem_rejects_wrong_problems():
     p = generate_problems(1, [3], "train", 0)[0]
     wrong = str((int(p.answer) + 1) % 10)
@@ -83,7 +91,7 @@ def test_check_problem_rejects_wrong_problems():
 def test_longest_problem_is_short():
     tok = build_tokenizer()
     for p in generate_problems(200, [6], "train", 0):
-        assert len(encode_document(format_problem(p), tok)) <= 101
+        assert len(encode_document(format_problem(p), tok)) <= 116
 
 
 def test_heldout_and_train_are_disjoint():
@@ -109,6 +117,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError):
         generate_problems(1, [0], "train", 0)
     with pytest.raises(ValueError):
+        generate_problems(1, [task.MAX_K + 1], "train", 0)
+    with pytest.raises(ValueError):
         write_corpus("/dev/null", 1, fmt="csv")
 
 
@@ -128,9 +138,9 @@ def test_tokenizer_vocabulary():
     tok = build_tokenizer()
     assert len(tok) == 4 + len(CHARS) == 37
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    ids = tok("a=3", add_special_tokens=False)["input_ids"]
-    assert ids == [tok.convert_tokens_to_ids(c) for c in "a=3"] and len(set(ids)) == 3
-    assert tok("a=3")["input_ids"] == [tok.bos_token_id] + ids
+    ids = tok("i=a3", add_special_tokens=False)["input_ids"]
+    assert ids == [tok.convert_tokens_to_ids(c) for c in "i=a3"] and len(set(ids)) == 4
+    assert tok("i=a3")["input_ids"] == [tok.bos_token_id] + ids
     assert tok("z", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
 
 

@@ -1,19 +1,32 @@
 """Synthetic multi-step reasoning task for the CPU-scale RED demo.
 
-A problem binds three one-letter variables to digits, then defines ``k`` new variables,
-each as ``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are uniform and
-chance is 10%). Step 1 reads two distinct initial variables; every later step reads the
-result of the step before it plus one other variable defined earlier (initial or computed;
-never the same one twice, so no ``x-x`` shortcuts), so the answer cannot be had without
-walking the chain: every operand is a variable name that must be looked up. The question
-asks for the last variable. The chain of thought writes out every step with the operand
-values substituted, then the answer::
+A problem binds three variables (a random choice among ``a``..``h``) to digits, then
+defines ``k`` new variables, step i defining the i-th of ``i j k l m n o p``, each as
+``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are near-uniform digits).
+Step 1 reads two distinct bound variables; every later step reads the result of the step
+before it plus one other variable defined earlier (bound or computed; never the same one
+twice, so no ``x-x`` shortcuts), so the answer cannot be had without walking the chain:
+every operand is a variable name whose value must be looked up, in the question or in the
+chain of thought so far. The question asks for the last variable. The chain of thought
+writes every step as its definition with each variable followed by its value, then the
+result, then the answer::
 
-    question        a=3,k=7,c=1,d=a+k,e=c-d?e
-    prompt_text     a=3,k=7,c=1,d=a+k,e=c-d?e:
-    format_problem  a=3,k=7,c=1,d=a+k,e=c-d?e:d=3+7=0,e=1-0=1#1
+    question        c3,h7,a1,i=c+h,j=a-i?j
+    prompt_text     c3,h7,a1,i=c+h,j=a-i?j:
+    format_problem  c3,h7,a1,i=c+h,j=a-i?j:i=c3+h7=i0,j=a1-i0=j1#1
 
-Tokens are characters. The longest k=6 text is 99 characters, 101 tokens with bos/eos.
+Tokens are characters. The longest k=6 text is 114 characters, 116 tokens with bos/eos.
+
+Why this shape: everywhere a value is written it directly follows its variable's name
+(``c3`` in the question, ``c3`` and ``i0`` in the chain of thought), so looking a value
+up is the plain "find the earlier occurrence of this name, copy what came next" pattern
+(an induction head), and every written token is one lookup away. Step variables are named
+in a fixed order so that "which step comes next" is not itself a search problem. Three
+earlier shapes left a 4-layer, width-128 teacher near chance after 600-1400 steps of CPU
+training: random step names (it never learned which clause to write next); ``i=3+7=0``
+(clause -> operand name -> value, two lookups for one token: it learned the arithmetic
+but picked a random one of the three bound values); ``i=c+h=3+7=0`` with bindings ``c=3``
+(the name three tokens before the value it selects: not learned in 1400 steps).
 
 Held-out split: a question is held out iff ``sha256(question) % HELDOUT_MODULUS == 0``.
 The generators for ``split="train"`` and ``split="heldout"`` reject the other split's
@@ -30,7 +43,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
@@ -38,6 +51,8 @@ import torch
 __all__ = [
     "Problem",
     "VARIABLES",
+    "INPUT_VARIABLES",
+    "STEP_VARIABLES",
     "DIGITS",
     "SYMBOLS",
     "CHARS",
@@ -66,8 +81,10 @@ __all__ = [
 
 MOD = 10
 N_INITIAL = 3                       # variables bound to digits before the chain
-VARIABLES = "abcdefghijklmnop"      # 16 names; a problem uses N_INITIAL + k distinct ones
-MAX_K = len(VARIABLES) - N_INITIAL  # 13
+INPUT_VARIABLES = "abcdefgh"   # the N_INITIAL bound variables: a random choice of these
+STEP_VARIABLES = "ijklmnop"    # step i defines STEP_VARIABLES[i-1]
+VARIABLES = INPUT_VARIABLES + STEP_VARIABLES
+MAX_K = len(STEP_VARIABLES)    # 8
 DIGITS = "0123456789"
 OPS = "+-"  # no "*": products mod 10 pile up on 0 (30% of answers), "+-" keep them uniform
 # ',' separates clauses, '?' asks, ':' starts the chain of thought, '#' the answer.
@@ -81,8 +98,8 @@ HELDOUT_MODULUS = 10  # about 1 question in 10 is held out
 
 @dataclass(frozen=True)
 class Problem:
-    question: str  # bindings and step definitions, ends with "?<var>"
-    cot: str       # written-out steps, "d=3+7=0,e=1-0=1"
+    question: str  # bindings ("c3") and step definitions ("i=c+h"), ends with "?<var>"
+    cot: str       # written-out steps, "i=c3+h7=i0,j=a1-i0=j1"
     answer: str    # one digit
     k: int         # number of steps
 
@@ -105,12 +122,12 @@ def make_problem(rng: random.Random, k: int) -> Problem:
     """One problem with ``k`` steps, drawn from ``rng`` (no split filtering)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
-    names = rng.sample(VARIABLES, N_INITIAL + k)
+    names = rng.sample(INPUT_VARIABLES, N_INITIAL) + list(STEP_VARIABLES[:k])
     values = {}
     clauses, steps = [], []
     for v in names[:N_INITIAL]:
         values[v] = rng.randrange(MOD)
-        clauses.append(f"{v}={values[v]}")
+        clauses.append(f"{v}{values[v]}")
     defined = list(names[:N_INITIAL])
     prev = None
     for v in names[N_INITIAL:]:
@@ -122,7 +139,7 @@ def make_problem(rng: random.Random, k: int) -> Problem:
             x, y = (prev, other) if rng.random() < 0.5 else (other, prev)
         r = _apply(op, values[x], values[y])
         clauses.append(f"{v}={x}{op}{y}")
-        steps.append(f"{v}={values[x]}{op}{values[y]}={r}")
+        steps.append(f"{v}={x}{values[x]}{op}{y}{values[y]}={v}{r}")
         values[v] = r
         defined.append(v)
         prev = v
@@ -191,21 +208,22 @@ def check_problem(p: Problem) -> None:
     clauses = head.split(",")
     values = {}
     for c in clauses[:N_INITIAL]:
-        v, d = c.split("=")
-        assert len(v) == 1 and v in VARIABLES and v not in values, c
+        assert len(c) == 2 and c[1] in DIGITS, c
+        v, d = c[0], c[1]
+        assert len(v) == 1 and v in INPUT_VARIABLES and v not in values, c
         values[v] = int(d)
     steps = p.cot.split(",")
     assert len(steps) == len(clauses) - N_INITIAL == p.k, (p, len(steps))
     prev = None
-    for c, s in zip(clauses[N_INITIAL:], steps):
+    for i, (c, s) in enumerate(zip(clauses[N_INITIAL:], steps)):
         v, expr = c.split("=")
-        assert v not in values, c
+        assert v == STEP_VARIABLES[i], c
         x, op, y = expr[0], expr[1], expr[2]
         assert len(expr) == 3 and op in OPS and x in values and y in values, c
         if prev is not None:
             assert prev in (x, y), f"step {c} does not read the previous result {prev}"
         r = _apply(op, values[x], values[y])
-        assert s == f"{v}={values[x]}{op}{values[y]}={r}", (c, s)
+        assert s == f"{v}={x}{values[x]}{op}{y}{values[y]}={v}{r}", (c, s)
         values[v] = r
         prev = v
     assert query == prev, p

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from red.demo.task import (build_tokenizer, encode_document, evaluate_reasoning,
-                           format_problem, iter_problems)
+                           format_problem, generate_problems, iter_problems)
 
 
 def parse_args(argv=None):
@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--final-eval-n", type=int, default=200, help="problems per k, final")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--card-only", action="store_true",
+                   help="do not train: rewrite README.md of --out from its train_log.jsonl "
+                        "and check the saved model still scores the logged accuracy")
     return p.parse_args(argv)
 
 
@@ -88,8 +91,17 @@ def save(model, tokenizer, out: Path):
     tokenizer.save_pretrained(out)
 
 
-def write_card(out: Path, args, cfg, n_params, acc, wall_s, steps_done, final_loss, machine):
+def majority_baseline(k, n, seed):
+    """Accuracy of always answering the most frequent answer of the held-out problems."""
+    from collections import Counter
+    answers = [p.answer for p in generate_problems(n, [k], "heldout", seed)]
+    return Counter(answers).most_common(1)[0][1] / len(answers)
+
+
+def write_card(out: Path, args, cfg, n_params, acc, wall_s, steps_done, final_loss, machine,
+               note=""):
     ks = [int(k) for k in args.ks.split(",")]
+    base = {k: majority_baseline(k, acc["n_per_k"], args.seed) for k in ks}
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     head = "| k | " + " | ".join(str(k) for k in ks) + " | general (k≤2) | reasoning (k≥3) |"
     sep = "|---" * (len(ks) + 3) + "|"
@@ -97,6 +109,8 @@ def write_card(out: Path, args, cfg, n_params, acc, wall_s, steps_done, final_lo
            + f" | {100 * acc['general']:.1f} | {100 * acc['reasoning']:.1f} |")
     row2 = ("| whole completion exact, % | "
             + " | ".join(f"{100 * acc[f'cot_k{k}']:.1f}" for k in ks) + " | | |")
+    row3 = ("| most frequent answer (baseline), % | "
+            + " | ".join(f"{100 * base[k]:.1f}" for k in ks) + " | | |")
     cmd = (f"python -m red.demo.train_teacher --out {args.out} --seed {args.seed} "
            f"--steps {args.steps}")
     defaults = parse_args([])
@@ -150,12 +164,14 @@ Everything here was produced by the command below; nothing was edited by hand.
 
 `red.demo.task.evaluate_reasoning(model, tokenizer, ks={ks}, n_per_k={acc['n_per_k']}, seed={args.seed})`:
 greedy decoding from `[bos] + question + ":"`, the completion must be `…#<answer>` then eos.
-Chance is about 10% (answers are near-uniform digits; the most frequent answer is ≈14% at k ≥ 3).
+Answers are digits; the last row is what always giving the most frequent answer of those
+problems would score.
 
 {head}
 {sep}
 {row}
 {row2}
+{row3}
 
 ## Regenerate
 
@@ -163,8 +179,10 @@ Chance is about 10% (answers are near-uniform digits; the most frequent answer i
 {cmd}
 ```
 
-Training is deterministic on one CPU thread for a given torch build; on other machines or
-torch versions the numbers may differ slightly.
+Data, initialization and evaluation problems are fixed by the seed, and one CPU thread is
+used, so a rerun with the same torch build should give the same weights; this was not
+checked by a second full run. Other machines or torch versions may differ slightly.
+{note}
 
 ## Load
 
@@ -179,8 +197,34 @@ print(evaluate_reasoning(model, tok, n_per_k=200, seed=0))
     (out / "README.md").write_text(text, encoding="utf-8")
 
 
+def rewrite_card(out: Path, threads: int):
+    """Model card from the log of a finished run (for card format changes after a run)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    recs = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    start = next(r for r in recs if r.get("event") == "start")
+    final = next(r for r in recs if r.get("event") == "final_eval")
+    last_loss = [r for r in recs if "loss" in r][-1]
+    run_args = argparse.Namespace(**start["args"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ks = [int(k) for k in run_args.ks.split(",")]
+    acc = evaluate_reasoning(model, tok, ks=ks, n_per_k=final["n_per_k"], seed=run_args.seed)
+    for key in [f"k{k}" for k in ks] + [f"cot_k{k}" for k in ks]:
+        if acc[key] != final[key]:
+            raise SystemExit(f"saved model scores {key}={acc[key]}, log says {final[key]}")
+    write_card(out, run_args, model.config, start["n_params"], acc, final["wall_s"],
+               final["step"], last_loss["loss"], start["machine"],
+               note="\nThis card was rewritten from `train_log.jsonl` by `--card-only`, after "
+                    "re-evaluating the saved model and checking it gives the logged numbers.\n")
+    print(json.dumps(acc))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.card_only:
+        return rewrite_card(Path(args.out), args.threads)
     from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
