@@ -280,8 +280,18 @@ def test_bundled_teacher_files():
     assert re.search(r"\| answer exact match, % \| 100|\| answer exact match, % \| 9\d", card)
 
 
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: on a loaded 2-core machine two torch threads made the teacher test
+    18x slower (53 s vs 2.9 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @needs_teacher
-def test_bundled_teacher_solves_short_chains():
+def test_bundled_teacher_solves_short_chains(one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(TEACHER)
