@@ -93,3 +93,18 @@ def test_eval_refuses_models_without_the_task_alphabet(teacher_dirs, capsys):
     # the engine's tiny test tokenizer lacks '#' and the task's other symbols
     assert main(["eval", "--model", str(teacher_dirs["llama"]), "--n-per-k", "2"]) == 2
     assert "lacks the task's characters" in capsys.readouterr().err
+
+
+def test_general_corpus_mix(tmp_path):
+    from red.demo.run import write_general_corpus
+    from red.demo.task import is_heldout
+
+    path = tmp_path / "g.txt"
+    write_general_corpus(path, 400, [1, 2], [3, 4, 5, 6], 0.1)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 400
+    steps = [line.split("?")[0].count("=") for line in lines]  # one '=' per defined step
+    assert sum(s >= 3 for s in steps) == 40 and all(1 <= s <= 6 for s in steps)
+    assert not any(is_heldout(line.split(":")[0]) for line in lines)
+    with pytest.raises(RedError, match="long-share"):
+        write_general_corpus(path, 10, [1], [3], 1.0)

@@ -1,10 +1,16 @@
 """`red demo`: reasoning collapse and RED's fix, in minutes on a CPU.
 
 The bundled tiny teacher solves chains of mod-10 arithmetic (k steps). Students of half
-its width are distilled on "general" data only (problems with k <= 2) with the `lrc`
-preset and the `red` preset (same steps, data and seeds); then every model is scored on
-held-out problems for every k. k <= 2 accuracy and held-out next-token loss are the
-"general" score, k >= 3 accuracy the "reasoning" score.
+its width are distilled on "general" data (mostly problems with k <= 2, plus a small share
+of longer chains, as general text holds few long reasoning chains) with the `lrc` preset
+and the `red` preset (same steps, data and seeds); then every model is scored on held-out
+problems for every k. k <= 2 accuracy and held-out next-token loss are the "general"
+score, k >= 3 accuracy the "reasoning" score.
+
+Why not k <= 2 only: this task names its steps in a fixed order (i, j, k, ...), so the
+tokens of steps 3+ never occur in k <= 2 data and every student, RED's included, learns to
+stop after two steps (measured: 100/100 % on k <= 2, chance on k >= 3 for both inits).
+``--long-share 0`` reproduces that.
 """
 from __future__ import annotations
 
@@ -31,16 +37,18 @@ class DemoConfig:
     out: str = field(default="red-demo", metadata={"help": "output folder"})
     teacher: str = field(default="", metadata={"help": "teacher folder (default: the bundled demo teacher)"})
     hidden_size: int = field(default=64, metadata={"help": "student width (the teacher's is 128)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps per student"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per step"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps per student"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (same for every student)"})
     presets: str = field(default="lrc,red", metadata={"help": "comma-separated presets to distill"})
     inits: str = field(default="", metadata={"help": "extra ablation inits run with the red preset's losses: orthogonal, random-select, lrc"})
     seeds: str = field(default="0", metadata={"help": "comma-separated seeds; each run is repeated per seed"})
     init_std: Optional[float] = field(default=None, metadata={"help": "std of the lrc init; null = 1/sqrt(D) (LRC's 0.02 is ~1/sqrt(D) at D~2500)"})
-    general_problems: int = field(default=20000, metadata={"help": "problems in the general (k <= 2) distillation corpus"})
-    general_ks: str = field(default="1-2", metadata={"help": "step counts of the distillation corpus"})
+    general_problems: int = field(default=20000, metadata={"help": "problems in the distillation corpus"})
+    general_ks: str = field(default="1-2", metadata={"help": "step counts of most of the distillation corpus"})
+    long_share: float = field(default=0.1, metadata={"help": "share of the corpus drawn from --long-ks (0: short chains only)"})
+    long_ks: str = field(default="3-6", metadata={"help": "step counts of the long-chain share"})
     eval_ks: str = field(default="1-6", metadata={"help": "step counts evaluated"})
     n_per_k: int = field(default=100, metadata={"help": "held-out problems per k"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
@@ -71,6 +79,23 @@ def heldout_nll(model, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)))
 
 
+def write_general_corpus(path: Path, n: int, ks, long_ks, long_share: float, seed: int = 0) -> None:
+    """The distillation corpus: (1 - long_share) of n problems with k in ``ks``, the rest
+    with k in ``long_ks``, shuffled; training split only (held-out questions never occur)."""
+    import random
+
+    from .task import format_problem, iter_problems
+
+    if not 0 <= long_share < 1:
+        raise RedError(f"--long-share must be in [0, 1) (got {long_share})")
+    n_long = int(round(n * long_share))
+    texts = [format_problem(p) for p in iter_problems(ks, "train", seed, n - n_long)]
+    if n_long:
+        texts += [format_problem(p) for p in iter_problems(long_ks, "train", seed + 1, n_long)]
+    random.Random(seed).shuffle(texts)
+    path.write_text("\n".join(texts) + "\n")
+
+
 def _heldout_text_ids(tok, ks, seq_len, n_blocks, seed=123):
     from ..data import pack, tokenize_documents
     from .task import format_problem, generate_problems
@@ -95,7 +120,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from ..metrics import erank, layer_eranks
     from ..pipeline import distill, prepare_output
     from ..teacher import load_teacher
-    from .task import evaluate_reasoning, write_corpus
+    from .task import evaluate_reasoning
 
     t_start = time.perf_counter()
     if cfg.threads > 0:
@@ -111,7 +136,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     teacher, tok = load_teacher(teacher_dir)
     D = teacher.config.hidden_size
     data = out / "general.txt"
-    write_corpus(data, cfg.general_problems, ks=gen_ks, seed=0)
+    write_general_corpus(data, cfg.general_problems, gen_ks, parse_ks(cfg.long_ks), cfg.long_share)
     probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
     probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
 
@@ -233,7 +258,7 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylim(-2, 102)
     ax.set_xlabel("reasoning steps k")
     ax.set_ylabel("held-out exact match (%)")
-    ax.set_title("Accuracy vs steps (students distilled on k ≤ 2 only)")
+    ax.set_title("Accuracy vs steps k (students distilled on general data)")
     ax.legend()
     fig.tight_layout()
     paths.append(out / "accuracy_vs_k.png")
