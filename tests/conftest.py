@@ -1,13 +1,19 @@
 """Shared test set-up.
 
-Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so the variable is
-set here, before any test module imports ``red_kernels``, and only when no GPU is present.
+Kernel and training tests run on ``TEST_DEVICE`` (the ``device`` fixture): the GPU when
+there is one, so that ``python -m pytest tests`` on a GPU machine is the GPU correctness
+check, else the CPU with Triton's interpreter. Triton reads TRITON_INTERPRET when
+``@triton.jit`` decorates a kernel, so the variable is set here, before any test module
+imports ``red_kernels``, and only when no GPU is present.
 """
 import os
 
 import torch
 
-if not torch.cuda.is_available():
+#: The device of the kernel and training tests; for code that cannot take fixtures.
+TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if TEST_DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -21,6 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_teacher, write_corpus  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """CUDA when available, else CPU (kernels then run under the Triton interpreter)."""
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """The engine through each kernel backend: Triton (under the interpreter on CPU) and torch
-must give the same losses, calibration statistics and projection gradients."""
+must give the same losses, calibration statistics and projection gradients, on the test
+device (CUDA when available)."""
+import copy
+
 import pytest
 import torch
 
@@ -25,7 +28,8 @@ def _steps(teacher, corpus, cal, backend, n=3):
         opt = torch.optim.AdamW(st.parameters(), lr=1e-2)
         losses, grads = [], []
         for i in range(n):
-            out = st.distill_losses(corpus.train[2 * i: 2 * i + 2], LossSettings(temperature=2.0))
+            ids = corpus.train[2 * i: 2 * i + 2].to(teacher.device)
+            out = st.distill_losses(ids, LossSettings(temperature=2.0))
             out["loss"].backward()
             losses.append({k: float(v.detach()) for k, v in out.items()})
             grads.append({k: p.grad.clone() for k, p in st.projections().items()})
@@ -35,8 +39,10 @@ def _steps(teacher, corpus, cal, backend, n=3):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_training_steps_agree_across_backends(arch, loaded_teachers, corpus_file):
+def test_training_steps_agree_across_backends(arch, loaded_teachers, corpus_file, device):
     teacher, tok = loaded_teachers[arch]
+    if teacher.device != device:  # the session's teachers are on CPU: move a copy
+        teacher = copy.deepcopy(teacher).to(device)
     corpus = load_corpus(corpus_file, tok, 16)
     with K.use_backend("torch"):
         cal_t = calibrate(teacher, corpus.train[:3], progress=False)

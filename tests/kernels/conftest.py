@@ -1,4 +1,5 @@
-"""Kernel-test fixtures: NaN-poisoned outputs, both backends, backend state reset."""
+"""Kernel-test fixtures: NaN-poisoned outputs, both backends, backend state reset, a random
+generator on the test device (the ``device`` fixture of tests/conftest.py)."""
 import pytest
 import torch
 
@@ -24,7 +25,8 @@ def backend(request):
 
 
 @pytest.fixture
-def gen():
-    """A fresh random generator per test (seeded from the global RNG, so inputs differ)."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+def gen(device):
+    """A fresh random generator per test on the test device (seeded from the global RNG, so
+    inputs differ); tensors drawn from it live on ``gen.device``."""
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     return g

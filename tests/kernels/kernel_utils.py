@@ -21,6 +21,9 @@ def assert_close(out, ref, dtype, name="", factor=1.0):
     assert e <= TOL[dtype] * factor, f"{name}: rel err {e:.3e} > {TOL[dtype] * factor:.1e}"
 
 
-def randn(*shape, dtype=torch.float32, gen=None, scale=1.0, requires_grad=False):
-    t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+def randn(*shape, dtype=torch.float32, gen=None, scale=1.0, requires_grad=False, device=None):
+    """float64 normal samples rounded to ``dtype``, on ``device`` (default: ``gen``'s device)."""
+    if device is None:
+        device = gen.device if gen is not None else "cpu"
+    t = (torch.randn(*shape, generator=gen, dtype=torch.float64, device=device) * scale).to(dtype)
     return t.requires_grad_(requires_grad)

@@ -9,13 +9,18 @@ def test_auto_picks_torch_for_cpu_tensors():
     assert red_kernels.get_backend(torch.zeros(2)) == "torch"
 
 
-def test_env_var_forces_backend(monkeypatch):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA tensors")
+def test_auto_picks_triton_for_cuda_tensors():
+    assert red_kernels.get_backend(torch.zeros(2, device="cuda")) == "triton"
+
+
+def test_env_var_forces_backend(monkeypatch, device):
+    x = torch.zeros(2, device=device)
     monkeypatch.setenv("RED_KERNELS", "torch")
-    assert red_kernels.get_backend(torch.zeros(2)) == "torch"
+    assert red_kernels.get_backend(x) == "torch"
     monkeypatch.setenv("RED_KERNELS", "triton")
-    if _backend.INTERPRET:
-        assert red_kernels.get_backend(torch.zeros(2)) == "triton"
-    else:
+    assert red_kernels.get_backend(x) == "triton"  # CUDA, or CPU under the interpreter
+    if not _backend.INTERPRET:  # a GPU machine: CPU tensors would need the interpreter
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             red_kernels.get_backend(torch.zeros(2))
 
@@ -57,7 +62,12 @@ def test_bad_name_raises_value_error(bad, monkeypatch):
         red_kernels.get_backend(torch.zeros(2))
 
 
-def test_forced_triton_without_runnable_triton_raises(monkeypatch):
+def test_forced_triton_without_runnable_triton_raises(monkeypatch, device):
+    if device.type == "cuda":  # kernels built for the interpreter cannot take CUDA tensors
+        monkeypatch.setattr(_backend, "INTERPRET", True)
+        with red_kernels.use_backend("triton"):
+            with pytest.raises(RuntimeError, match="cannot run GPU tensors"):
+                red_kernels.get_backend(torch.zeros(2, device=device))
     monkeypatch.setattr(_backend, "INTERPRET", False)
     with red_kernels.use_backend("triton"):
         with pytest.raises(RuntimeError, match="cannot run"):

@@ -7,7 +7,7 @@ from kernel_utils import assert_close, randn
 
 
 def _index(n, d, gen):
-    return torch.randperm(n, generator=gen)[:d].sort().values
+    return torch.randperm(n, generator=gen, device=gen.device)[:d].sort().values
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,11 +39,12 @@ def test_gather_backward_scatters(backend, gen):
     assert torch.autograd.gradcheck(lambda w: gather_rows(w, idx), (w2,), fast_mode=True)
 
 
-def test_bad_index_raises():
+def test_bad_index_raises(device):
+    w = torch.zeros(3, 4, device=device)
     with pytest.raises(ValueError):
-        gather_columns(torch.zeros(3, 4), torch.tensor([0, 1], dtype=torch.int32))
+        gather_columns(w, torch.tensor([0, 1], dtype=torch.int32, device=device))
     with pytest.raises(IndexError):
-        gather_rows(torch.zeros(3, 4), torch.tensor([0, 3]))
+        gather_rows(w, torch.tensor([0, 3], device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,7 +69,7 @@ def test_select_linear_matches_reference(backend, dtype, lead, with_bias, gen):
     (yr * g).sum().mul(3.0).backward()
     assert_close(x.grad, xd.grad, dtype, "dx")
     assert_close(w.grad, wd.grad, dtype, "dw")
-    unselected = torch.ones(IN, dtype=torch.bool)
+    unselected = torch.ones(IN, dtype=torch.bool, device=x.device)
     unselected[idx] = False
     assert torch.all(x.grad[..., unselected] == 0) and torch.all(w.grad[:, unselected] == 0)
     if with_bias:

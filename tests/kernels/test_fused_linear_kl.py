@@ -12,12 +12,13 @@ N, d, D, V = 37, 48, 96, 300
 def _ref(h_s, w_s, h_t, w_t, labels, T, kw, cw, ignore=-100):
     """float64 reference written independently of the library's naive_*."""
     ls, lt = h_s @ w_s.t(), h_t @ w_t.t()
-    valid = labels != ignore if labels is not None else torch.ones(len(h_s), dtype=torch.bool)
+    valid = labels != ignore if labels is not None else torch.ones(len(h_s), dtype=torch.bool,
+                                                                   device=h_s.device)
     n = max(int(valid.sum()), 1)
     p_t = torch.softmax(lt[valid] / T, -1)
     kl = (p_t * (torch.log_softmax(lt[valid] / T, -1) - torch.log_softmax(ls[valid] / T, -1))).sum() / n
     if labels is None:
-        return kw * kl, kl, torch.zeros(())
+        return kw * kl, kl, torch.zeros((), device=h_s.device)
     ce = -torch.log_softmax(ls[valid], -1).gather(1, labels[valid][:, None]).sum() / n
     return kw * kl + cw * ce, kl, ce
 
@@ -27,9 +28,9 @@ def _inputs(dtype, gen, n=N, scale=0.15):
     w_s = randn(V, d, dtype=dtype, gen=gen, scale=scale, requires_grad=True)
     h_t = randn(n, D, dtype=dtype, gen=gen)
     w_t = randn(V, D, dtype=dtype, gen=gen, scale=scale)
-    labels = torch.randint(0, V, (n,), generator=gen)
+    labels = torch.randint(0, V, (n,), generator=gen, device=gen.device)
     if n > 3:
-        labels[torch.randperm(n, generator=gen)[: n // 4]] = -100
+        labels[torch.randperm(n, generator=gen, device=gen.device)[: n // 4]] = -100
     return h_s, w_s, h_t, w_t, labels
 
 
@@ -79,14 +80,15 @@ def test_matches_naive(backend, gen):
         assert_close(a, b, torch.float32)
 
 
-def test_empty_and_all_ignored(backend, gen):
+def test_empty_and_all_ignored(backend, gen, device):
     h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen, n=6)
-    loss, kl, ce = fused_linear_kl(h_s, w_s, h_t, w_t, torch.full((6,), -100))
+    loss, kl, ce = fused_linear_kl(h_s, w_s, h_t, w_t, torch.full((6,), -100, device=device))
     assert loss.item() == 0 and kl.item() == 0 and ce.item() == 0
     loss.backward()
     assert torch.all(h_s.grad == 0) and torch.all(w_s.grad == 0)
-    e = torch.zeros(0, d, requires_grad=True)
-    loss, kl, ce = fused_linear_kl(e, w_s, torch.zeros(0, D), w_t, torch.zeros(0, dtype=torch.long))
+    e = torch.zeros(0, d, device=device, requires_grad=True)
+    loss, kl, ce = fused_linear_kl(e, w_s, torch.zeros(0, D, device=device), w_t,
+                                   torch.zeros(0, dtype=torch.long, device=device))
     loss.backward()
     assert loss.item() == 0 and torch.isfinite(loss) and e.grad.shape == (0, d)
 
@@ -129,7 +131,7 @@ def test_gradcheck_fp64(backend, gen):
     w_s = randn(VV, dd, dtype=torch.float64, gen=gen, requires_grad=True)
     h_t = randn(n, DD, dtype=torch.float64, gen=gen)
     w_t = randn(VV, DD, dtype=torch.float64, gen=gen)
-    labels = torch.randint(0, VV, (n,), generator=gen)
+    labels = torch.randint(0, VV, (n,), generator=gen, device=gen.device)
     labels[1] = -100
     f = lambda h, w: fused_linear_kl(h, w, h_t, w_t, labels, temperature=1.7, kl_weight=0.6,  # noqa: E731
                                      ce_weight=0.4, chunk_size=4)[0]

@@ -57,11 +57,11 @@ def test_triton_persistent_loops(block_t, programs, gen):
     assert torch.equal(s, s2)  # deterministic
 
 
-def test_empty_input(backend):
-    x = torch.randn(0, 96)
-    y, s = rmsnorm_with_stats(x, torch.ones(96), 1e-6)
+def test_empty_input(backend, device):
+    x = torch.randn(0, 96, device=device)
+    y, s = rmsnorm_with_stats(x, torch.ones(96, device=device), 1e-6)
     assert y.shape == (0, 96)
-    assert torch.equal(s, torch.zeros(4, 96))
+    assert torch.equal(s, torch.zeros(4, 96, device=device))
 
 
 def test_module_accumulates(backend, gen):
@@ -75,6 +75,6 @@ def test_module_accumulates(backend, gen):
     assert_close(m.stats, sr, torch.float32, "stats")
 
 
-def test_shape_mismatch_raises():
+def test_shape_mismatch_raises(device):
     with pytest.raises(ValueError):
-        rmsnorm_with_stats(torch.randn(3, 8), torch.ones(7), 1e-6)
+        rmsnorm_with_stats(torch.randn(3, 8, device=device), torch.ones(7, device=device), 1e-6)

@@ -8,12 +8,12 @@ from kernel_utils import assert_close, randn
 
 
 def _index(n, d, gen):
-    return torch.randperm(n, generator=gen)[:d].sort().values
+    return torch.randperm(n, generator=gen, device=gen.device)[:d].sort().values
 
 
 def _sel_matrix(index, D, dtype=torch.float64):
-    P = torch.zeros(D, index.numel(), dtype=dtype)
-    P[index, torch.arange(index.numel())] = 1
+    P = torch.zeros(D, index.numel(), dtype=dtype, device=index.device)
+    P[index, torch.arange(index.numel(), device=index.device)] = 1
     return P
 
 
@@ -109,17 +109,18 @@ def test_selected_mse_student_space(backend, dtype, lead, gen):
            dtype, gen)
 
 
-def test_empty_batch_gives_zero_loss_and_grads(backend, gen):
+def test_empty_batch_gives_zero_loss_and_grads(backend, gen, device):
     D, d = 96, 48
     idx = _index(D, d, gen)
     P = randn(D, d, gen=gen, requires_grad=True)
+    empty = torch.randn(0, D, device=device)
     for fn, args in [
-        (projected_mse, lambda s: (s, P, torch.randn(0, D))),
-        (projected_mse_student_space, lambda s: (s, torch.randn(0, D), P)),
-        (selected_mse, lambda s: (s, idx, torch.randn(0, D))),
-        (selected_mse_student_space, lambda s: (s, torch.randn(0, D), idx)),
+        (projected_mse, lambda s: (s, P, empty)),
+        (projected_mse_student_space, lambda s: (s, empty, P)),
+        (selected_mse, lambda s: (s, idx, empty)),
+        (selected_mse_student_space, lambda s: (s, empty, idx)),
     ]:
-        s = torch.randn(0, d, requires_grad=True)
+        s = torch.randn(0, d, device=device, requires_grad=True)
         loss = fn(*args(s))
         assert loss.item() == 0.0
         loss.backward()
@@ -141,8 +142,9 @@ def test_gradcheck_fp64(backend, gen):
     assert gc(lambda a: selected_mse_student_space(a, y_t, idx), (h_s,))
 
 
-def test_shape_errors():
+def test_shape_errors(device):
+    r = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
     with pytest.raises(ValueError):
-        projected_mse(torch.randn(3, 4), torch.randn(8, 5), torch.randn(3, 8))
+        projected_mse(r(3, 4), r(8, 5), r(3, 8))
     with pytest.raises(ValueError):
-        selected_mse(torch.randn(3, 4), torch.arange(3), torch.randn(3, 8))
+        selected_mse(r(3, 4), torch.arange(3, device=device), r(3, 8))
