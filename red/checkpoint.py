@@ -181,6 +181,9 @@ def _safetensors_header(f: Path) -> dict:
         return {k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"}
 
 
+IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, expect_meta: dict) -> int:
     """Restore everything saved by ``save_checkpoint``; returns the step to continue from.
 
@@ -216,7 +219,10 @@ def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, ex
     if len(groups) != len(saved_groups):
         raise RedError(f"checkpoint {path} has {len(saved_groups)} optimizer groups, expected {len(groups)}")
     optimizer.load_state_dict({"state": state,
-                               "param_groups": [dict(sg, params=g["params"]) for g, sg in zip(groups, saved_groups)]})
+                               # hyper-parameters from the checkpoint; the implementation (fused on
+                               # CUDA, foreach...) is this process's own choice for its device
+                               "param_groups": [dict(sg, params=g["params"], **{k: g[k] for k in IMPL_KEYS if k in g})
+                                                for g, sg in zip(groups, saved_groups)]})
     scheduler.load_state_dict(info["scheduler"])
     sampler.load_state_dict(info["sampler"])
     torch.set_rng_state(tensors["rng.cpu"])

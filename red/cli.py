@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=8, help="global micro-batch (--batch-size of red distill), split over the GPUs")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (torchrun processes)")
     p.add_argument("--activation-checkpointing", action="store_true", help="plan with per-layer activation checkpointing")
+    p.add_argument("--recompute-weights", action="store_true", help="plan with W_t P re-made in backward instead of kept")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="teacher weight dtype")
     p.add_argument("--logits-chunk", type=int, default=0, help="rows per logits chunk of the fused KL kernel (0: its default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -220,7 +221,8 @@ def _cmd_plan(args) -> int:
     from .plan import format_plan, plan_memory
 
     plan = plan_memory(args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus,
-                       args.activation_checkpointing, args.teacher_dtype, logits_chunk=args.logits_chunk)
+                       args.activation_checkpointing, args.teacher_dtype, recompute_weights=args.recompute_weights,
+                       logits_chunk=args.logits_chunk)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
 

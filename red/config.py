@@ -20,6 +20,7 @@ INITS = ("red", "lrc", "orthogonal", "random-select")
 SCORES = ("minitron", "rms")
 CLONE_NORMS = ("teacher-ms", "none")
 KERNELS = ("auto", "triton", "torch")
+PRECISION_CHOICES = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class DistillConfig:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer (teacher and student) in backward instead of storing its activations"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     kernels: str = field(default="auto", metadata={"help": "auto (Triton on CUDA), triton or torch"})
+    precision: str = field(default="auto", metadata={"help": "compute dtype of every matmul: bf16 (teacher in bf16, fp32 master projections) or fp32; auto is bf16 on CUDA, fp32 on CPU"})
+    recompute_weights: bool = field(default=False, metadata={"help": "re-make each student weight W_t P in backward instead of keeping it (saves 7 D x d matrices a layer, costs one GEMM each)"})
     # logging and checkpoints
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation loss + eRank (0: only at the end)"})
@@ -84,6 +87,7 @@ class DistillConfig:
         choice("score", SCORES)
         choice("clone_norm", CLONE_NORMS)
         choice("kernels", KERNELS)
+        choice("precision", PRECISION_CHOICES)
         choice("txt_split", ("line", "paragraph", "file"))
         choice("export_dtype", ("auto", "float32", "bfloat16", "float16"))
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "calib_samples", "log_every"):

@@ -136,11 +136,15 @@ def rank_device(ctx: DistContext, device: str) -> str:
 
 def shard_student(student, ctx: DistContext) -> None:
     """Shard ``student`` and its frozen teacher with FSDP2, one unit per decoder layer
-    plus the root. bf16 all-gather / fp32 reduce on CUDA, fp32 throughout on CPU."""
+    plus the root. On CUDA under bf16 precision: bf16 all-gather, fp32 reduce; else fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     on_cuda = student.embed.device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+    low = student.compute_dtype != torch.float32
+    # all-gather the fp32 master projections already cast to the compute dtype (the cast the
+    # student would make anyway); reduce gradients in fp32
+    mp = MixedPrecisionPolicy(param_dtype=student.compute_dtype, reduce_dtype=torch.float32) if on_cuda and low \
+        else MixedPrecisionPolicy()
     student.register_teacher()
     for layer in student.layers:
         fully_shard(layer, mesh=ctx.mesh, mp_policy=mp)

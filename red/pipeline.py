@@ -26,7 +26,7 @@ from .initialization import initialize, select_channels
 from .plan import checkpoint_bytes
 from .student import ProjectedStudent, trainable_shapes
 from .teacher import Arch, check_teacher_files, load_teacher, load_tokenizer, read_teacher_config, teacher_fingerprint
-from .trainer import MetricsLog, train
+from .trainer import MetricsLog, resolve_precision, train
 
 
 def resolve_device(name: str) -> torch.device:
@@ -215,7 +215,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     red_kernels.set_backend(cfg.kernels)
     device = resolve_device(rank_device(ctx, cfg.device))
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_precision(cfg.precision, device)  # the teacher's dtype is the compute dtype
     teacher, _ = load_teacher(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                               with_tokenizer=False)
     if cal is None:
@@ -289,7 +289,7 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
     if out_file.suffix != ".safetensors":
         raise RedError(f"calibration output {out_file} must end in .safetensors")
     dev = resolve_device(device)
-    teacher, tok = load_teacher(teacher_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
+    teacher, tok = load_teacher(teacher_dir, dtype=resolve_precision("auto", dev), device=dev)
     corpus = load_corpus(data, tok, seq_len, 0.05, text_field, txt_split)
     cal = calibrate(teacher, corpus.train[:samples], progress=progress)
     cal.meta["teacher"] = str(teacher_dir)

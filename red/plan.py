@@ -27,7 +27,7 @@ rank holds ceil(rows / N) rows of each; single GPU: N = 1):
   real saved tensors of tiny models in fp32.
 - ``logits``: the fused linear-KL kernel never materializes all logits: it walks the
   B*T rows in chunks (``logits_chunk``, default the kernel's own rule: about as many
-  logits as h_s has elements, at least 256 rows) and keeps, for backward, the gradient
+  logits as h_s has elements, at least 1024 rows) and keeps, for backward, the gradient
   of h_s [B*T, d] and of the head [V, d] (fp32); while a chunk is processed about four
   [chunk, V] fp32 tensors are live (student and teacher logits and their softmaxes).
 
@@ -98,17 +98,15 @@ def activation_elements(arch: Arch, d: int, compute_bytes: int = 2) -> tuple[int
     layer)."""
     D, I, h = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q, kv = arch.num_heads * h, arch.num_kv_heads * h
-    rep = arch.num_heads // arch.num_kv_heads
-    # student: two norms (input + normalized), q/k/v and their rotary copies, k/v repeated
-    # to all heads, the attention output (+ its reshaped copy), gate, up, silu(gate),
-    # silu(gate)*up, the gradient of the FFN clone term; teacher: q, k, v, attention,
-    # gate, up (the clone targets) and the FFN output
-    student = 4 * d + 3 * (q + 2 * kv) + (2 * q if rep > 1 else 0) + 2 * q + 4 * I + d
-    teacher = 2 * q + 2 * kv + 2 * I + D
+    # student: two norms (input + normalized), q/k/v and their rotary copies (GQA runs inside
+    # the attention kernel: no repeated k/v), the attention output (+ its reshaped copy),
+    # gate, up, silu(gate), silu(gate)*up, the gradient of the FFN clone term; the six
+    # same-space clone MSEs keep only their gradient (q, k, v, attention, gate, up), in
+    # the compute dtype: no teacher tensor and no fp32 copy is kept for backward
+    student = 4 * d + 3 * (q + 2 * kv) + 2 * q + 4 * I + d
+    clone_grads = 2 * q + 2 * kv + 2 * I
     fp32 = arch.num_heads  # attention log-sum-exp
-    if compute_bytes < 4:  # the clone MSEs compare fp32 copies of student and teacher tensors
-        fp32 += 2 * (2 * q + 2 * kv + 2 * I)
-    return student + teacher, fp32, D * d  # dP_down of the FFN clone term
+    return student + clone_grads, fp32, D * d  # dP_down of the FFN clone term
 
 
 def student_weight_elements(arch: Arch, d: int) -> int:
@@ -118,14 +116,14 @@ def student_weight_elements(arch: Arch, d: int) -> int:
 
 
 def default_logits_chunk(rows: int, V: int, d: int) -> int:
-    """The fused KL kernel's chunk rule (red_kernels.fused_linear_kl): about rows*d
-    logits per chunk, at least 256 rows, a power of two, at most ``rows``."""
-    per = -(-rows // max(1, -(-V // max(d, 1))))
-    return max(1, min(rows, max(256, 1 << max(0, (per - 1).bit_length()))))
+    """The fused KL kernel's own chunk rule (imported, so the plan cannot drift from it)."""
+    from red_kernels.fused_linear_kl import default_chunk_rows
+
+    return default_chunk_rows(rows, V, d)
 
 
 def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
-                activation_checkpointing: bool = False, teacher_dtype: str = "bfloat16",
+                activation_checkpointing: bool = False, teacher_dtype: str = "bfloat16", recompute_weights: bool = False,
                 compute_dtype: str | None = None, logits_chunk: int = 0) -> dict:
     """Bytes each GPU holds, by category (see the module docstring for the model).
 
@@ -174,8 +172,11 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     tokens = (micro_batch // N) * seq_len
     per_tok, per_tok32, kept32 = activation_elements(arch, d, cb)
     L, D, V = arch.num_layers, arch.hidden_size, arch.vocab_size
-    layer = tokens * (per_tok * cb + per_tok32 * 4) + kept32 * 4
     live_weights = student_weight_elements(arch, d) * cb  # one layer's W_t P at a time
+    # without --recompute-weights a layer keeps its W_t P for backward (every layer, or with
+    # activation checkpointing the one being recomputed)
+    kept_weights = 0 if recompute_weights else live_weights
+    layer = tokens * (per_tok * cb + per_tok32 * 4) + kept32 * 4 + kept_weights
     embed = tokens * (D + d) * cb  # teacher and student embeddings
     if activation_checkpointing:
         out["activations"] = embed + L * tokens * (d + D) * cb + layer + live_weights
@@ -187,7 +188,8 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     return {"per_gpu": out, "inputs": {
         "model_type": model_type, "num_layers": L, "teacher_hidden_size": arch.hidden_size, "hidden_size": d,
         "vocab_size": V, "seq_len": seq_len, "micro_batch": micro_batch, "micro_batch_per_gpu": micro_batch // N,
-        "gpus": N, "activation_checkpointing": activation_checkpointing, "teacher_dtype": teacher_dtype,
+        "gpus": N, "activation_checkpointing": activation_checkpointing, "recompute_weights": recompute_weights,
+        "teacher_dtype": teacher_dtype,
         "compute_dtype": compute_dtype or teacher_dtype, "logits_chunk": logits_chunk,
         "checkpoint_bytes": checkpoint_bytes(arch, d)}}
 

@@ -5,6 +5,13 @@ residual: W_t P; o, down write it: P^T W_t), one for the embedding (and one for 
 LM head), plus new RMSNorm gains in R^d. Nothing else is trained. Teacher and student run
 layer by layer in lockstep, so each layer's teacher activations live only as long as the
 clone loss that compares against them.
+
+Precision (the README's "Precision policy"): the compute dtype is the teacher's weight
+dtype (bf16 under ``--precision bf16``, fp32 under ``fp32``). Projections and gains are
+fp32 masters, cast to the compute dtype where they enter a product, so every activation
+and every GEMM of the step, forward and backward, is in the compute dtype; losses are
+reduced in fp32. The casts are explicit, not autocast's, so the same arithmetic runs on
+CPU and GPU and inside custom autograd Functions.
 """
 from __future__ import annotations
 
@@ -27,10 +34,14 @@ CLONE_TERMS = ("q", "k", "v", "attn", "gate", "up", "ffn")
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm with the exact arithmetic of transformers' Llama/Qwen norms."""
+    """RMSNorm with the arithmetic of transformers' Llama/Qwen norms, in x's dtype.
+
+    The fp32 master gain is cast to x's dtype first, as the exported model stores it, so
+    the output stays in the compute dtype (an fp32 gain would silently promote it).
+    """
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return gain * y.to(x.dtype)
+    return gain.to(x.dtype) * y.to(x.dtype)
 
 
 def _rotate_half(x):
@@ -51,10 +62,9 @@ def causal_attention(attn_module, q, k, v, cos, sin, arch: Arch) -> torch.Tensor
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    rep = arch.num_heads // arch.num_kv_heads
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5)
+    # GQA inside the attention kernel: no repeated copies of k and v
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5,
+                                         enable_gqa=arch.num_heads != arch.num_kv_heads)
     return out.transpose(1, 2).reshape(B, T, -1)
 
 
@@ -97,19 +107,21 @@ class StudentLayer(nn.Module):
         dn = mlp.down_proj(mlp.act_fn(g) * u)
         return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
 
-    def student_forward(self, h, cos, sin, eps: float):
+    def student_forward(self, h, cos, sin, eps: float, recompute_weights: bool = False):
         """The student layer: teacher weights seen through this layer's projections."""
         tl = self.teacher_layer
         at, mlp = tl.self_attn, tl.mlp
+        rw = recompute_weights
         x = rms_norm(h, self.input_norm, eps)
         q, k, v = K.projected_linear_group(
             x, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), (self.q, self.k, self.v), side="in",
-            biases=(at.q_proj.bias, at.k_proj.bias, at.v_proj.bias))
+            biases=(at.q_proj.bias, at.k_proj.bias, at.v_proj.bias), recompute_weights=rw)
         a = causal_attention(at, q, k, v, cos, sin, self.arch)
-        h = h + K.projected_linear(a, at.o_proj.weight, self.o, side="out")
+        h = h + K.projected_linear(a, at.o_proj.weight, self.o, side="out", recompute_weights=rw)
         x = rms_norm(h, self.post_attention_norm, eps)
-        g, u = K.projected_linear_group(x, (mlp.gate_proj.weight, mlp.up_proj.weight), (self.gate, self.up), side="in")
-        dn = K.projected_linear(mlp.act_fn(g) * u, mlp.down_proj.weight, self.down, side="out")
+        g, u = K.projected_linear_group(x, (mlp.gate_proj.weight, mlp.up_proj.weight), (self.gate, self.up),
+                                        side="in", recompute_weights=rw)
+        dn = K.projected_linear(mlp.act_fn(g) * u, mlp.down_proj.weight, self.down, side="out", recompute_weights=rw)
         return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
 
     def clone_terms(self, rec_s: dict, rec_t: dict, norm: str, reduce_mean=None) -> dict[str, torch.Tensor]:
@@ -119,24 +131,29 @@ class StudentLayer(nn.Module):
         With ``norm == "teacher-ms"`` each MSE is divided by the teacher activation's mean
         square; ``reduce_mean`` (data-parallel runs) averages those scales over the ranks so
         that every rank divides by the scale of the whole global micro-batch.
+
+        Each same-space term is one fused op (``red_kernels.mse_with_target_ms``) that reads
+        student and teacher activations once, returns the MSE and the teacher's mean square
+        in fp32, and keeps only the gradient (in the compute dtype) for backward.
         """
-        scales = None
-        if norm == "teacher-ms":
-            ms = [rec_t[t].float().pow(2).mean() for t in CLONE_TERMS]
-            if reduce_mean is not None:
-                ms = list(reduce_mean(torch.stack(ms)).unbind())
-            scales = [m.clamp_min(1e-12) for m in ms]
-        out = {}
-        for j, t in enumerate(CLONE_TERMS):
+        mses, ms = {}, {}
+        for t in CLONE_TERMS:
             s, tt = rec_s[t], rec_t[t]
             if t == "ffn":
-                mse = K.projected_mse_student_space(s, tt, self.down)
+                mses[t] = K.projected_mse_student_space(s, tt, self.down)
+                ms[t] = torch.linalg.vector_norm(tt, dtype=torch.float32).square() / max(tt.numel(), 1)
             else:
-                mse = F.mse_loss(s.float(), tt.float())
-            out[t] = mse / scales[j] if scales is not None else mse
-        return out
+                mses[t], ms[t] = K.mse_with_target_ms(s, tt)
+        if norm != "teacher-ms":
+            return mses
+        scales = torch.stack([ms[t] for t in CLONE_TERMS])
+        if reduce_mean is not None:
+            scales = reduce_mean(scales)
+        scales = scales.clamp_min(1e-12)
+        return {t: mses[t] / scales[j] for j, t in enumerate(CLONE_TERMS)}
 
-    def forward(self, h_s, cos, sin, eps: float, h_t=None, clone_norm: str | None = None, reduce_mean=None):
+    def forward(self, h_s, cos, sin, eps: float, h_t=None, clone_norm: str | None = None, reduce_mean=None,
+                recompute_weights: bool = False):
         """One lockstep step: ``(h_s, h_t, clone)``.
 
         Runs the teacher layer (no grad) when ``h_t`` is given, then the student layer, then
@@ -146,7 +163,7 @@ class StudentLayer(nn.Module):
         if h_t is not None:
             with torch.no_grad():
                 h_t, rec_t = self.teacher_forward(h_t, cos, sin)
-        h_s, rec_s = self.student_forward(h_s, cos, sin, eps)
+        h_s, rec_s = self.student_forward(h_s, cos, sin, eps, recompute_weights)
         clone = None
         if rec_t is not None and clone_norm is not None:
             clone = self.clone_terms(rec_s, rec_t, clone_norm, reduce_mean)
@@ -203,6 +220,7 @@ class ProjectedStudent(nn.Module):
         self.layers = nn.ModuleList(StudentLayer(D, d, teacher.model.layers[i], arch) for i in range(arch.num_layers))
         self.channels: torch.Tensor | None = None  # the channel set S of a selection init
         self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer's config)
+        self.recompute_weights = False  # re-make each W_t P in backward instead of keeping it (trainer's config)
         self.reduce_mean = None  # data-parallel runs: averages the clone-norm scales over ranks
         dev = teacher.model.embed_tokens.weight.device
         self.to(dev)
@@ -217,6 +235,11 @@ class ProjectedStudent(nn.Module):
             layer.register_teacher()
 
     # -- the parameter groups ---------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of every activation and GEMM of the step: the teacher's weight dtype."""
+        return self.teacher.model.embed_tokens.weight.dtype
+
     @property
     def head_projection(self) -> nn.Parameter:
         return self.embed if self.lm_head is None else self.lm_head
@@ -268,13 +291,13 @@ class ProjectedStudent(nn.Module):
         return self.layers[i].teacher_forward(h, cos, sin)
 
     def _student_layer(self, i, h, cos, sin):
-        return self.layers[i].student_forward(h, cos, sin, self.norm_eps)
+        return self.layers[i].student_forward(h, cos, sin, self.norm_eps, self.recompute_weights)
 
     def _run_layer(self, i, h_s, cos, sin, h_t=None, clone_norm=None):
         """Call layer ``i`` (through its module call, so FSDP2's hooks fire), recomputed in
         backward when activation checkpointing is on."""
         layer = self.layers[i]
-        args = (h_s, cos, sin, self.norm_eps, h_t, clone_norm, self.reduce_mean)
+        args = (h_s, cos, sin, self.norm_eps, h_t, clone_norm, self.reduce_mean, self.recompute_weights)
         if self.activation_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)

@@ -1,13 +1,22 @@
 """The distillation loop: one obvious loop over optimizer steps.
 
-AdamW (0.9, 0.999, no weight decay), linear warmup then linear decay, global-norm
-clipping, gradient accumulation, bf16 autocast on CUDA (fp32 on CPU), JSONL metrics,
-tqdm progress, periodic validation (loss + last-layer eRank) and atomic checkpoints that
-``resume`` continues from bit for bit.
+AdamW (0.9, 0.999, no weight decay; fused on CUDA), linear warmup then linear decay,
+global-norm clipping, gradient accumulation, JSONL metrics, tqdm progress, periodic
+validation (loss + last-layer eRank) and atomic checkpoints that ``resume`` continues from
+bit for bit.
+
+Precision policy (README, "Precision policy"): the teacher is held in the compute dtype
+(bf16 under ``--precision bf16``, the default on CUDA; fp32 under ``fp32``, the default on
+CPU); projections, gains, their gradients and AdamW state are fp32 masters; every matmul
+of the step, forward and backward (W_t·P included), runs in the compute dtype with fp32
+accumulation, and softmax/KL/CE/MSE reductions are fp32. The student makes these casts
+itself (no autocast), so ``--precision bf16`` runs the same arithmetic on CPU as on a GPU.
+
+One optimizer step (:func:`train_step`) synchronizes with the host once: every loss term
+and the gradient norm are read back together, after the backward and before AdamW.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -42,10 +51,71 @@ def lr_schedule(steps: int, warmup: float):
     return factor
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of ``--precision``: auto is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return PRECISIONS[name]
+
+
+def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the fp32 masters; the fused (single-kernel) implementation on CUDA."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused)
+
+
+def train_step(student: ProjectedStudent, optimizer: torch.optim.Optimizer, batches, loss: LossSettings,
+               max_norm: float = float("inf"), ctx: DistContext | None = None) -> dict:
+    """One optimizer step over the micro-batches ``batches`` (token id tensors on the
+    student's device): forward and backward of each, gradient norm, clipping, AdamW.
+
+    Returns the loss terms averaged over micro-batches (and ranks) and ``grad_norm``, read
+    back to the host in one transfer. Raises RedError without stepping when a loss term or
+    the gradient is not finite, naming the terms (or parameters).
+    """
+    ctx = ctx or DistContext()
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # the tensors AdamW steps
+    n = len(batches)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        parts = student.distill_losses(batch, loss)
+        (parts["loss"] / n).backward()
+        for k, v in parts.items():
+            v = v.detach().float() / n
+            sums[k] = sums[k] + v if k in sums else v
+    # the norm first and the clipping after (what clip_grad_norm_ does), so that a
+    # non-finite gradient is found before clipping spreads the NaN to every tensor
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    keys = list(sums)
+    packed = torch.stack([sums[k] for k in keys])
+    if ctx.distributed:
+        packed = ctx.all_reduce_mean(packed.to(_comm_device(ctx), torch.float64))
+    norm = full_tensor(total_norm).detach().reshape(1).to(packed.device, packed.dtype)
+    values = torch.cat([packed, norm]).tolist()  # the step's one host sync
+    out = dict(zip(keys, values[:-1]))
+    out["grad_norm"] = values[-1]
+    bad = [k for k, v in out.items() if k != "grad_norm" and not math.isfinite(v)]
+    if bad:
+        raise StepError("loss", f"in term(s) {', '.join(bad)}")
+    if not math.isfinite(out["grad_norm"]):
+        names = _nonfinite_grads(student.named_trainable_parameters(), ctx)
+        raise StepError("gradient", f"(loss {out['loss']:.4g} is finite) in "
+                        f"{', '.join(names[:6]) or 'the gradient norm'}{' ...' if len(names) > 6 else ''}")
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+class StepError(RedError):
+    """A training step met a non-finite loss or gradient (nothing was stepped)."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"non-finite {what} {detail}")
+        self.what, self.detail = what, detail
 
 
 class MetricsLog:
@@ -85,8 +155,7 @@ def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig
             batch = batch[: len(batch) - len(batch) % ctx.world_size]
             if not len(batch):
                 continue
-        with autocast(device):
-            parts = student.distill_losses(ctx.local_rows(batch).to(device), loss)
+        parts = student.distill_losses(ctx.local_rows(batch).to(device), loss)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
@@ -96,8 +165,7 @@ def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig
     split = ctx.distributed and len(first) >= ctx.world_size
     if split:
         first = first[: len(first) - len(first) % ctx.world_size]
-    with autocast(device):
-        h = student.hidden_states((ctx.local_rows(first) if split else first).to(device))[-1].float()
+    h = student.hidden_states((ctx.local_rows(first) if split else first).to(device))[-1].float()
     out["erank_last"] = erank(ctx.all_gather_rows(h) if split else h)
     return out
 
@@ -148,9 +216,8 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, o
         raise RedError(f"batch_size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     student.activation_checkpointing = cfg.activation_checkpointing
-    named = student.named_trainable_parameters()
-    params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    student.recompute_weights = cfg.recompute_weights
+    optimizer = make_optimizer(student.trainable_parameters(), cfg.lr, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup))
     sampler = BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
     meta = dict(meta or {}, hidden_size=student.hidden_size, teacher_hidden_size=student.arch.hidden_size,
@@ -170,36 +237,18 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, o
     tokens_per_step = cfg.batch_size * cfg.grad_accum * corpus.seq_len
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and ctx.is_main), dynamic_ncols=True)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     while step < end:
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
-            batch = ctx.local_rows(corpus.train[sampler.next()]).to(device)
-            with autocast(device):
-                parts = student.distill_losses(batch, loss)
-            (parts["loss"] / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        sums = _mean_over_ranks(sums, ctx)
-        bad = [k for k, v in sums.items() if not math.isfinite(v)]
-        if bad:
-            raise RedError(f"non-finite loss at step {step + 1} in term(s) {', '.join(bad)}; the last good "
-                           f"checkpoint is kept in {ckpt_root}; lower --lr or check the data")
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        # the norm first and the clipping after (what clip_grad_norm_ does), so that a
-        # non-finite gradient is found before clipping spreads the NaN to every tensor
-        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        grad_norm = float(full_tensor(total_norm))
-        if not math.isfinite(grad_norm):
-            names = _nonfinite_grads(named, ctx)
-            raise RedError(f"non-finite gradient at step {step + 1} (loss {sums['loss']:.4g} is finite) in "
-                           f"{', '.join(names[:6]) or 'the gradient norm'}{' ...' if len(names) > 6 else ''}; "
-                           f"the last good checkpoint is kept in {ckpt_root}; lower --lr or check the data")
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+        batches = [ctx.local_rows(corpus.train[sampler.next()]).to(device) for _ in range(cfg.grad_accum)]
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        try:
+            sums = train_step(student, optimizer, batches, loss, max_norm, ctx)
+        except StepError as e:
+            raise RedError(f"non-finite {e.what} at step {step + 1} {e.detail}; the last good checkpoint is kept "
+                           f"in {ckpt_root}; lower --lr or check the data") from None
+        grad_norm = sums.pop("grad_norm")
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         tok_s = tokens_per_step / (time.perf_counter() - t0)
         bar.update(1)

@@ -11,7 +11,7 @@ from .channel_gather import (
     select_linear,
 )
 from .projected_mse import (
-    naive_projected_mse, naive_projected_mse_student_space, naive_selected_mse,
+    mse, mse_with_target_ms, naive_mse, naive_projected_mse, naive_projected_mse_student_space, naive_selected_mse,
     naive_selected_mse_student_space, projected_mse, projected_mse_student_space, selected_mse,
     selected_mse_student_space,
 )
@@ -26,6 +26,7 @@ __all__ = [
     "VALID_BACKENDS", "get_backend", "set_backend", "use_backend",
     "gather_columns", "gather_rows", "select_linear",
     "naive_gather_columns", "naive_gather_rows", "naive_select_linear",
+    "mse", "mse_with_target_ms", "naive_mse",
     "projected_mse", "projected_mse_student_space", "selected_mse", "selected_mse_student_space",
     "naive_projected_mse", "naive_projected_mse_student_space", "naive_selected_mse",
     "naive_selected_mse_student_space",

@@ -120,6 +120,73 @@ if HAS_TRITON:
         tl.store(c_ptrs, c + alpha * part, mask=cmask)
 
 
+#: When a list, every kernel launched through :func:`launch` appends its signature here
+#: (kernel name, pointer dtypes, scalar kinds, constexprs). The ahead-of-time compile check
+#: (benchmarks/aot_compile.py) compares these records with what it compiles for the GPU.
+RECORD: list | None = None
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+                torch.uint8: "u8", torch.bool: "i1"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Triton's short name of a torch dtype ("bf16", "fp32", ...)."""
+    return _DTYPE_NAMES[dtype]
+
+
+def launch_signature(kernel, args: tuple, meta: dict) -> dict:
+    """The compile-relevant description of one launch: what triton specializes a kernel on.
+
+    Tensors become ``"*<dtype>"``, Python ints ``"i32"``/``"i64"``, floats ``"fp32"``;
+    keyword arguments that are ``tl.constexpr`` parameters are returned under "constexprs".
+    """
+    fn = getattr(kernel, "fn", kernel)
+    name = getattr(fn, "__name__", str(fn))
+    names = list(getattr(kernel, "arg_names", None) or fn.__code__.co_varnames[:fn.__code__.co_argcount])
+    sig = {}
+    for n, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            sig[n] = "*" + dtype_name(a.dtype)
+        elif isinstance(a, bool):
+            sig[n] = "i1"
+        elif isinstance(a, int):
+            sig[n] = "i32" if -2 ** 31 <= a < 2 ** 31 else "i64"
+        elif isinstance(a, float):
+            sig[n] = "fp32"
+        else:
+            sig[n] = type(a).__name__
+    constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+    return {"kernel": name, "signature": sig, "constexprs": constexprs,
+            "num_warps": meta.get("num_warps"), "num_stages": meta.get("num_stages")}
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, recorded in :data:`RECORD` when that is a list.
+
+    Every kernel of this package is launched through here, so one switch lists exactly the
+    specializations a run compiles (dtypes and constexprs), for the ahead-of-time check.
+    """
+    if RECORD is not None:
+        RECORD.append(launch_signature(kernel, args, meta))
+    kernel[grid](*args, **meta)
+
+
+def check_dot_dtypes(op: str, **operands: torch.Tensor) -> None:
+    """Raise TypeError unless every GEMM operand of ``op`` has the same dtype.
+
+    ``tl.dot`` on the GPU refuses mixed operand dtypes at compile time ("Both operands must
+    be same dtype"), while the CPU interpreter upcasts both and runs. Checking at every
+    launch makes CPU tests fail exactly where a GPU would. Cast the fp32 master weight to
+    the compute dtype before the call (see the precision policy in the README).
+    """
+    dts = {n: t.dtype for n, t in operands.items()}
+    if len(set(dts.values())) > 1:
+        desc = ", ".join(f"{n} {str(d).replace('torch.', '')}" for n, d in dts.items())
+        raise TypeError(f"{op}: GEMM operands must share one dtype, got {desc}; cast them to the "
+                        "compute dtype first (tl.dot on the GPU rejects mixed dtypes)")
+
+
 def dot_flags(*tensors: torch.Tensor) -> tuple[bool, bool]:
     """(UPCAST, IEEE) constexprs for tl.dot.
 
@@ -129,6 +196,13 @@ def dot_flags(*tensors: torch.Tensor) -> tuple[bool, bool]:
     """
     low = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
     return (INTERPRET or not low), (not low)
+
+
+def acc_tn_meta(on_gpu: bool) -> dict:
+    """Tiles and warps of ``_acc_tn_kernel``: GPU tiles, or small ones for the interpreter."""
+    if on_gpu:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4)
 
 
 def acc_tn_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
@@ -142,17 +216,14 @@ def acc_tn_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 
     N = b.shape[1]
     if K == 0 or M == 0 or N == 0:
         return acc
+    check_dot_dtypes("acc_tn_", a=a, b=b)
     if backend == "triton":
         assert acc.is_contiguous() and b.stride(1) == 1
         upcast, ieee = dot_flags(a, b)
-        if a.device.type == "cuda":
-            bm, bn, bk, nw = 128, 128, 32, 8
-        else:
-            bm, bn, bk, nw = 64, 32, 16, 4
-        grid = (cdiv(M, bm), cdiv(N, bn))
-        _acc_tn_kernel[grid](acc, a, b, M, N, K, a.stride(1), a.stride(0), b.stride(0), b.stride(1),
-                             acc.stride(0), float(alpha), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                             UPCAST=upcast, IEEE=ieee, num_warps=nw)
+        meta = acc_tn_meta(a.is_cuda)
+        grid = (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
+        launch(_acc_tn_kernel, grid, acc, a, b, M, N, K, a.stride(1), a.stride(0), b.stride(0), b.stride(1),
+               acc.stride(0), float(alpha), UPCAST=upcast, IEEE=ieee, **meta)
         return acc
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         return acc.addmm_(a.t(), b, alpha=alpha)

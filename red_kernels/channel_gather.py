@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, get_backend
-from ._common import alloc, cdiv, flatten_rows
+from ._common import alloc, cdiv, flatten_rows, launch
 
 if HAS_TRITON:
     import triton
@@ -45,8 +45,9 @@ if HAS_TRITON:
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], v, mask=m)
 
 
-def _blocks(t: torch.Tensor):
-    return (32, 128) if t.is_cuda else (16, 32)
+def gather_meta(on_gpu: bool) -> dict:
+    """Row and column blocks of the gather kernels."""
+    return dict(BLOCK_R=32, BLOCK_C=128) if on_gpu else dict(BLOCK_R=16, BLOCK_C=32)
 
 
 def _gather_cols_triton(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -54,9 +55,9 @@ def _gather_cols_triton(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     R, d = w2.shape[0], index.numel()
     out = alloc((R, d), w.dtype, w.device)
     if R and d:
-        br, bc = _blocks(w)
-        _gather_cols_kernel[(cdiv(R, br), cdiv(d, bc))](
-            w2, index.contiguous(), out, R, d, w2.stride(0), out.stride(0), BLOCK_R=br, BLOCK_C=bc)
+        meta = gather_meta(w.is_cuda)
+        launch(_gather_cols_kernel, (cdiv(R, meta["BLOCK_R"]), cdiv(d, meta["BLOCK_C"])),
+               w2, index.contiguous(), out, R, d, w2.stride(0), out.stride(0), **meta)
     return out
 
 
@@ -65,9 +66,9 @@ def _gather_rows_triton(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     n, C = index.numel(), w2.shape[1]
     out = alloc((n, C), w.dtype, w.device)
     if n and C:
-        br, bc = _blocks(w)
-        _gather_rows_kernel[(cdiv(n, br), cdiv(C, bc))](
-            w2, index.contiguous(), out, n, C, w2.stride(0), out.stride(0), BLOCK_R=br, BLOCK_C=bc)
+        meta = gather_meta(w.is_cuda)
+        launch(_gather_rows_kernel, (cdiv(n, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
+               w2, index.contiguous(), out, n, C, w2.stride(0), out.stride(0), **meta)
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, get_backend
-from ._common import acc_tn_, alloc, cdiv, compute_dtype, fix_bf16, next_pow2
+from ._common import acc_tn_, alloc, cdiv, check_dot_dtypes, compute_dtype, fix_bf16, launch, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -136,10 +136,22 @@ def _kl_ce_torch(ls, lt, lab, valid, inv_temp, kl_w, ce_w, has_ce, write_grad, c
     return kl, ce
 
 
-def _default_chunk(N: int, V: int, d: int) -> int:
-    """Rows per chunk: logits about the size of h_s (Liger's rule), but at least 256 rows,
-    below which the logit GEMMs get thin and slow (measured on CPU: 2x slower at 16 rows)."""
-    return max(1, min(N, max(256, next_pow2(cdiv(N, cdiv(V, max(d, 1)))))))
+MIN_CHUNK_ROWS = 1024
+
+
+def default_chunk_rows(N: int, V: int, d: int) -> int:
+    """Rows per chunk: logits about the size of h_s (Liger's rule), but at least
+    ``MIN_CHUNK_ROWS``. Every chunk re-reads and re-writes the fp32 head gradient [V, d]
+    (786 MB at V=128k, d=1536), so thin chunks turn the op into dW traffic; 1024 rows keep
+    that below the logit GEMMs' own traffic while a [1024, 128k] bf16 logit block is 256 MB."""
+    return max(1, min(N, max(MIN_CHUNK_ROWS, next_pow2(cdiv(N, cdiv(V, max(d, 1)))))))
+
+
+def kl_ce_meta(on_gpu: bool, V: int) -> dict:
+    """Rows per program, vocabulary block and warps of ``_kl_ce_kernel``."""
+    if on_gpu:
+        return dict(BLOCK_N=2, BLOCK_V=min(2048, next_pow2(V)), num_warps=8)
+    return dict(BLOCK_N=8, BLOCK_V=min(128, next_pow2(V)), num_warps=4)
 
 
 class _FusedLinearKL(torch.autograd.Function):
@@ -166,7 +178,7 @@ class _FusedLinearKL(torch.autograd.Function):
         ce_rows = alloc((N,), cdt, dev) if has_ce else None
         grad_h = alloc((N, d), h_s.dtype, dev) if need_h else None
         grad_w = torch.zeros(V, d, dtype=cdt, device=dev) if need_w else None
-        C = chunk_size or _default_chunk(N, V, d)
+        C = chunk_size or default_chunk_rows(N, V, d)
         wt = w_t.to(h_t.dtype) if w_t.dtype != h_t.dtype else w_t
         for n0 in range(0, N, C):
             n1 = min(N, n0 + C)
@@ -175,14 +187,13 @@ class _FusedLinearKL(torch.autograd.Function):
             lt = h_t[n0:n1] @ wt.t()
             lab = labels[n0:n1] if has_labels else None
             if backend == "triton":
-                bn, bv, nw = (2, 2048, 8) if ls.is_cuda else (8, 128, 4)
-                _kl_ce_kernel[(cdiv(n1 - n0, bn),)](
-                    ls, lt, lab if has_labels else kl_rows, kl_rows[n0:n1],
-                    ce_rows[n0:n1] if has_ce else kl_rows, n1 - n0, V, ls.stride(0),
-                    lt.stride(0), inv_temp, kl_w, ce_w, int(ignore_index),
-                    BLOCK_N=bn, BLOCK_V=min(bv, next_pow2(V)), HAS_LABELS=has_labels,
-                    HAS_CE=has_ce, SAME_T=inv_temp == 1.0, WRITE_GRAD=write_grad,
-                    FIX_BF16=fix_bf16(ls), num_warps=nw)
+                meta = kl_ce_meta(ls.is_cuda, V)
+                launch(_kl_ce_kernel, (cdiv(n1 - n0, meta["BLOCK_N"]),),
+                       ls, lt, lab if has_labels else kl_rows, kl_rows[n0:n1],
+                       ce_rows[n0:n1] if has_ce else kl_rows, n1 - n0, V, ls.stride(0),
+                       lt.stride(0), inv_temp, kl_w, ce_w, int(ignore_index),
+                       HAS_LABELS=has_labels, HAS_CE=has_ce, SAME_T=inv_temp == 1.0,
+                       WRITE_GRAD=write_grad, FIX_BF16=fix_bf16(ls), **meta)
             else:
                 v = valid[n0:n1].to(cdt)
                 k, c = _kl_ce_torch(ls, lt, lab, v, inv_temp, kl_w, ce_w, has_ce, write_grad, cdt)
@@ -227,6 +238,9 @@ def fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_weight=
         raise ValueError("labels must be [N], aligned with the rows")
     if temperature <= 0:
         raise ValueError("temperature must be positive")
+    check_dot_dtypes("fused_linear_kl (student logits)", h_s=h_s, w_s=w_s)
+    if labels is not None:
+        labels = labels.contiguous()  # the kernel reads labels[row] at unit stride
     backend = get_backend(h_s, w_s, h_t, w_t)
     return _FusedLinearKL.apply(h_s, w_s, h_t.detach(), w_t.detach(), labels, float(temperature),
                                 float(kl_weight), float(ce_weight), int(ignore_index),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, get_backend
-from ._common import alloc, fix_bf16, cdiv, compute_dtype, flatten_rows, max_programs, next_pow2
+from ._common import alloc, fix_bf16, cdiv, compute_dtype, flatten_rows, launch, max_programs, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -73,6 +73,13 @@ def naive_rmsnorm_with_stats(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return y, stats.float()
 
 
+def norm_stats_meta(on_gpu: bool, D: int) -> dict:
+    """Row block (about 32 fp32 values a thread on GPU), channel block and warps."""
+    block_d = next_pow2(D)
+    block_t = max(1, min(64, 8192 // block_d)) if on_gpu else 4
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+
+
 def _rmsnorm_with_stats_triton(x, weight, eps, block_t=None, programs=None):
     D = x.shape[-1]
     x2 = flatten_rows(x)
@@ -80,16 +87,15 @@ def _rmsnorm_with_stats_triton(x, weight, eps, block_t=None, programs=None):
     y = alloc(x2.shape, x2.dtype, x2.device)
     if T == 0:
         return y.reshape(x.shape), torch.zeros(4, D, dtype=torch.float32, device=x.device)
-    block_d = next_pow2(D)
-    if block_t is None:
-        block_t = max(1, min(64, 8192 // block_d)) if x.is_cuda else 4  # ~32 fp32/thread
-    n_blocks = cdiv(T, block_t)
+    meta = norm_stats_meta(x.is_cuda, D)
+    if block_t is not None:
+        meta["BLOCK_T"] = block_t
+    n_blocks = cdiv(T, meta["BLOCK_T"])
     grid = min(n_blocks, programs or max_programs(x, per_sm=2, interp=4))
     part = alloc((grid, 4, D), compute_dtype(x), x.device)
-    _rmsnorm_stats_kernel[(grid,)](
-        x2, weight.contiguous(), y, part, T, D, x2.stride(0), y.stride(0), float(eps),
-        BLOCK_T=block_t, BLOCK_D=block_d, FIX_BF16=fix_bf16(y), num_warps=8 if block_d >= 2048 else 4,
-    )
+    launch(_rmsnorm_stats_kernel, (grid,),
+           x2, weight.contiguous(), y, part, T, D, x2.stride(0), y.stride(0), float(eps),
+           FIX_BF16=fix_bf16(y), **meta)
     return y.reshape(x.shape), part.sum(0).float()
 
 

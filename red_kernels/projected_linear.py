@@ -2,9 +2,15 @@
 
 LRC's student weight is W_s = W_t·P (q, k, v, gate, up: side="in") or Pᵀ·W_t (o, down:
 side="out"). Autograd through the eager composition keeps every W_s (and, for bf16
-mixed precision, its casts) from forward to backward: 7 matrices a layer. This autograd
-op saves only x (plus the frozen W_t and P it already holds), re-makes W_s in the
-backward, and returns dP directly (in: dP = W_tᵀ·dW_s, out: dP = W_t·dW_sᵀ).
+mixed precision, the casts of P) from forward to backward. This autograd op keeps one
+W_s per linear in the compute dtype (``recompute_weights=False``, the default) or, when
+memory is short, saves only x and re-makes W_s in the backward (``recompute_weights=True``:
+one more GEMM of D/T the token GEMMs' cost); it returns dP directly
+(in: dP = W_tᵀ·dW_s, out: dP = W_t·dW_sᵀ).
+
+Precision: every GEMM runs in x's dtype (the compute dtype), with W_t and the fp32
+master P cast to it; gradients for P come back in P's dtype. The op does not rely on
+autocast, which does not reach custom autograd Functions and is off in backward.
 
 No Triton here on purpose: every step is a GEMM, and cuBLAS is at the roofline for them;
 re-making W_s costs ~D/T of the token GEMMs. Both backends run the same code.
@@ -28,40 +34,42 @@ class _ProjectedLinearGroup(torch.autograd.Function):
     """y_i = x @ W_s,iᵀ + b_i for i < n, one node so dx is accumulated once."""
 
     @staticmethod
-    def forward(ctx, x, side, n, *params):
+    def forward(ctx, x, side, n, recompute, *params):
         w_ts, Ps, biases = params[:n], params[n:2 * n], params[2 * n:]
         x2 = flatten_rows(x)
-        outs = []
+        outs, kept = [], []
         for w_t, P, b in zip(w_ts, Ps, biases):
             ws = _make_ws(w_t, P, side, x.dtype)
             y = x2 @ ws.t()
             if b is not None:
                 y = y + b.to(y.dtype)
             outs.append(y.reshape(*x.shape[:-1], ws.shape[0]))
-            del ws  # not saved: re-made in backward
-        ctx.save_for_backward(x2, *w_ts, *Ps)
-        ctx.side, ctx.n, ctx.x_shape = side, n, x.shape
+            if not recompute:
+                kept.append(ws)
+            del ws
+        ctx.save_for_backward(x2, *w_ts, *Ps, *kept)
+        ctx.side, ctx.n, ctx.x_shape, ctx.recompute = side, n, x.shape, recompute
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         n, side = ctx.n, ctx.side
         x2, *rest = ctx.saved_tensors
-        w_ts, Ps = rest[:n], rest[n:]
+        w_ts, Ps, kept = rest[:n], rest[n:2 * n], rest[2 * n:]
         need_x = ctx.needs_input_grad[0]
         dx = None
         dPs = []
         for i, (w_t, P, dy) in enumerate(zip(w_ts, Ps, dys)):
-            need_p = ctx.needs_input_grad[3 + n + i]
+            need_p = ctx.needs_input_grad[4 + n + i]
             if dy is None or not (need_x or need_p):
                 dPs.append(None)
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            ws = _make_ws(w_t, P, side, x2.dtype)
+            ws = _make_ws(w_t, P, side, x2.dtype) if ctx.recompute else kept[i]
             if need_x:
                 dx = dy2 @ ws if dx is None else dx.addmm_(dy2, ws)
             if need_p:
-                dws = dy2.t() @ x2  # [out, d] (in) or [d, in] (out)
+                dws = dy2.t() @ x2  # [out, d] (in) or [d, in] (out), compute dtype
                 w = w_t.to(dws.dtype)
                 dP = w.t() @ dws if side == "in" else w @ dws.t()
                 dPs.append(dP.to(P.dtype))
@@ -72,7 +80,7 @@ class _ProjectedLinearGroup(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape)
         elif need_x:
             dx = torch.zeros(ctx.x_shape, dtype=x2.dtype, device=x2.device)
-        return (dx, None, None, *([None] * n), *dPs, *([None] * n))
+        return (dx, None, None, None, *([None] * n), *dPs, *([None] * n))
 
 
 def _check(x, w_t, P, side, bias):
@@ -92,10 +100,12 @@ def _check(x, w_t, P, side, bias):
         raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
 
 
-def projected_linear_group(x: torch.Tensor, w_ts, Ps, side: str = "in", biases=None):
+def projected_linear_group(x: torch.Tensor, w_ts, Ps, side: str = "in", biases=None,
+                           recompute_weights: bool = False):
     """Several projected linears reading the same x (q,k,v or gate,up): a tuple of outputs.
 
-    w_ts and biases are frozen (no grad); x and every P get gradients.
+    w_ts and biases are frozen (no grad); x and every P get gradients. Every GEMM runs in
+    x's dtype. ``recompute_weights`` re-makes each W_s in backward instead of keeping it.
     """
     w_ts, Ps = list(w_ts), list(Ps)
     if len(w_ts) != len(Ps) or not w_ts:
@@ -108,13 +118,14 @@ def projected_linear_group(x: torch.Tensor, w_ts, Ps, side: str = "in", biases=N
     get_backend(x, *Ps)  # same code on both backends; still validates a forced choice
     w_ts = [w.detach() for w in w_ts]
     biases = [b.detach() if b is not None else None for b in biases]
-    return _ProjectedLinearGroup.apply(x, side, len(w_ts), *w_ts, *Ps, *biases)
+    return _ProjectedLinearGroup.apply(x, side, len(w_ts), bool(recompute_weights), *w_ts, *Ps, *biases)
 
 
 def projected_linear(x: torch.Tensor, w_t: torch.Tensor, P: torch.Tensor, side: str,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, recompute_weights: bool = False) -> torch.Tensor:
     """y = x @ W_sᵀ (+ bias) with W_s = w_t @ P (side "in") or P.T @ w_t (side "out")."""
-    return projected_linear_group(x, [w_t], [P], side, None if bias is None else [bias])[0]
+    return projected_linear_group(x, [w_t], [P], side, None if bias is None else [bias],
+                                  recompute_weights)[0]
 
 
 def naive_projected_linear(x, w_t, P, side, bias=None):

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, get_backend
-from ._common import (acc_tn_, alloc, cdiv, compute_dtype, dot_flags, fix_bf16, flatten_rows,
-                      next_pow2)
+from ._common import (acc_tn_, alloc, cdiv, check_dot_dtypes, compute_dtype, dot_flags, fix_bf16,
+                      flatten_rows, launch, next_pow2)
 
 if HAS_TRITON:
     import triton
@@ -124,31 +124,30 @@ if HAS_TRITON:
         tl.store(part_ptr + pid, tl.sum(tot, axis=0))
 
 
-def _gemm_blocks(t: torch.Tensor):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): GPU tiles vs tiny interpreter tiles."""
-    if t.is_cuda:
-        return 128, 128, 64, 8, 3
-    return 16, 32, 16, 4, 1
+def diff_gemm_meta(on_gpu: bool) -> dict:
+    """Tiles, warps and stages of ``_diff_gemm_kernel``: GPU tiles vs tiny interpreter tiles."""
+    if on_gpu:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
 
 
 def _diff_gemm(a, b, b_kn_strides, t, sign, scale, e_out):
     """Launch the fused diff-GEMM; returns the sum of squares (0-dim, compute dtype)."""
+    check_dot_dtypes("projected_mse (diff-GEMM)", activations=a, projection=b)
     M, K = a.shape
     N = t.shape[1]
     cdt = compute_dtype(a, b, t)
-    bm, bn, bk, nw, ns = _gemm_blocks(a)
-    grid = cdiv(M, bm) * cdiv(N, bn)
+    meta = diff_gemm_meta(a.is_cuda)
+    grid = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     part = alloc((grid,), cdt, a.device)
     upcast, ieee = dot_flags(a, b)
     store = e_out is not None
     e_arg = e_out if store else part
-    _diff_gemm_kernel[(grid,)](
-        a, b, t, e_arg, part, M, N, K,
-        a.stride(0), a.stride(1), b_kn_strides[0], b_kn_strides[1], t.stride(0),
-        e_out.stride(0) if store else 0, float(sign), float(scale),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STORE_E=store, UPCAST=upcast,
-        IEEE=ieee, FIX_BF16=store and fix_bf16(e_out), num_warps=nw, num_stages=ns,
-    )
+    launch(_diff_gemm_kernel, (grid,),
+           a, b, t, e_arg, part, M, N, K,
+           a.stride(0), a.stride(1), b_kn_strides[0], b_kn_strides[1], t.stride(0),
+           e_out.stride(0) if store else 0, float(sign), float(scale),
+           STORE_E=store, UPCAST=upcast, IEEE=ieee, FIX_BF16=store and fix_bf16(e_out), **meta)
     return part.sum()
 
 
@@ -177,17 +176,18 @@ class _ProjectedMSE(torch.autograd.Function):
         dP = torch.zeros(D, d, dtype=cdt, device=P.device) if need_p else None
         total = _empty_loss(hs, cdt)
         C = _chunk_rows(T, D, chunk_rows)
+        Pc = P.to(hs.dtype)  # the GEMMs run in the activations' (compute) dtype; dP stays fp32
         for t0 in range(0, T, C):
             a, t = hs[t0:t0 + C], ht[t0:t0 + C]
             if backend == "triton":
                 e = alloc((a.shape[0], D), h_s.dtype, h_s.device) if need else None
-                total = total + _diff_gemm(a, P, (P.stride(1), P.stride(0)), t, 1.0, scale, e)
+                total = total + _diff_gemm(a, Pc, (Pc.stride(1), Pc.stride(0)), t, 1.0, scale, e)
             else:
-                e = torch.addmm(t, a, P.t(), beta=-1)  # h_s·Pᵀ − h_t in one cuBLAS call
+                e = torch.addmm(t.to(a.dtype), a, Pc.t(), beta=-1)  # h_s·Pᵀ − h_t in one GEMM call
                 total = total + e.to(cdt).square().sum()
                 e.mul_(scale)
             if need_hs:
-                torch.matmul(e, P.to(e.dtype), out=dh[t0:t0 + C])
+                torch.matmul(e, Pc, out=dh[t0:t0 + C])
             if need_p:
                 acc_tn_(dP, e, a, backend=backend)
         ctx.save_for_backward(dh, dP)
@@ -234,16 +234,17 @@ class _ProjectedMSEStudent(torch.autograd.Function):
             total = _empty_loss(ys, cdt)
             dys = ys.new_zeros(ys.shape) if (need_ys or need_p) else None
         elif backend == "triton":
+            Pc = P.to(yt.dtype)  # the GEMM runs in the activations' (compute) dtype
             dys = alloc((T, d), y_s.dtype, y_s.device) if (need_ys or need_p) else None
-            total = _diff_gemm(yt, P, (P.stride(0), P.stride(1)), ys, -1.0, scale, dys)
+            total = _diff_gemm(yt, Pc, (Pc.stride(0), Pc.stride(1)), ys, -1.0, scale, dys)
         else:
-            e = torch.addmm(ys, yt, P.to(yt.dtype), alpha=-1)  # y_s − y_t·P
+            e = torch.addmm(ys.to(yt.dtype), yt, P.to(yt.dtype), alpha=-1)  # y_s − y_t·P
             total = e.to(cdt).square().sum()
             dys = e.mul_(scale)
         dP = None
         if need_p:
             dP = torch.zeros(P.shape, dtype=cdt, device=P.device)
-            acc_tn_(dP, yt, dys, alpha=-1.0, backend=backend)
+            acc_tn_(dP, yt, dys.to(yt.dtype), alpha=-1.0, backend=backend)
         ctx.save_for_backward(dys if need_ys else None, dP)
         ctx.p_dtype = P.dtype
         ctx.ys_shape = y_s.shape
@@ -269,20 +270,55 @@ def naive_projected_mse_student_space(y_s, y_t, P):
     return (y_s - y_t @ P).pow(2).mean()
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _mse_kernel(
+        s_ptr, t_ptr, g_ptr, part_ptr,
+        T, W, stride_s, stride_t, stride_g, scale,
+        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, STORE_G: tl.constexpr,
+        FIX_BF16: tl.constexpr,
+    ):
+        """Same-space MSE over one row block: part[pid] = (Σ (s − t)², Σ t²); g = scale·(s − t)."""
+        pid = tl.program_id(0).to(tl.int64)
+        CDT = part_ptr.dtype.element_ty
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        tot = tl.zeros((BLOCK_T,), dtype=CDT)
+        tsq = tl.zeros((BLOCK_T,), dtype=CDT)
+        for c0 in range(0, W, BLOCK_W):
+            cols = c0 + tl.arange(0, BLOCK_W)
+            m = rmask[:, None] & (cols < W)[None, :]
+            s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(CDT)
+            t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(CDT)
+            e = s - t
+            tot += tl.sum(e * e, axis=1)
+            tsq += tl.sum(t * t, axis=1)
+            if STORE_G:
+                g = rne_bf16(e * scale, FIX_BF16)
+                tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=m)
+        tl.store(part_ptr + 2 * pid, tl.sum(tot, axis=0))
+        tl.store(part_ptr + 2 * pid + 1, tl.sum(tsq, axis=0))
+
+
+def rowwise_meta(on_gpu: bool, W: int) -> dict:
+    """Row block, column block and warps of the row-wise MSE kernels (selected and plain)."""
+    if on_gpu:
+        return dict(BLOCK_T=16, BLOCK_W=min(1024, next_pow2(W)), num_warps=8)
+    return dict(BLOCK_T=16, BLOCK_W=32, num_warps=4)
+
+
 def _selected_launch(s, t, idx, W, scale, g, teacher_space):
     T = s.shape[0]
     cdt = compute_dtype(s, t)
-    if s.is_cuda:
-        bt, bw, nw = 16, min(1024, next_pow2(W)), 8
-    else:
-        bt, bw, nw = 16, 32, 4
-    grid = cdiv(T, bt)
+    meta = rowwise_meta(s.is_cuda, W)
+    grid = cdiv(T, meta["BLOCK_T"])
     part = alloc((grid,), cdt, s.device)
     store = g is not None
-    _selected_kernel[(grid,)](
-        s, t, idx, g if store else part, part, T, W, s.stride(0), t.stride(0),
-        g.stride(0) if store else 0, float(scale), BLOCK_T=bt, BLOCK_W=bw, STORE_G=store,
-        FIX_BF16=store and fix_bf16(g), TEACHER_SPACE=teacher_space, num_warps=nw)
+    launch(_selected_kernel, (grid,),
+           s, t, idx, g if store else part, part, T, W, s.stride(0), t.stride(0),
+           g.stride(0) if store else 0, float(scale), STORE_G=store,
+           FIX_BF16=store and fix_bf16(g), TEACHER_SPACE=teacher_space, **meta)
     return part.sum()
 
 
@@ -350,3 +386,77 @@ def naive_selected_mse(h_s, index, h_t):
 
 def naive_selected_mse_student_space(y_s, y_t, index):
     return (y_s - y_t[..., index]).pow(2).mean()
+
+
+class _MSE(torch.autograd.Function):
+    """mean((s − t)²) and mean(t²) in one read of both; ds is made in the forward.
+
+    Replaces ``F.mse_loss(s.float(), t.float())``, whose autograd keeps fp32 copies of both
+    operands until backward (two [T, W] fp32 tensors per clone term); here only ds, in s's
+    own dtype, is kept, and the sums are fp32 whatever the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, backend):
+        s2, t2 = flatten_rows(s), flatten_rows(t)
+        T, W = s2.shape
+        cdt = compute_dtype(s2, t2)
+        n = max(T * W, 1)
+        scale = 2.0 / n
+        need = ctx.needs_input_grad[0]
+        g = None
+        if T * W == 0:
+            err, tsq = _empty_loss(s2, cdt), _empty_loss(s2, cdt)
+            g = s2.new_zeros(s2.shape) if need else None
+        elif backend == "triton":
+            meta = rowwise_meta(s.is_cuda, W)
+            grid = cdiv(T, meta["BLOCK_T"])
+            part = alloc((grid, 2), cdt, s.device)
+            g = alloc(s2.shape, s.dtype, s.device) if need else None
+            launch(_mse_kernel, (grid,), s2, t2, g if need else part, part, T, W, s2.stride(0),
+                   t2.stride(0), g.stride(0) if need else 0, float(scale), STORE_G=need,
+                   FIX_BF16=need and fix_bf16(g), **meta)
+            err, tsq = part.sum(0).unbind()
+        else:
+            err, tsq = _empty_loss(s2, cdt), _empty_loss(s2, cdt)
+            g = torch.empty_like(s2) if need else None
+            C = _chunk_rows(T, W, None)
+            for r0 in range(0, T, C):  # fp32 temporaries of one chunk at a time
+                a, b = s2[r0:r0 + C].to(cdt), t2[r0:r0 + C].to(cdt)
+                e = a - b
+                err = err + e.square().sum()
+                tsq = tsq + b.square().sum()
+                if need:
+                    g[r0:r0 + C] = e.mul_(scale)
+        ctx.save_for_backward(g)
+        ctx.s_shape = s.shape
+        ms = tsq / n
+        ctx.mark_non_differentiable(ms)
+        return err / n, ms
+
+    @staticmethod
+    def backward(ctx, go, _gms):
+        (g,) = ctx.saved_tensors
+        if g is None:
+            return None, None, None
+        return (g * go.to(g.dtype)).reshape(ctx.s_shape), None, None
+
+
+def mse_with_target_ms(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean((s − t)²), mean(t²)), both fp32; only the first is differentiable (w.r.t. s).
+
+    The second is the clone loss's normalizer (teacher mean square), read in the same pass.
+    """
+    if s.shape != t.shape:
+        raise ValueError(f"s and t must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    return _MSE.apply(s, t.detach(), get_backend(s, t))
+
+
+def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """mean((s − t)²) in fp32 with ds made in the forward; t gets no gradient."""
+    return mse_with_target_ms(s, t)[0]
+
+
+def naive_mse(s, t):
+    """Eager composition: fp32 copies of both operands, kept by autograd until backward."""
+    return torch.nn.functional.mse_loss(s.float(), t.float())

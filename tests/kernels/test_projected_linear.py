@@ -74,33 +74,51 @@ def test_group_with_unused_output(backend, gen):
     assert Ps[1].grad is None or torch.all(Ps[1].grad == 0)
 
 
-def test_saves_only_inputs(gen):
-    """No W_s among the saved tensors: only x (flattened), the teacher weights and P."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_saved_tensors_follow_the_switch(recompute, gen):
+    """recompute_weights=True saves only x (flattened), the teacher weight and P; False also
+    keeps W_s, in x's (compute) dtype, and nothing else."""
     x = randn(5, d, gen=gen, requires_grad=True)
     w = randn(OUT, D, gen=gen)
     P = randn(D, d, gen=gen, requires_grad=True)
-    y = projected_linear(x, w, P, "in")
+    y = projected_linear(x, w, P, "in", recompute_weights=recompute)
     saved = y.grad_fn.saved_tensors
     shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([(5, d), (OUT, D), (D, d)])
+    expect = [(5, d), (OUT, D), (D, d)] + ([] if recompute else [(OUT, d)])
+    assert shapes == sorted(expect)
 
 
 @pytest.mark.parametrize("side", ["in", "out"])
-def test_gradcheck(side, gen):
+def test_kept_and_recomputed_weights_give_identical_grads(side, gen):
+    x = randn(6, d if side == "in" else OUT, gen=gen)
+    w = randn(OUT, D, gen=gen) if side == "in" else randn(D, OUT, gen=gen)
+    P = randn(D, d, gen=gen)
+    grads = []
+    for recompute in (True, False):
+        xi, Pi = x.clone().requires_grad_(), P.clone().requires_grad_()
+        projected_linear(xi, w, Pi, side, recompute_weights=recompute).square().sum().backward()
+        grads.append((xi.grad, Pi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_gradcheck(side, recompute, gen):
     x = randn(4, 3 if side == "in" else 5, dtype=torch.float64, gen=gen, requires_grad=True)
     w = randn(6, 7, dtype=torch.float64, gen=gen) if side == "in" else randn(7, 5, dtype=torch.float64, gen=gen)
     P = randn(7, 3, dtype=torch.float64, gen=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, P: projected_linear(x, w, P, side), (x, P),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, P: projected_linear(x, w, P, side, recompute_weights=recompute),
+                                    (x, P), fast_mode=True)
     P2 = randn(7, 3, dtype=torch.float64, gen=gen, requires_grad=True)
     if side == "in":
         assert torch.autograd.gradcheck(
             lambda x, a, b: sum(y.sum() * (i + 1) for i, y in enumerate(
-                projected_linear_group(x, [w, w[:2]], [a, b]))), (x, P, P2), fast_mode=True)
+                projected_linear_group(x, [w, w[:2]], [a, b], recompute_weights=recompute))),
+            (x, P, P2), fast_mode=True)
 
 
-def test_module_and_errors(gen):
-    lin = torch.nn.Linear(D, OUT)
+def test_module_and_errors(gen, device):
+    lin = torch.nn.Linear(D, OUT, device=device)
     P = torch.nn.Parameter(randn(D, d, gen=gen))
     m = ProjectedLinear(lin, P, "in")
     x = randn(3, d, gen=gen)
