@@ -105,3 +105,55 @@ def test_projected_linear_memory(benchmark, impl):
         benchmark.extra_info["memory_ratio_vs_eager"] = round(ratio, 2)
         print(f"projected_linear_group: eager/fused peak memory = {ratio:.2f}x")
         assert ratio > 1.0
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+def test_clone_mse_memory(benchmark, impl):
+    """One same-space clone term in the bf16 regime, T=4096 x W=2048. What matters in a
+    step is what each of the 6 terms x L layers holds from forward to backward: F.mse_loss
+    on fp32 copies keeps both copies (64 MB here); the fused op keeps the bf16 gradient."""
+    from cpu_memory import in_use_bytes
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4096, 2048, generator=g).bfloat16().requires_grad_()
+    t = torch.randn(4096, 2048, generator=g).bfloat16()
+    f = rk.naive_mse if impl == "eager" else rk.mse
+    with rk.use_backend("torch"):
+        base = in_use_bytes()
+        out = f(s, t)
+        kept = in_use_bytes() - base
+        del out
+        peak = _record(benchmark, f"clone mse[{impl}]", _step(lambda: f(s, t), s))
+    benchmark.extra_info["kept_for_backward_MB"] = round(kept / MB, 1)
+    print(f"clone mse[{impl}]: kept from forward to backward {kept / MB:.1f} MB")
+    _PEAKS[("clone", impl)] = kept
+    if impl == "fused":
+        ratio = _PEAKS[("clone", "eager")] / max(kept, 1)
+        benchmark.extra_info["kept_ratio_vs_eager"] = round(ratio, 2)
+        print(f"clone mse: eager/fused memory kept for backward = {ratio:.2f}x")
+        assert ratio > 3
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
+def test_projected_linear_keep_or_recompute(benchmark, recompute):
+    """gate/up-like group at T=1024, D=2048, d=1024, I=4096: keeping W_s saves one GEMM
+    per weight in backward; re-making it saves the [I, d] matrices."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 1024, generator=g).requires_grad_()
+    ws = [torch.randn(4096, 2048, generator=g) * 0.02 for _ in range(2)]
+    Ps = [(torch.randn(2048, 1024, generator=g) * 0.02).requires_grad_() for _ in ws]
+
+    def fn():
+        ys = rk.projected_linear_group(x, ws, Ps, "in", recompute_weights=recompute)
+        return (sum(y.square().mean() for y in ys),)
+    _record(benchmark, f"projected_linear_group[{'recompute' if recompute else 'keep'}]", _step(fn, x, *Ps))
+
+
+@pytest.mark.parametrize("chunk", [256, 1024], ids=["chunk256", "chunk1024"])
+def test_fused_linear_kl_chunk_rows(benchmark, chunk):
+    """T=4096, V=32000, d=256 on CPU: 256-row chunks (the CPU default) against 1024 (the GPU
+    default, where dW traffic per chunk decides; here the fp32 softmax temporaries do)."""
+    h_s, w_s, h_t, w_t, labels = _kl_inputs(T=4096, d=256, D=512)
+    with rk.use_backend("torch"):
+        _record(benchmark, f"fused_linear_kl[chunk={chunk}]",
+                _step(lambda: rk.fused_linear_kl(h_s, w_s, h_t, w_t, labels, chunk_size=chunk), h_s, w_s))

@@ -27,7 +27,7 @@ rank holds ceil(rows / N) rows of each; single GPU: N = 1):
   real saved tensors of tiny models in fp32.
 - ``logits``: the fused linear-KL kernel never materializes all logits: it walks the
   B*T rows in chunks (``logits_chunk``, default the kernel's own rule: about as many
-  logits as h_s has elements, at least 1024 rows) and keeps, for backward, the gradient
+  logits as h_s has elements, at least 1024 rows on a GPU) and keeps, for backward, the gradient
   of h_s [B*T, d] and of the head [V, d] (fp32); while a chunk is processed about four
   [chunk, V] fp32 tensors are live (student and teacher logits and their softmaxes).
 
@@ -116,10 +116,10 @@ def student_weight_elements(arch: Arch, d: int) -> int:
 
 
 def default_logits_chunk(rows: int, V: int, d: int) -> int:
-    """The fused KL kernel's own chunk rule (imported, so the plan cannot drift from it)."""
+    """The fused KL kernel's own chunk rule on a GPU (imported, so the plan cannot drift)."""
     from red_kernels.fused_linear_kl import default_chunk_rows
 
-    return default_chunk_rows(rows, V, d)
+    return default_chunk_rows(rows, V, d, on_gpu=True)
 
 
 def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,

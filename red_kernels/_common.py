@@ -218,7 +218,9 @@ def acc_tn_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 
         return acc
     check_dot_dtypes("acc_tn_", a=a, b=b)
     if backend == "triton":
-        assert acc.is_contiguous() and b.stride(1) == 1
+        assert acc.is_contiguous(), "acc_tn_ accumulates into a contiguous buffer"
+        if b.stride(1) != 1:  # the kernel reads b's rows at unit stride (e.g. a transposed h_s)
+            b = b.contiguous()
         upcast, ieee = dot_flags(a, b)
         meta = acc_tn_meta(a.is_cuda)
         grid = (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))

@@ -420,8 +420,8 @@ class _MSE(torch.autograd.Function):
         else:
             err, tsq = _empty_loss(s2, cdt), _empty_loss(s2, cdt)
             g = torch.empty_like(s2) if need else None
-            C = _chunk_rows(T, W, None)
-            for r0 in range(0, T, C):  # fp32 temporaries of one chunk at a time
+            C = max(1, min(T, max(16, (1 << 20) // max(W, 1))))  # ~4 MB fp32 temporaries a chunk
+            for r0 in range(0, T, C):
                 a, b = s2[r0:r0 + C].to(cdt), t2[r0:r0 + C].to(cdt)
                 e = a - b
                 err = err + e.square().sum()
