@@ -59,7 +59,10 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., D] -> contiguous [T, D] without copying when already contiguous."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    rows = 1
+    for n in x.shape[:-1]:
+        rows *= n
+    return x.reshape(rows, x.shape[-1]).contiguous()  # not -1: a zero width would be ambiguous
 
 
 def fix_bf16(t: torch.Tensor) -> bool:

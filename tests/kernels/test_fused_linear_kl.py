@@ -148,3 +148,71 @@ def test_module_and_errors(gen):
     with pytest.raises(ValueError):
         fused_linear_kl(h_s, w_s, h_t, w_t, temperature=0.0)
     assert F is not None
+
+
+def _loss_and_grads(h_s, w_s, h_t, w_t, labels, **kw):
+    h, w = h_s.detach().clone().requires_grad_(), w_s.detach().clone().requires_grad_()
+    loss, kl, ce = fused_linear_kl(h, w, h_t, w_t, labels, **kw)
+    (loss * 1.5).backward()
+    return loss.detach(), kl, ce, h.grad, w.grad
+
+
+def _check_against_ref(out, h_s, w_s, h_t, w_t, labels, T, kw, cw, dtype=torch.float32):
+    hd, wd = h_s.detach().double().requires_grad_(), w_s.detach().double().requires_grad_()
+    lr, klr, cer = _ref(hd, wd, h_t.double(), w_t.double(), labels, T, kw, cw)
+    (lr * 1.5).backward()
+    for a, b, name in zip(out, (lr, klr, cer, hd.grad, wd.grad), ("loss", "kl", "ce", "dh_s", "dw_s")):
+        assert_close(a, b, dtype, name)
+
+
+def _same(a, b, name):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    assert torch.allclose(a, b, rtol=1e-6, atol=0), f"{name}: {(a - b).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("view", ["column", "step"])
+def test_strided_labels(backend, view, gen):
+    """labels as a non-contiguous view give the same loss/kl/ce and grads as contiguous ones."""
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen)
+    if view == "column":  # labels_full[:, 0] of an [N, 2] tensor: stride 2
+        full = torch.stack([labels, torch.randint(0, V, (N,), generator=gen, device=gen.device)], 1)
+        strided = full[:, 0]
+    else:  # ids[::2]: every other entry of a 2N tensor
+        ids = torch.randint(0, V, (2 * N,), generator=gen, device=gen.device)
+        ids[::2] = labels
+        strided = ids[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, labels)
+    kw = dict(temperature=1.3, kl_weight=0.6, ce_weight=0.4, chunk_size=16)
+    out_s = _loss_and_grads(h_s, w_s, h_t, w_t, strided, **kw)
+    out_c = _loss_and_grads(h_s, w_s, h_t, w_t, labels.contiguous(), **kw)
+    for a, b, name in zip(out_s, out_c, ("loss", "kl", "ce", "dh_s", "dw_s")):
+        _same(a, b, name)
+    _check_against_ref(out_s, h_s, w_s, h_t, w_t, labels, 1.3, 0.6, 0.4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_chunks_match_one_chunk(backend, dtype, gen):
+    """N=37 > chunk_size=16 (three chunks, the last ragged) equals chunk_size=None."""
+    h_s, w_s, h_t, w_t, labels = _inputs(dtype, gen)
+    kw = dict(temperature=2.0, kl_weight=0.8, ce_weight=0.5)
+    small = _loss_and_grads(h_s, w_s, h_t, w_t, labels, chunk_size=16, **kw)
+    whole = _loss_and_grads(h_s, w_s, h_t, w_t, labels, chunk_size=None, **kw)
+    for a, b, name in zip(small, whole, ("loss", "kl", "ce", "dh_s", "dw_s")):
+        assert a.dtype == b.dtype, name
+        assert_close(a, b, dtype, name)
+    assert small[3].dtype == dtype and small[4].dtype == dtype
+    _check_against_ref(small, h_s, w_s, h_t, w_t, labels, 2.0, 0.8, 0.5, dtype)
+    _check_against_ref(whole, h_s, w_s, h_t, w_t, labels, 2.0, 0.8, 0.5, dtype)
+
+
+def test_transposed_h_s(backend, gen):
+    """h_s as a transposed view ([N, d] with strides (1, N)) gives the contiguous results."""
+    h_s, w_s, h_t, w_t, labels = _inputs(torch.float32, gen)
+    h_view = h_s.detach().t().contiguous().t()
+    assert h_view.stride(1) != 1 and torch.equal(h_view, h_s)
+    out_c = _loss_and_grads(h_s, w_s, h_t, w_t, labels, chunk_size=16)
+    out_v = _loss_and_grads(h_view, w_s, h_t, w_t, labels, chunk_size=16)
+    for a, b, name in zip(out_v, out_c, ("loss", "kl", "ce", "dh_s", "dw_s")):
+        assert a.dtype == b.dtype, name
+        assert_close(a, b, torch.float32, name)  # another GEMM layout: summation order may differ
+    _check_against_ref(out_v, h_s, w_s, h_t, w_t, labels, 1.0, 1.0, 1.0)

@@ -129,3 +129,58 @@ def test_module_and_errors(gen, device):
     with pytest.raises(ValueError):
         projected_linear(randn(3, d + 1, gen=gen), lin.weight, P, "in")
     assert issubclass(_ProjectedLinearGroup, torch.autograd.Function)
+
+
+class _GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, dtypes of the tensor operands) of every aten GEMM dispatched inside."""
+
+    GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "addbmm", "mv", "dot", "linear", "_addmm_activation"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in self.GEMMS:
+            dts = [a.dtype for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            self.calls.append((name, dts))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_bf16_regime_with_fp32_master(backend, side, recompute, gen):
+    """The trainer's GPU regime on CPU: bf16 x and teacher weight, fp32 master P. Output and dx
+    bf16, dP fp32, values within bf16 tolerance of fp64; every GEMM of forward and backward
+    runs on bf16 operands (no fp32 GEMM: autocast would not reach this custom op)."""
+    bf16 = torch.bfloat16
+    if side == "in":
+        x = randn(37, d, dtype=bf16, gen=gen, requires_grad=True)
+        w = randn(OUT, D, dtype=bf16, gen=gen, scale=0.1)
+        b = randn(OUT, dtype=bf16, gen=gen)
+    else:
+        x = randn(2, 9, IN, dtype=bf16, gen=gen, requires_grad=True)
+        w = randn(D, IN, dtype=bf16, gen=gen, scale=0.1)
+        b = randn(d, dtype=bf16, gen=gen)
+    P = randn(D, d, dtype=torch.float32, gen=gen, scale=0.2, requires_grad=True)
+    with _GemmDtypes() as fwd:
+        y = projected_linear(x, w, P, side, b, recompute_weights=recompute)
+    g = randn(*y.shape, dtype=bf16, gen=gen)
+    with _GemmDtypes() as bwd:
+        (y * g).sum().mul(2.5).backward()
+    assert y.dtype == bf16 and x.grad.dtype == bf16 and P.grad.dtype == torch.float32
+    assert x.grad.shape == x.shape and P.grad.shape == P.shape
+
+    xd, Pd = x.detach().double().requires_grad_(), P.detach().double().requires_grad_()
+    yr = _ref(xd, w.double(), Pd, side, b.double())
+    (yr * g.double()).sum().mul(2.5).backward()
+    assert_close(y, yr, bf16, "y")
+    assert_close(x.grad, xd.grad, bf16, "dx")
+    assert_close(P.grad, Pd.grad, bf16, "dP")
+
+    assert len(fwd.calls) >= 2, fwd.calls  # W_s = W_t·P (or Pᵀ·W_t), then x·W_sᵀ
+    assert len(bwd.calls) >= (4 if recompute else 3), bwd.calls  # (W_s again,) dx, dW_s, dP
+    for name, dts in fwd.calls + bwd.calls:
+        assert dts and all(dt == bf16 for dt in dts), (name, dts)
