@@ -124,8 +124,14 @@ if HAS_TRITON:
         tl.store(part_ptr + pid, tl.sum(tot, axis=0))
 
 
-def diff_gemm_meta(on_gpu: bool) -> dict:
-    """Tiles, warps and stages of ``_diff_gemm_kernel``: GPU tiles vs tiny interpreter tiles."""
+def diff_gemm_meta(on_gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tiles, warps and stages of ``_diff_gemm_kernel``: GPU tiles vs tiny interpreter tiles.
+
+    fp32 operands (``--precision fp32``) get smaller tiles: a 128x128x64 fp32 tile without
+    tensor cores compiled for sm_80 with 5.8 KB of register spills per thread
+    (benchmarks/aot_compile.py)."""
+    if on_gpu and dtype in (torch.float32, torch.float64):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
     if on_gpu:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
@@ -137,7 +143,7 @@ def _diff_gemm(a, b, b_kn_strides, t, sign, scale, e_out):
     M, K = a.shape
     N = t.shape[1]
     cdt = compute_dtype(a, b, t)
-    meta = diff_gemm_meta(a.is_cuda)
+    meta = diff_gemm_meta(a.is_cuda, a.dtype)
     grid = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     part = alloc((grid,), cdt, a.device)
     upcast, ieee = dot_flags(a, b)
@@ -207,6 +213,8 @@ def _projected_mse(h_s, P, h_t, chunk_rows=None):
     if h_s.shape[-1] != P.shape[1] or h_t.shape[-1] != P.shape[0]:
         raise ValueError(f"shapes do not chain: h_s {tuple(h_s.shape)}, P {tuple(P.shape)}, "
                          f"h_t {tuple(h_t.shape)}")
+    if not torch.is_grad_enabled():
+        P = P.detach()  # a Parameter still asks for dP inside a Function under no_grad
     return _ProjectedMSE.apply(h_s, P, h_t.detach(), get_backend(h_s, P, h_t), chunk_rows)
 
 
@@ -263,6 +271,8 @@ def projected_mse_student_space(y_s: torch.Tensor, y_t: torch.Tensor, P: torch.T
     if y_s.shape[-1] != P.shape[1] or y_t.shape[-1] != P.shape[0]:
         raise ValueError(f"shapes do not chain: y_s {tuple(y_s.shape)}, y_t {tuple(y_t.shape)}, "
                          f"P {tuple(P.shape)}")
+    if not torch.is_grad_enabled():
+        P = P.detach()  # a Parameter still asks for dP inside a Function under no_grad (validation)
     return _ProjectedMSEStudent.apply(y_s, y_t.detach(), P, get_backend(y_s, y_t, P))
 
 
