@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -39,17 +38,6 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def test_hold(point: str, step: int, folder: Path) -> None:
-    """Fault-injection hook for the SIGKILL tests; inert unless the environment sets
-    ``RED_TEST_HOLD="<point>:<step>"``. It then drops a marker file ``.hold-<point>-<step>``
-    in ``folder`` (inside the run's output) and sleeps, so that a test can kill the process
-    at a known point: "save" = inside a checkpoint write, after the tensors are written but
-    before the folder is renamed into place; "train" = between optimizer steps."""
-    if os.environ.get("RED_TEST_HOLD") == f"{point}:{step}":
-        (Path(folder) / f".hold-{point}-{step}").write_text(str(os.getpid()))
-        time.sleep(3600)
 
 
 def gather_state(student, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,40 +70,61 @@ def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, 
     root = Path(root)
     final = root / f"step-{step:07d}"
     tensors, opt_info = gather_state(student, optimizer)
+    err = None
     if ctx.is_main:
+        if root.is_symlink():
+            raise RedError(f"{root} is a symbolic link; red writes checkpoints only inside its output folder")
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        save_file(tensors, str(tmp / "state.safetensors"))
-        with open(tmp / "state.safetensors", "rb+") as f:
-            os.fsync(f.fileno())
-        test_hold("save", step, root)
-        _write_json(tmp / "trainer.json", {
-            "step": step,
-            "meta": meta,
-            "world_size": ctx.world_size,
-            **opt_info,
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(),
-        })
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".step-*.tmp-*"):
-            if stale != tmp:
-                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            _write_checkpoint(tmp, final, tensors, {
+                "step": step,
+                "meta": meta,
+                "world_size": ctx.world_size,
+                **opt_info,
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+            }, step, root)
+        except OSError as e:  # disk full, I/O error, read-only: keep what was complete
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = list_checkpoints(root)
+            err = (f"could not write checkpoint {final} ({e.strerror or type(e).__name__}); "
+                   + (f"the last complete checkpoint {kept[-1]} is kept" if kept else "no checkpoint is complete")
+                   + "; free space and rerun with --resume")
+        else:
+            for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in root.glob(".step-*.tmp-*"):
+                if stale != tmp and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+    err = ctx.broadcast_error(err)
+    if err:
+        raise RedError(err)
     ctx.barrier()
     return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, tensors: dict, info: dict, step: int, root: Path) -> None:
+    """Tensors and trainer.json into ``tmp``, then one rename to ``final`` (never half there)."""
+    from .run import emit
+
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(tmp / "state.safetensors"))
+    with open(tmp / "state.safetensors", "rb+") as f:
+        os.fsync(f.fileno())
+    emit("checkpoint-written", step, root)
+    _write_json(tmp / "trainer.json", info)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -132,7 +141,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 # meta keys that older checkpoints may lack; compared only when the checkpoint has them
-_OPTIONAL_META = ("teacher_fingerprint",)
+_OPTIONAL_META = ("teacher_fingerprint", "data_fingerprint", "identity")
 
 
 def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[str, tuple] | None = None) -> dict:
@@ -158,6 +167,13 @@ def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[st
             if key == "teacher_fingerprint":
                 raise RedError(f"checkpoint {path} belongs to another teacher (its weights fingerprint differs); "
                                "use the run's own teacher, or start a new output folder")
+            if key == "data_fingerprint":
+                raise RedError(f"checkpoint {path} was trained on another corpus (the data file's contents "
+                               "differ); resume with the run's own --data, or start a new output folder")
+            if key == "identity" and isinstance(have, dict):
+                diff = ", ".join(f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v)
+                raise RedError(f"checkpoint {path} was made with other settings ({diff}); resume with the run's "
+                               "own settings, or start a new output folder")
             raise RedError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}; "
                            "resume with the same teacher and width, or start a new output folder")
     f = path / "state.safetensors"

@@ -7,6 +7,7 @@ repeated with ``red distill --config OUT/run.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -73,8 +74,10 @@ class DistillConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the exported student: auto (teacher's), float32, bfloat16, float16"})
     overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output folder (its contents are replaced)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT (a folder without one starts from step 0)"})
+    allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the teacher folder's own Python code (off by default)"})
+    history: list = field(default_factory=list, metadata={"help": "schedule changes made on --resume, with the step each took effect (written by red into run.yaml)", "cli": False})
 
     def validate(self) -> "DistillConfig":
         """Check values that do not need the teacher; raise RedError naming the fix."""
@@ -97,9 +100,12 @@ class DistillConfig:
             raise RedError(f"temperature must be positive (got {self.temperature})")
         if not 0 < self.val_fraction < 1:
             raise RedError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
-        if self.lr <= 0:
-            raise RedError(f"lr must be positive (got {self.lr})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise RedError(f"lr must be a positive finite number (got {self.lr})")
         return self
+
+    def allowed_changes(self) -> set[str]:
+        return {k.strip() for k in self.allow_change.split(",") if k.strip()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,4 +179,9 @@ def make_config(yaml_path: str | Path | None = None, **overrides) -> DistillConf
 
 
 def save_yaml(cfg: DistillConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
+
+
+def config_yaml(cfg: DistillConfig) -> str:
+    """The YAML text of ``cfg`` (what ``run.yaml`` holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -8,6 +8,7 @@ The result loads with ``AutoModelForCausalLM.from_pretrained`` alone.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -95,8 +96,22 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
                          tokenizer, out_dir, dtype, overwrite)
 
 
+EXPORT_MANIFEST = ".red-export.json"
+
+
+def _export_manifest(folder: Path) -> list[str]:
+    f = folder / EXPORT_MANIFEST
+    try:
+        files = json.loads(f.read_text()).get("files", []) if f.is_file() and not f.is_symlink() else []
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return [n for n in files if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+
+
 def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite) -> Path:
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise RedError(f"export path {out_dir} is a symbolic link; red does not write through links: pick a folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise RedError(f"export path {out_dir} is a file; pass a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -117,11 +132,20 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for old in out_dir.iterdir():
-            if old != tmp:
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-        for f in tmp.iterdir():
-            os.replace(f, out_dir / f.name)
+        # replace only what an earlier export wrote here (its manifest) and the names this
+        # one writes; anything else in the folder is the user's and stays
+        written = sorted(f.name for f in tmp.iterdir())
+        for name in set(_export_manifest(out_dir)) | set(written):
+            old = out_dir / name
+            if old.is_symlink():
+                raise RedError(f"{old} is a symbolic link; red does not write through links: remove it")
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        for name in written:
+            os.replace(tmp / name, out_dir / name)
+        (out_dir / EXPORT_MANIFEST).write_text(json.dumps({"written_by": "red", "files": written}))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -16,16 +16,17 @@ import torch
 import red_kernels
 
 from .calibration import Calibration, calibrate, channel_scores
-from .checkpoint import check_checkpoint, list_checkpoints
-from .config import DistillConfig, save_yaml
+from .checkpoint import check_checkpoint
+from .config import DistillConfig, config_yaml
 from .data import PackedCorpus, load_corpus
 from .distributed import DistContext, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
 from .export import export_student
 from .initialization import initialize, select_channels
-from .plan import checkpoint_bytes
+from .plan import run_disk_bytes
+from .run import CALIBRATION, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
 from .student import ProjectedStudent, trainable_shapes
-from .teacher import Arch, check_teacher_files, load_teacher, load_tokenizer, read_teacher_config, teacher_fingerprint
+from .teacher import Arch, check_teacher_files, load_teacher, load_tokenizer, read_teacher_config
 from .trainer import MetricsLog, resolve_precision, train
 
 
@@ -38,20 +39,19 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def prepare_output(out: str | Path, overwrite: bool = False, resume: bool = False,
-                   need_bytes: int = 0) -> Path:
-    """Check the output folder before any work starts, then make it ready.
-
-    Every check (not a file, empty unless ``overwrite``/``resume``, writable, at least
-    ``need_bytes`` free) runs before anything is touched; only then is a folder replaced
-    (``overwrite``) or created.
-    """
-    check_output(out, overwrite, resume, need_bytes)
-    p = Path(out)
-    if not resume and p.is_dir() and any(p.iterdir()):
-        shutil.rmtree(p)  # check_output allowed it: overwrite was asked for
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+def prepare_output(out: str | Path, overwrite: bool = False) -> Path:
+    """Make ``out`` ready for a command that owns a whole folder (``red demo``): it must be
+    new or empty, or ``overwrite`` removes what `red` wrote there before (and nothing else).
+    Returns the folder."""
+    run = RunDir(out)
+    check_writable(run.root, 0)
+    state = run.state()
+    if state in ("run", "foreign", "unfinished") and not overwrite:
+        raise RedError(f"output folder {out} is not empty; choose a new --out or pass --overwrite")
+    run.clear_own()
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.own()
+    return run.root
 
 
 def free_disk_bytes(path: str | Path) -> int:
@@ -68,37 +68,25 @@ def _probe_writable(folder: Path) -> None:
     probe.unlink()
 
 
-def check_output(out: str | Path, overwrite: bool = False, resume: bool = False, need_bytes: int = 0) -> None:
-    """The read-only half of ``prepare_output``: raise RedError (and change nothing) when
-    ``out`` cannot take this run."""
-    if not str(out):
-        raise RedError("no output folder given; pass --out DIR")
+def check_writable(out: str | Path, need_bytes: int = 0) -> None:
+    """Raise RedError (and change nothing) unless ``out`` (or the nearest existing parent
+    it would be made in) is a writable folder with ``need_bytes`` free."""
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise RedError(f"output path {p} is a file; pass a folder to --out")
-    non_empty = p.is_dir() and any(p.iterdir())
-    if resume:
-        if not (p / "checkpoints").is_dir():
-            raise RedError(f"--resume: {p} holds no checkpoints folder; start without --resume")
-    elif non_empty and not overwrite:
-        raise RedError(f"output folder {p} is not empty; choose a new --out, add --resume to continue, "
-                       "or --overwrite to replace it")
-    # writable: probe the folder itself, or the nearest existing parent it would be made in
     target = p if p.is_dir() else next((q for q in p.absolute().parents if q.exists()), None)
     try:
         if target is None or not target.is_dir():
             raise NotADirectoryError(20, "Not a directory")
         _probe_writable(target)
-        if resume:
-            _probe_writable(p / "checkpoints")
     except OSError as e:
         raise RedError(f"output folder {p} is not writable ({e.strerror or type(e).__name__}); "
                        "pick a writable --out") from None
     if need_bytes:
         free = free_disk_bytes(p)
         if free < need_bytes:
-            raise RedError(f"not enough disk space for {p}: one checkpoint needs about {_fmt_bytes(need_bytes)}, "
-                           f"{_fmt_bytes(free)} are free; free space or pick another --out")
+            raise RedError(f"not enough disk space for {p}: the run's checkpoints and export need about "
+                           f"{_fmt_bytes(need_bytes)}, {_fmt_bytes(free)} are free; free space or pick another --out")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -139,13 +127,30 @@ class RunResult:
     metrics: MetricsLog
 
 
-def preflight(cfg: DistillConfig, tcfg, ctx: DistContext | None = None):
+def run_inputs(cfg: DistillConfig) -> dict:
+    """The paths a run reads, which its output folder must stay apart from."""
+    return {"teacher folder": cfg.teacher, "data file": cfg.data, "calibration file": cfg.calibration}
+
+
+def disk_need(cfg: DistillConfig, arch: Arch) -> int:
+    """Bytes the run's folder needs at its peak (kept checkpoints + one + the export)."""
+    dtype_bytes = {"bfloat16": 2, "float16": 2}.get(cfg.export_dtype, 4)
+    # the export copies the teacher's tokenizer and small config files
+    files = sum(f.stat().st_size for f in Path(cfg.teacher).iterdir()
+                if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth"))) + (64 << 10)
+    return run_disk_bytes(arch, cfg.hidden_size, cfg.steps, cfg.save_every, cfg.keep_checkpoints, dtype_bytes, files)
+
+
+def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = None):
     """Every check that can fail on the user's input, run before anything is written.
 
-    Returns ``(tokenizer, corpus, calibration or None, expect_meta)``. Reads the teacher's
-    config, tokenizer and safetensors headers (not its weights), the corpus, the given
-    calibration file and, with ``--resume``, the last checkpoint; checks the output folder
-    is usable and has room for one checkpoint. Raises RedError naming the first problem.
+    Returns ``(tokenizer, corpus, calibration or None, identity, cfg)``; ``cfg`` comes back
+    with ``resume`` off when the folder holds no checkpoint yet (nothing to resume: the run
+    starts from step 0) and, when resuming, with run.yaml's schedule history and this
+    invocation's allowed changes appended. Reads the teacher's config, tokenizer and
+    safetensors headers (not its weights), the corpus, the given calibration file and the
+    run folder's run.yaml and last checkpoint; checks the output folder is separate from the
+    inputs, writable and has room. Raises RedError naming the first problem.
     """
     ctx = ctx or DistContext()
     arch = Arch.from_config(tcfg)
@@ -155,6 +160,8 @@ def preflight(cfg: DistillConfig, tcfg, ctx: DistContext | None = None):
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
+    check_separate(cfg.out, run_inputs(cfg))
+    run.check_links()
     check_teacher_files(cfg.teacher)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     if len(tokenizer) > arch.vocab_size:
@@ -167,51 +174,88 @@ def preflight(cfg: DistillConfig, tcfg, ctx: DistContext | None = None):
         if cal.hidden_size != D:
             raise RedError(f"calibration {cfg.calibration} was made for width {cal.hidden_size}, the teacher has "
                            f"{D}; recalibrate with this teacher or drop --calibration")
-    expect_meta = {"init": cfg.init, "teacher_fingerprint": teacher_fingerprint(cfg.teacher),
-                   "hidden_size": cfg.hidden_size, "teacher_hidden_size": D, "model_type": arch.model_type,
-                   "num_layers": arch.num_layers}
-    if cfg.resume:
-        if not (Path(cfg.out) / "checkpoints").is_dir():
-            raise RedError(f"--resume: {cfg.out} holds no checkpoints folder; start without --resume")
-        found = list_checkpoints(Path(cfg.out) / "checkpoints")
-        if not found:
-            raise RedError(f"--resume: no complete checkpoint in {Path(cfg.out) / 'checkpoints'}; start without --resume")
-        info = check_checkpoint(found[-1], expect_meta, trainable_shapes(arch, cfg.hidden_size))
-        n = info.get("sampler", {}).get("n")
-        if n != len(corpus.train):
-            raise RedError(f"checkpoint {found[-1]} was made with {n} training sequences, this corpus packs to "
-                           f"{len(corpus.train)}; resume with the same --data and --seq-len")
+    identity = RunIdentity.from_config(cfg, arch)
+    state = run.state()
+    if state == "run" and cfg.resume:
+        cfg = _resume_config(cfg, run, identity, arch, len(corpus.train))
+    elif cfg.resume:
+        cfg = dataclasses.replace(cfg, resume=False)  # no checkpoint yet: nothing to resume, start at 0
+    elif cfg.allow_change:
+        raise RedError("--allow-change only applies with --resume")
     # rank 0 alone checks (and later writes) the output folder; the others hear its verdict
     err = None
     if ctx.is_main:
         try:
-            check_output(cfg.out, cfg.overwrite, cfg.resume, need_bytes=checkpoint_bytes(arch, cfg.hidden_size))
+            holder = run.holder()
+            if holder is not None and run._lock_fd is None:
+                raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish "
+                               "or pick another --out")
+            if state == "foreign" and not cfg.overwrite:
+                raise RedError(f"output folder {cfg.out} is not empty and was not written by red; choose a new "
+                               "--out, or --overwrite to add this run beside its files (they are kept)")
+            if state == "run" and not (cfg.resume or cfg.overwrite):
+                raise RedError(f"output folder {cfg.out} holds a run (last checkpoint "
+                               f"{run.complete_checkpoints()[-1].name}); add --resume to continue it, or "
+                               "--overwrite to replace it")
+            check_writable(cfg.out, need_bytes=disk_need(cfg, arch))
         except RedError as e:
             err = str(e)
     err = ctx.broadcast_error(err)
     if err:
         raise RedError(err)
-    return tokenizer, corpus, cal, expect_meta
+    return tokenizer, corpus, cal, identity, cfg
+
+
+def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch: Arch, n_train: int):
+    """This invocation's config for resuming ``run``: identity checked against run.yaml and
+    the last checkpoint, schedule changes allowed by --allow-change appended to the history."""
+    from .config import load_yaml
+
+    last = run.complete_checkpoints()[-1]
+    saved = load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}
+    changes = resume_changes(saved, cfg, cfg.allowed_changes())  # names every changed setting
+    info = check_checkpoint(last, identity.checkpoint_meta(), trainable_shapes(arch, cfg.hidden_size))
+    n = info.get("sampler", {}).get("n")
+    if n != n_train:
+        raise RedError(f"checkpoint {last} was made with {n} training sequences, this corpus packs to "
+                       f"{n_train}; resume with the same --data and --seq-len")
+    history = list(saved.get("history") or [])
+    if changes:
+        history.append({"step": int(info["step"]), "changed": changes})
+    return dataclasses.replace(cfg, history=history)
 
 
 def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     """Run a whole distillation as configured and export the student to ``cfg.out/student``.
 
-    Under ``torchrun`` (RANK/WORLD_SIZE in the environment) this is one rank of an FSDP2
-    run: the student and teacher are sharded over the ranks, each micro-batch of
+    The output folder is a ``red.run.RunDir``: locked for the whole run, written only by
+    `red` (temp + rename), never through symbolic links; ``--resume`` continues its last
+    checkpoint under the rules of ``red.run`` (a folder without a checkpoint simply starts
+    again). Under ``torchrun`` (RANK/WORLD_SIZE in the environment) this is one rank of an
+    FSDP2 run: the student and teacher are sharded over the ranks, each micro-batch of
     ``cfg.batch_size`` sequences is split across them, and rank 0 alone writes run.yaml,
     metrics, checkpoints, the export and ``result.json``. See ``red.distributed``.
     """
     cfg.validate()
     tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)  # fail fast, before any work
     ctx = init_distributed(cfg.device)
-    tokenizer, corpus, cal, meta = preflight(cfg, tcfg, ctx)
-    out = Path(cfg.out)
-    if ctx.is_main:
-        prepare_output(cfg.out, cfg.overwrite, cfg.resume)
-        # run.yaml repeats the run; overwrite/resume are per-invocation and never persisted
-        save_yaml(dataclasses.replace(cfg, overwrite=False, resume=False), out / "run.yaml")
-    ctx.barrier()
+    run = RunDir(cfg.out)
+    check_separate(cfg.out, run_inputs(cfg))
+    try:
+        tokenizer, corpus, cal, identity, cfg = preflight(cfg, tcfg, run, ctx)
+        if ctx.is_main:
+            run.lock()  # one writer; a second red on this folder is refused from here on
+            run.prepare(cfg.overwrite, cfg.resume)
+            # run.yaml repeats the run; overwrite/resume/allow_change are per-invocation
+            run.write_text(RUN_YAML, config_yaml(dataclasses.replace(cfg, overwrite=False, resume=False,
+                                                                     allow_change="")))
+        ctx.barrier()
+        return _distill_locked(cfg, run, ctx, tokenizer, corpus, cal, identity, progress)
+    finally:
+        run.unlock()
+
+
+def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, progress) -> RunResult:
     red_kernels.set_backend(cfg.kernels)
     device = resolve_device(rank_device(ctx, cfg.device))
     torch.manual_seed(cfg.seed)
@@ -221,29 +265,23 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     if cal is None:
         cal = calibrate(teacher, corpus.train[: cfg.calib_samples], progress=progress and ctx.is_main)
         cal.meta["teacher"] = str(cfg.teacher)
-    cal_path = out / "calibration.safetensors"
-    if ctx.is_main and not cal_path.exists():
-        cal.save(cal_path)
+    if ctx.is_main and not run.calibration.exists():
+        cal.save(run.calibration)
+        run.own(CALIBRATION)
     student = build_student(teacher, cfg.hidden_size, cfg.init, cal, cfg.score, cfg.init_std, cfg.norm_eps, cfg.seed)
     if ctx.distributed:
         shard_student(student, ctx)
-    metrics = train(student, corpus, cfg, out, progress=progress, meta={"init": cfg.init,
-                    "teacher_fingerprint": meta["teacher_fingerprint"]}, ctx=ctx)
+    metrics = train(student, corpus, cfg, run, progress=progress, identity=identity, ctx=ctx)
     if ctx.distributed:
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
     if ctx.is_main:
-        export_student(student, tokenizer, out / "student", dtype=cfg.export_dtype, overwrite=True)
+        run.own(STUDENT)
+        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True)
         last = {k: v for r in metrics.rows for k, v in r.items()}
-        _write_result(out / "result.json", {"status": "ok", "steps": cfg.steps, "world_size": ctx.world_size,
-                                            "last": last})
+        run.write_json(RESULT, {"status": "ok", "steps": cfg.steps, "world_size": ctx.world_size, "last": last})
     ctx.barrier()
-    return RunResult(out=out, student=student, tokenizer=tokenizer, corpus=corpus, calibration=cal, metrics=metrics)
-
-
-def _write_result(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    return RunResult(out=run.root, student=student, tokenizer=tokenizer, corpus=corpus, calibration=cal,
+                     metrics=metrics)
 
 
 def unsharded_student(student: ProjectedStudent, cfg: DistillConfig, dtype, ctx: DistContext):
@@ -269,12 +307,16 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     """Export a checkpoint of a `red distill` run folder (default: its last) as a
     Hugging Face model folder."""
     from .analyze import load_run_student
+    from .config import make_config
 
     out = Path(out)
+    check_separate(out, {"run folder": run_dir})
     if out.exists() and not out.is_dir():
         raise RedError(f"export path {out} is a file; pass a folder to --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RedError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
+    if Path(run_dir, RUN_YAML).is_file():
+        check_separate(out, {"run's teacher folder": make_config(Path(run_dir, RUN_YAML)).teacher})
     student, tok, _ = load_run_student(run_dir, checkpoint)
     return export_student(student, tok, out, dtype=dtype, overwrite=overwrite)
 
@@ -284,6 +326,11 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
                     device: str = "auto", overwrite: bool = False, progress: bool = True) -> Calibration:
     """What `red calibrate` does: statistics of ``samples`` packed sequences saved to ``out_file``."""
     out_file = Path(out_file)
+    check_separate(out_file, {"teacher folder": teacher_dir, "data file": data})
+    if out_file.is_symlink():
+        raise RedError(f"{out_file} is a symbolic link; red does not write through links: pick another --out")
+    if out_file.exists() and not out_file.is_file():
+        raise RedError(f"{out_file} is not a file; pass a .safetensors file path to --out")
     if out_file.exists() and not overwrite:
         raise RedError(f"{out_file} already exists; choose another --out or pass --overwrite")
     if out_file.suffix != ".safetensors":
@@ -294,5 +341,10 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
     cal = calibrate(teacher, corpus.train[:samples], progress=progress)
     cal.meta["teacher"] = str(teacher_dir)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(out_file)
+    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
+    try:
+        cal.save(tmp)
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     return cal

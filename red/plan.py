@@ -92,6 +92,24 @@ def checkpoint_bytes(arch: Arch, d: int) -> int:
     return 4 * 3 * tensors + 4 * len(shapes) + 16 * 1024 + 200 * 4 * len(shapes)
 
 
+def export_bytes(arch: Arch, d: int, dtype_bytes: int = 4, files_bytes: int = 1 << 20) -> int:
+    """Bytes of the exported student: model.safetensors plus ``files_bytes`` for the config
+    and tokenizer files (default 1 MiB; pass the teacher's own when they are known)."""
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    per_layer = student_weight_elements(arch, d) + 2 * d + (q + 2 * kv) + 2 * arch.head_dim
+    n = arch.vocab_size * d * (1 if arch.tied else 2) + arch.num_layers * per_layer + d
+    return dtype_bytes * n + files_bytes
+
+
+def run_disk_bytes(arch: Arch, d: int, steps: int, save_every: int, keep: int, export_dtype_bytes: int = 4,
+                   files_bytes: int = 1 << 20) -> int:
+    """Disk a run needs at its peak: the checkpoints it keeps, one more being written
+    before the oldest is pruned, and the export."""
+    written = steps // save_every + 1 if save_every else 1
+    kept = min(keep, written) if keep > 0 else written
+    return (kept + 1) * checkpoint_bytes(arch, d) + export_bytes(arch, d, export_dtype_bytes, files_bytes)
+
+
 def activation_elements(arch: Arch, d: int, compute_bytes: int = 2) -> tuple[int, int, int]:
     """Per-layer activation model of ``red_kernels``: (elements per token kept in the
     compute dtype, elements per token kept in fp32, fp32 weight-shaped elements kept per

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, test_hold
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import BlockSampler, PackedCorpus
 from .distributed import DistContext, full_tensor
 from .errors import RedError
 from .metrics import erank
+from .run import CHECKPOINTS, METRICS, RunDir, RunIdentity, emit
 from .student import LossSettings, ProjectedStudent
 
 
@@ -39,16 +40,77 @@ def loss_settings(cfg: DistillConfig) -> LossSettings:
                         lm_weight=cfg.lm_weight, clone_weight=cfg.clone_weight, clone_norm=cfg.clone_norm)
 
 
-def lr_schedule(steps: int, warmup: float):
-    """Multiplier of the peak lr at each step: linear warmup, then linear decay to 0."""
-    w = int(round(warmup * steps)) if warmup < 1 else int(warmup)
-    w = max(w, 1)
+def _warmup_steps(steps: int, warmup: float) -> int:
+    return max(1, int(round(warmup * steps)) if warmup < 1 else int(warmup))
+
+
+def lr_schedule(steps: int, warmup: float, history: list | None = None, lr: float | None = None):
+    """Multiplier of the first peak lr at each step: linear warmup, then linear decay to 0.
+
+    ``history`` (run.yaml's record of schedule changes made on ``--resume``, each
+    ``{"step": s, "changed": {key: [old, new]}}``) continues the curve in a defined way: from
+    step s the lr is the value the old curve had at s, scaled by new lr / old lr; if s is
+    still inside the new warmup it rises linearly to the new peak at the warmup's end,
+    then (or else at once) it decays linearly to 0 at the new ``steps``. A run resumed at
+    or after the end of its old schedule (extending a finished run) gets a fresh warmup
+    and decay over the added steps (warmup as a fraction of, or a count within, them).
+    ``steps``, ``warmup`` and ``lr`` are the current (last) values.
+    """
+    history = list(history or [])
+    cur = {"steps": steps, "warmup": warmup, "lr": 1.0 if lr is None else lr}
+    first = dict(cur)
+    for entry in reversed(history):  # walk back to the values the run started with
+        for k, (old, _new) in entry["changed"].items():
+            if k in first:
+                first[k] = old
+    segments = [(0, dict(first))]
+    vals = dict(first)
+    for entry in history:
+        vals = dict(vals, **{k: new for k, (_old, new) in entry["changed"].items() if k in vals})
+        segments.append((int(entry["step"]), dict(vals)))
+    lr0 = first["lr"] or 1.0
+
+    def base(step: int, v: dict) -> float:  # absolute lr of a schedule started at step 0
+        n, w = int(v["steps"]), _warmup_steps(int(v["steps"]), v["warmup"])
+        if step < w:
+            return v["lr"] * (step + 1) / w
+        return v["lr"] * max(0.0, (n - step) / max(1, n - w))
+
+    def absolute(step: int, k: int) -> float:
+        start, v = segments[k]
+        if k == 0:
+            return base(step, v)
+        prev = segments[k - 1][1]
+        n, w = int(v["steps"]), _warmup_steps(int(v["steps"]), v["warmup"])
+        if step >= n:
+            return 0.0
+        if start >= int(prev["steps"]):  # the old schedule had ended: a new one over the added steps
+            wa = _warmup_steps(n - start, v["warmup"])
+            if step - start < wa:
+                return v["lr"] * (step - start + 1) / wa
+            return v["lr"] * (n - step) / max(1, n - start - wa)
+        at = absolute(start, k - 1) * (v["lr"] / prev["lr"] if prev["lr"] else 1.0)
+        if start < w:
+            if step < w:
+                return at + (v["lr"] - at) * (step - start + 1) / (w - start)
+            return v["lr"] * (n - step) / max(1, n - w)
+        return at * (n - step) / max(1, n - start)
 
     def factor(step: int) -> float:
-        if step < w:
-            return (step + 1) / w
-        return max(0.0, (steps - step) / max(1, steps - w))
+        k = max(i for i, (start, _) in enumerate(segments) if start <= step)
+        return absolute(step, k) / lr0
     return factor
+
+
+def setting_at(cfg: DistillConfig, key: str, step: int):
+    """The value of schedule setting ``key`` in force at ``step`` (run.yaml's history)."""
+    value = getattr(cfg, key)
+    for entry in reversed(cfg.history):
+        if key in entry["changed"]:
+            if step >= int(entry["step"]):
+                return value
+            value = entry["changed"][key][0]
+    return value
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -194,73 +256,92 @@ def _nonfinite_grads(named_params, ctx: DistContext) -> list[str]:
     return [n for (n, _), f in zip(named_params, flags.tolist()) if f > 0]
 
 
-def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, out_dir: str | Path,
-          progress: bool = True, meta: dict | None = None, stop_at: int | None = None,
-          ctx: DistContext | None = None) -> MetricsLog:
+def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, run: RunDir | str | Path,
+          progress: bool = True, identity: RunIdentity | None = None, ctx: DistContext | None = None,
+          on_step=None) -> MetricsLog:
     """Train ``student`` in place for ``cfg.steps`` optimizer steps; returns the metrics log.
 
-    Checkpoints go to ``out_dir/checkpoints``; with ``cfg.resume`` the last complete one is
-    restored first. ``stop_at`` ends the run early at that step (with a checkpoint), as if
-    it had been interrupted there; the schedule still follows ``cfg.steps``. Stops with
-    RedError on a non-finite loss or gradient, naming the step and the loss terms (or the
-    parameters) affected; the last good checkpoint stays on disk.
+    ``run`` (a ``red.run.RunDir`` or a folder) receives metrics and checkpoints; with
+    ``cfg.resume`` its last complete checkpoint is restored first (and metrics rows past it,
+    left by a killed run, are dropped). ``identity`` (``red.run.RunIdentity``) is what each
+    checkpoint records and a resume must match; without it only the student's shape is.
+    ``on_step(step)`` is called after every optimizer step; when it returns True the run
+    stops there, with a checkpoint, as if interrupted (the schedule still follows
+    ``cfg.steps``). Stops with RedError on a non-finite loss or gradient, naming the step
+    and the loss terms (or the parameters) affected; the last good checkpoint stays.
 
     ``ctx`` (from ``red.distributed.init_distributed``) makes this one rank of a sharded
     run: each micro-batch of ``cfg.batch_size`` sequences is split across ranks, loss terms
     are averaged over ranks, and rank 0 alone writes metrics and checkpoints.
     """
     ctx = ctx or DistContext()
-    out_dir = Path(out_dir)
+    run = run if isinstance(run, RunDir) else RunDir(run)
     device = student.embed.device
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"batch_size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     student.activation_checkpointing = cfg.activation_checkpointing
     student.recompute_weights = cfg.recompute_weights
-    optimizer = make_optimizer(student.trainable_parameters(), cfg.lr, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup))
+    # the scheduler's base is the lr the run started with; lr_schedule scales from it
+    optimizer = make_optimizer(student.trainable_parameters(), setting_at(cfg, "lr", 0), device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup, cfg.history, cfg.lr))
     sampler = BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
-    meta = dict(meta or {}, hidden_size=student.hidden_size, teacher_hidden_size=student.arch.hidden_size,
-                model_type=student.arch.model_type, num_layers=student.arch.num_layers)
-    ckpt_root = out_dir / "checkpoints"
-    log = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
+    meta = identity.checkpoint_meta() if identity is not None else {
+        "hidden_size": student.hidden_size, "teacher_hidden_size": student.arch.hidden_size,
+        "model_type": student.arch.model_type, "num_layers": student.arch.num_layers}
+    ckpt_root = run.checkpoints
+    log = MetricsLog(run.metrics, enabled=ctx.is_main)
+    if ctx.is_main:
+        run.own(METRICS, CHECKPOINTS)
     step = 0
-    if cfg.resume:
-        found = list_checkpoints(ckpt_root)
-        if not found:
-            raise RedError(f"--resume: no complete checkpoint in {ckpt_root}; start without --resume")
+    found = run.complete_checkpoints() if cfg.resume else []
+    if found:
         step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta)
+        # the restored lr is the old schedule's; take this run's (the same value unless
+        # run.yaml's history changed the schedule at this step)
+        for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            g["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        if ctx.is_main:
+            run.truncate_metrics(step)
     elif cfg.eval_every:
         row = {"step": 0, **evaluate(student, corpus, cfg, ctx)}  # the init itself, for comparison
         log.write(row)
     loss = loss_settings(cfg)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * corpus.seq_len
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and ctx.is_main), dynamic_ncols=True)
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    while step < end:
+    while step < cfg.steps:
         t0 = time.perf_counter()
         batches = [ctx.local_rows(corpus.train[sampler.next()]).to(device) for _ in range(cfg.grad_accum)]
         lr = scheduler.get_last_lr()[0]
+        clip = setting_at(cfg, "grad_clip", step)
         try:
-            sums = train_step(student, optimizer, batches, loss, max_norm, ctx)
+            sums = train_step(student, optimizer, batches, loss, clip if clip > 0 else float("inf"), ctx)
         except StepError as e:
-            raise RedError(f"non-finite {e.what} at step {step + 1} {e.detail}; the last good checkpoint is kept "
-                           f"in {ckpt_root}; lower --lr or check the data") from None
+            raise RedError(f"non-finite {e.what} at step {step + 1} {e.detail}; {_last_kept(run)}; "
+                           "lower --lr or check the data") from None
         grad_norm = sums.pop("grad_norm")
         scheduler.step()
         step += 1
         tok_s = tokens_per_step / (time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tok_s:.0f}")
+        stop = bool(on_step(step)) if on_step is not None else False
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.write({"step": step, **sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s})
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             log.write({"step": step, **evaluate(student, corpus, cfg, ctx)})
-        if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
             save_checkpoint(ckpt_root, step, student, optimizer, scheduler, sampler, meta,
                             keep=cfg.keep_checkpoints, ctx=ctx)
         if ctx.is_main:
-            test_hold("train", step, ckpt_root)
+            emit("step-done", step, ckpt_root)
+        if stop:
+            break
     bar.close()
     return log
+
+
+def _last_kept(run: RunDir) -> str:
+    found = run.complete_checkpoints()
+    return f"the last good checkpoint is kept ({found[-1]})" if found else "no checkpoint had been written yet"

@@ -78,7 +78,8 @@ def cases(w):
     new = str(R / "new-out")
     d = lambda *a, out=new: ["distill", "--teacher", t, "--data", c, "--hidden-size", "32", "--out", out,
                              "--steps", "2", "--seq-len", "24", "--batch-size", "2", "--quiet", *map(str, a)]
-    resume = lambda run, *a: d("--resume", *a, out=str(run))
+    # resuming with the run's own settings (what the run was made with, above), then one change
+    resume = lambda run, *a: d("--resume", "--save-every", 1, "--eval-every", 0, "--val-batches", 1, *a, out=str(run))
     exp = lambda run, *a: ["export", "--run", str(run), "--out", new, *map(str, a)]
     return [
         # configuration
@@ -112,8 +113,8 @@ def cases(w):
         # checkpoints: resume
         ("resume: truncated checkpoint", resume(w["trunc"]), "corrupt or truncated"),
         ("resume: another teacher", resume(r, "--teacher", w["other"]), "belongs to another teacher"),
-        ("resume: another width", resume(r, "--hidden-size", 16), "hidden_size=32, this run has hidden_size=16"),
-        ("resume: another corpus size", resume(r, "--seq-len", 20), "training sequences"),
+        ("resume: another width", resume(r, "--hidden-size", 16), "hidden_size 32 -> 16"),
+        ("resume: another sequence length", resume(r, "--seq-len", 20), "seq_len 24 -> 20"),
         # checkpoints: export
         ("export: truncated checkpoint", exp(w["trunc"]), "corrupt or truncated"),
         ("export: another teacher", exp(w["run-other-teacher"]), "belongs to another teacher"),

@@ -48,6 +48,8 @@ def test_help_lists_every_option_with_default(cmd, capsys):
         assert action.option_strings[0] in text
     if cmd == "distill":
         for f in fields(DistillConfig):
+            if f.metadata.get("cli") is False:
+                continue  # written by red into run.yaml, not a flag
             assert "--" + f.name.replace("_", "-") in text, f.name
         assert "(default: 200" in text and "by preset: red 1.0, lrc 40.0" in text
     else:
@@ -171,9 +173,10 @@ def test_existing_output_is_never_clobbered(teacher_dirs, corpus_file, tmp_path,
     rc, _, err = run_cli("calibrate", "--teacher", teacher_dirs["llama"], "--data", corpus_file,
                          "--out", out / "precious.txt")
     assert rc == 2 and (out / "precious.txt").read_text() == "keep me"
-    # --resume without checkpoints says so
+    # --resume on a folder red did not write says so, and touches nothing
     rc, _, err = run_cli(*_distill_args(teacher_dirs["llama"], corpus_file, out, "--resume"))
-    assert rc == 2 and "no checkpoints" in err
+    assert rc == 2 and "not written by red" in err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
 
 def test_unknown_yaml_key_and_wrong_type(tmp_path, teacher_dirs, corpus_file, run_cli):

@@ -39,7 +39,7 @@ def test_resume_is_bitwise_identical(loaded_teachers, teacher_dirs, corpus_file,
     (tmp_path / "b").mkdir()
     first = _student(loaded_teachers, corpus)
     cfg_b = _cfg(teacher_dirs, corpus_file, tmp_path / "b", grad_accum=2)
-    train(first, corpus, cfg_b, tmp_path / "b", progress=False, stop_at=3)
+    train(first, corpus, cfg_b, tmp_path / "b", progress=False, on_step=lambda step: step >= 3)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-0000002", "step-0000003"]
     torch.manual_seed(12345)  # the checkpoint's RNG state must win over whatever came before
     resumed = _student(loaded_teachers, corpus)
