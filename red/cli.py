@@ -1,4 +1,4 @@
-"""The `red` command: calibrate, distill, export, analyze.
+"""The `red` command: calibrate, distill, export, analyze, plan, bench.
 
 Every option of `red distill` comes from a field of DistillConfig, so YAML keys and
 flags are the same names (hidden_size <-> --hidden-size). User errors print one line
@@ -26,6 +26,8 @@ def _add_config_options(p: argparse.ArgumentParser, cls=DistillConfig) -> None:
     """One option per dataclass field, help text with its default (None = not given)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
+        if f.metadata.get("cli") is False:
+            continue  # written by red itself (e.g. run.yaml's history), not a flag
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
@@ -118,6 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-chunk", type=int, default=0, help="rows per logits chunk of the fused KL kernel (0: its default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,
+                       description="Time every red_kernels op at the teacher's shapes (ms, achieved TB/s or TFLOP/s, "
+                       "fraction of the device ceiling measured in the same run) and one training step per kernel "
+                       "backend (tokens/s, peak memory), against ordinary training of the exported student and the "
+                       "teacher's forward alone. Token ids are random; the student is a random channel selection. "
+                       "On the CPU only the first 2 layers are timed unless --layers is given.")
+    p.add_argument("--teacher", required=True, help="teacher folder (Llama/Qwen2/Qwen3, safetensors)")
+    p.add_argument("--hidden-size", type=int, required=True, help="student width d (0 < d < teacher's D)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    p.add_argument("--kernels", default=None, help="comma-separated red_kernels backends to time: torch,triton "
+                   "(None: both on CUDA, torch on the CPU)")
+    p.add_argument("--layers", type=int, default=None, help="time only the first N decoder layers "
+                   "(None: all on CUDA, 2 on the CPU)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="compute dtype: auto is bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="also time the torch path with each layer under torch.compile")
+    p.add_argument("--no-ordinary", action="store_true", help="skip the ordinary-training baseline")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress still goes to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--student", required=True, help="a `red distill` run folder or an exported model folder")
@@ -133,7 +158,7 @@ def _cmd_distill(args) -> int:
     from .config import make_config
     from .pipeline import distill
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig)}
+    overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if f.metadata.get("cli") is not False}
     cfg = make_config(args.config, **overrides)
     result = distill(cfg, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
@@ -227,7 +252,24 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": _cmd_plan, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
+def _cmd_bench(args) -> int:
+    import json
+
+    from .bench import format_report, run_bench
+
+    def progress(row):
+        what = f"{row['name']}[{row.get('backend') or row.get('variant') or ''}]"
+        took = f"{row['ms']:.4g} ms" if row.get("status") == "ok" else f"{row.get('status')}: {row.get('error', '')}"
+        print(f"red bench: {what} {took}", file=sys.stderr, flush=True)
+
+    res = run_bench(args.teacher, args.hidden_size, args.seq_len, args.batch_size, args.kernels, args.layers,
+                    args.steps, args.device, args.precision, include_compile=args.compile,
+                    include_ordinary=not args.no_ordinary, on_row=None if args.quiet else progress)
+    print(json.dumps(res, indent=1) if args.json else format_report(res))
+    return 0
+
+
+COMMANDS = {"plan": _cmd_plan, "bench": _cmd_bench, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
