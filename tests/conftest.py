@@ -52,3 +52,16 @@ def loaded_teachers(teacher_dirs):
     from red.teacher import load_teacher
 
     return {arch: load_teacher(d) for arch, d in teacher_dirs.items()}
+
+
+@pytest.fixture()
+def run_cli(capfd):
+    """Run the `red` CLI in-process (fast) and return exit code, stdout, stderr."""
+    from red.cli import main
+
+    def run(*args):
+        capfd.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return rc, out, err
+    return run

@@ -12,17 +12,6 @@ from red.teacher import load_teacher
 from tiny import make_teacher
 
 
-@pytest.fixture()
-def run_cli(capfd):
-    """Run the CLI in-process and return exit code, stdout, stderr."""
-    def run(*args):
-        capfd.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return rc, out, err
-    return run
-
-
 def test_bench_json(teacher_dirs, run_cli):
     rc, out, err = run_cli("bench", "--teacher", teacher_dirs["llama"], "--hidden-size", 32, "--seq-len", 16,
                            "--batch-size", 2, "--steps", 1, "--json")

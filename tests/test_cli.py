@@ -24,17 +24,6 @@ def run_sub(*args, cwd=None):
     return p.returncode, p.stdout, p.stderr
 
 
-@pytest.fixture()
-def run_cli(capfd):
-    """Run the CLI in-process (fast) and return exit code, stdout, stderr."""
-    def run(*args):
-        capfd.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return rc, out, err
-    return run
-
-
 @pytest.mark.parametrize("cmd", ["distill", "calibrate", "export", "analyze"])
 def test_help_lists_every_option_with_default(cmd, capsys):
     with pytest.raises(SystemExit) as e:
