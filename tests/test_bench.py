@@ -6,7 +6,6 @@ import torch
 
 import red.trainer
 from red import bench
-from red.cli import main
 from red.pipeline import build_student
 from red.teacher import load_teacher
 from tiny import make_teacher
