@@ -30,6 +30,11 @@ _KEEP = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bia
 
 
 def teacher_dtype(teacher) -> torch.dtype:
+    """The teacher's dtype as its config.json declares it (what ``--export-dtype auto``
+    writes), else the dtype it was loaded in, else float32."""
+    declared = getattr(teacher, "red_config_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
     d = getattr(teacher.config, "dtype", None) or getattr(teacher.config, "torch_dtype", None)
     if isinstance(d, str):
         d = _DTYPES.get(d)
@@ -73,14 +78,61 @@ def merged_state_dict(student: ProjectedStudent) -> dict[str, torch.Tensor]:
 
 def student_config(teacher, hidden_size: int, norm_eps: float, dtype: torch.dtype):
     """The teacher's config with the student's width, an explicit head_dim and the eps
-    and tie flag the student was trained with."""
-    cfg = copy.deepcopy(teacher.config)
-    cfg.head_dim = getattr(teacher.config, "head_dim", None) or teacher.config.hidden_size // teacher.config.num_attention_heads
+    and tie flag the student was trained with. ``teacher`` is the teacher model or its
+    config. The result is validated as transformers validates it (on save and load); an
+    invalid one raises transformers' own error (``check_student_width`` turns it into a
+    RedError up front)."""
+    tcfg = getattr(teacher, "config", teacher)
+    cfg = copy.deepcopy(tcfg)
+    cfg.head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     cfg.hidden_size = int(hidden_size)
     cfg.rms_norm_eps = float(norm_eps)
-    cfg.tie_word_embeddings = bool(getattr(teacher.config, "tie_word_embeddings", False))
+    cfg.tie_word_embeddings = bool(getattr(tcfg, "tie_word_embeddings", False))
     cfg.dtype = dtype
+    if callable(getattr(cfg, "validate", None)):
+        cfg.validate()
     return cfg
+
+
+def _width_error(teacher_config, d: int) -> str | None:
+    try:
+        student_config(teacher_config, d, float(getattr(teacher_config, "rms_norm_eps", 1e-6)), torch.float32)
+    except Exception as e:  # transformers' validators raise several types
+        msg = " ".join(str(e).split())
+        msg = msg.split("ValueError: ")[-1] if "ValueError: " in msg else f"{type(e).__name__}: {msg}"
+        return msg.rstrip(".")
+    return None
+
+
+def check_student_width(teacher_config, hidden_size: int, flag: str = "--hidden-size") -> None:
+    """RedError unless transformers accepts the teacher's architecture at width
+    ``hidden_size`` (e.g. Llama's hidden_size must be a multiple of num_attention_heads),
+    naming the constraint and the nearest valid widths. Used by `red distill`'s pre-flight,
+    `red plan` and `red export` (one rule: the exported config is built and validated)."""
+    d = int(hidden_size)
+    err = _width_error(teacher_config, d)
+    if err is None:
+        return
+    D = int(teacher_config.hidden_size)
+    below = next((w for w in range(d - 1, 0, -1) if _width_error(teacher_config, w) is None), None)
+    above = next((w for w in range(d + 1, D) if _width_error(teacher_config, w) is None), None)
+    near = " or ".join(str(w) for w in (below, above) if w is not None)
+    fix = f"pick {flag} {near}" if near else f"no width below {D} is valid for this teacher"
+    raise RedError(f"{flag} {d} is not a valid width for a {teacher_config.model_type} student: {err}; {fix}")
+
+
+def check_run_width(run_dir: str | Path) -> None:
+    """``check_student_width`` for an existing run folder (its run.yaml's teacher and width),
+    before `red export` loads anything; a folder without run.yaml is left to the loader."""
+    from .config import make_config
+    from .run import RUN_YAML
+    from .teacher import read_teacher_config
+
+    yaml_file = Path(run_dir, RUN_YAML)
+    if not yaml_file.is_file():
+        return
+    cfg = make_config(yaml_file)
+    check_student_width(read_teacher_config(cfg.teacher, cfg.trust_remote_code), cfg.hidden_size)
 
 
 def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",

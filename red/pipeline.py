@@ -20,12 +20,12 @@ from .config import DistillConfig, config_yaml
 from .data import PackedCorpus, load_corpus
 from .distributed import DistContext, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
-from .export import export_student
+from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
 from .plan import run_disk_bytes
 from .run import CALIBRATION, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
 from .student import ProjectedStudent, trainable_shapes
-from .teacher import Arch, check_teacher_files, load_teacher, load_tokenizer, read_teacher_config
+from .teacher import Arch, check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer, read_teacher_config
 from .trainer import MetricsLog, resolve_precision, train
 
 
@@ -159,9 +159,11 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
+    check_student_width(tcfg, cfg.hidden_size)
     check_separate(cfg.out, run_inputs(cfg))
     run.check_links()
     check_teacher_files(cfg.teacher)
+    check_teacher_weights(cfg.teacher, tcfg)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     if len(tokenizer) > arch.vocab_size:
         raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
@@ -316,6 +318,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         raise RedError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
     if Path(run_dir, RUN_YAML).is_file():
         check_separate(out, {"run's teacher folder": make_config(Path(run_dir, RUN_YAML)).teacher})
+    check_run_width(run_dir)
     student, tok, _ = load_run_student(run_dir, checkpoint)
     return export_student(student, tok, out, dtype=dtype, overwrite=overwrite)
 

@@ -72,6 +72,18 @@ def teacher_shapes(arch: Arch, attention_bias: bool) -> dict[str, tuple[int, ...
     return out
 
 
+def has_attention_bias(config) -> bool:
+    """Whether the teacher's q/k/v projections carry biases: Qwen2 always (transformers
+    hard-codes them), the others when ``attention_bias`` is set."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    return get("model_type") == "qwen2" or bool(get("attention_bias", False))
+
+
+def expected_teacher_shapes(config) -> dict[str, tuple[int, ...]]:
+    """``teacher_shapes`` for a teacher's (transformers) config: what its safetensors must hold."""
+    return teacher_shapes(Arch.from_config(config), has_attention_bias(config))
+
+
 def _numel(shape) -> int:
     return math.prod(shape)
 
@@ -164,13 +176,16 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
         raise RedError(f"--hidden-size {d} must be between 1 and {arch.hidden_size - 1}")
     if N < 1 or micro_batch < 1 or seq_len < 1:
         raise RedError("--gpus, --micro-batch and --seq-len must be at least 1")
+    from .export import check_student_width
+
+    check_student_width(config, d)
     if micro_batch % N:
         raise RedError(f"--micro-batch {micro_batch} (global) must be divisible by --gpus {N}")
     for name, dt in (("teacher dtype", teacher_dtype), ("compute dtype", compute_dtype or teacher_dtype)):
         if dt not in DTYPE_BYTES:
             raise RedError(f"{name} {dt!r} is not one of {', '.join(DTYPE_BYTES)}")
     tb, cb = DTYPE_BYTES[teacher_dtype], DTYPE_BYTES[compute_dtype or teacher_dtype]
-    bias = bool(raw.get("attention_bias", model_type == "qwen2"))
+    bias = has_attention_bias(config)
     t_shapes, s_shapes = teacher_shapes(arch, bias), trainable_shapes(arch, d)
     shard = lambda shapes: sum(_sharded_numel(s, N) for s in shapes.values())
     out = {

@@ -80,6 +80,9 @@ def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
         raise RedError("teachers with sliding-window attention are not supported; set use_sliding_window=false in config.json if it is unused")
     if getattr(config, "mlp_bias", False) or (model_type == "llama" and getattr(config, "attention_bias", False)):
         raise RedError("Llama teachers with attention_bias or mlp_bias are not supported; use a teacher without those biases")
+    if model_type == "qwen3" and getattr(config, "attention_bias", False):
+        # transformers then gives o_proj a bias too, which the student has no place for
+        raise RedError("Qwen3 teachers with attention_bias are not supported; use a teacher without attention biases")
     return config
 
 
@@ -94,7 +97,7 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
     p = Path(path)
     config = read_teacher_config(p, trust_remote_code)
-    check_teacher_files(p)
+    check_teacher_weights(p, config)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # red shows its own progress; loading bars are noise
@@ -108,6 +111,9 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise RedError(f"teacher weights in {p} could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
                        "check that the safetensors files are complete and match config.json") from None
     model.to(device).eval().requires_grad_(False)
+    # the dtype config.json declares, which an "auto" export follows (the model may be
+    # loaded in another dtype, e.g. fp32 on a CPU)
+    model.red_config_dtype = config_dtype(p)
     return model, tokenizer
 
 
@@ -140,6 +146,12 @@ def check_teacher_files(folder: str | Path) -> None:
 
 def check_safetensors_file(f: str | Path, what: str = "file") -> None:
     """Raise RedError unless ``f`` has a readable safetensors header covering all its tensor data."""
+    read_safetensors_header(f, what)
+
+
+def read_safetensors_header(f: str | Path, what: str = "file") -> dict:
+    """The tensor entries of a safetensors header (name -> {"dtype", "shape", "data_offsets"},
+    no ``__metadata__``); RedError if the file is corrupt or shorter than its header says."""
     f = Path(f)
     try:
         size = f.stat().st_size
@@ -148,12 +160,140 @@ def check_safetensors_file(f: str | Path, what: str = "file") -> None:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length is out of range")
             header = json.loads(fh.read(header_len))
-        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        for k, v in tensors.items():
+            if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                    and len(v.get("data_offsets", ())) == 2):
+                raise ValueError(f"entry {k!r} is malformed")
+        data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
         if 8 + header_len + data_end > size:
             raise ValueError(f"file has {size} bytes, its header needs {8 + header_len + data_end}")
     except Exception as e:
         raise RedError(f"{what} {f} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}); "
                        "restore or re-save it") from None
+    return tensors
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+#: buffers some older checkpoints carry; transformers ignores them on load
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _names(names, n: int = 4) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def teacher_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files transformers would read: those named by
+    model.safetensors.index.json when there is one, else every ``*.safetensors``."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+        if not all(isinstance(n, str) and "/" not in n for n in names):
+            raise ValueError("weight_map names a file outside the folder")
+    except Exception as e:
+        raise RedError(f"{index} is unreadable ({type(e).__name__}: {str(e)[:120]}); restore it or delete it "
+                       "(then every *.safetensors file in the folder is read)") from None
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise RedError(f"teacher shard(s) {_names(missing)} named by {index.name} are missing from {folder}; "
+                       "copy every shard of the checkpoint")
+    return [folder / n for n in names]
+
+
+def check_teacher_weights(folder: str | Path, config) -> None:
+    """From the safetensors headers alone (plus the head and embedding when a tied config
+    also stores a head): every parameter ``config``'s architecture has is present with its
+    shape, nothing unexpected is there, every tensor is of one float dtype, and the tie
+    flag agrees with the file. RedError naming the tensors and the fix otherwise."""
+    from .plan import expected_teacher_shapes
+
+    folder = Path(folder)
+    check_teacher_files(folder)
+    headers: dict[str, dict] = {}
+    where: dict[str, Path] = {}
+    for f in teacher_weight_files(folder):
+        for k, v in read_safetensors_header(f, "teacher weights").items():
+            if k in headers:
+                raise RedError(f"teacher tensor {k!r} is stored twice ({where[k].name} and {f.name}); "
+                               "keep one copy (re-save the checkpoint)")
+            headers[k], where[k] = v, f
+    headers = {k: v for k, v in headers.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    expected = expected_teacher_shapes(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = headers.get("lm_head.weight")
+    if tied and head is not None:
+        if not _head_is_embedding(headers, where):
+            raise RedError(f"teacher config.json in {folder} says tie_word_embeddings: true but the weights hold an "
+                           "lm_head.weight that differs from model.embed_tokens.weight; set "
+                           "\"tie_word_embeddings\": false in config.json if the head is separate, or drop "
+                           "lm_head.weight from the safetensors")
+        headers = {k: v for k, v in headers.items() if k != "lm_head.weight"}
+    missing = [k for k in expected if k not in headers]
+    unexpected = [k for k in headers if k not in expected]
+    if missing and set(headers).isdisjoint(expected):
+        raise RedError(f"the safetensors files in {folder} hold no {config.model_type} weights (found "
+                       f"{_names(headers) or 'no tensors'}); point --teacher at the model's own folder")
+    if missing == ["lm_head.weight"] and not tied:
+        raise RedError(f"teacher weights in {folder} have no lm_head.weight but config.json says "
+                       "tie_word_embeddings: false; set \"tie_word_embeddings\": true if the head is the "
+                       "embedding, or restore the missing tensor")
+    if missing:
+        raise RedError(f"teacher weights in {folder} lack {len(missing)} tensor(s) config.json's architecture "
+                       f"needs: {_names(missing)}; restore the complete checkpoint (all shards)")
+    if unexpected:
+        raise RedError(f"teacher weights in {folder} hold {len(unexpected)} tensor(s) a {config.model_type} with this "
+                       f"config.json does not have: {_names(unexpected)}; check that config.json belongs to "
+                       "these weights")
+    bad = [f"{k} {tuple(headers[k]['shape'])} (expected {tuple(s)})" for k, s in expected.items()
+           if tuple(headers[k]["shape"]) != tuple(s)]
+    if bad:
+        raise RedError(f"teacher weights in {folder} do not match config.json's shapes: {_names(bad, 3)}; "
+                       "check that config.json belongs to these weights")
+    not_float = [f"{k} ({v['dtype']})" for k, v in headers.items() if v["dtype"] not in FLOAT_DTYPES]
+    if not_float:
+        raise RedError(f"teacher weights in {folder} hold non-float tensors: {_names(not_float)}; quantized or "
+                       "integer checkpoints are not supported: use the float (bf16/fp16/fp32) checkpoint")
+    dtypes: dict[str, list[str]] = {}
+    for k, v in headers.items():
+        dtypes.setdefault(v["dtype"], []).append(k)
+    if len(dtypes) > 1:
+        common = max(dtypes, key=lambda d: len(dtypes[d]))
+        odd = [f"{k} ({d})" for d, ks in dtypes.items() if d != common for k in ks]
+        raise RedError(f"teacher weights in {folder} mix dtypes: most are {common} but {_names(odd)}; re-save the "
+                       f"checkpoint in one dtype")
+
+
+def _head_is_embedding(headers: dict, where: dict) -> bool:
+    """Whether a stored lm_head.weight equals model.embed_tokens.weight (reads those two)."""
+    from safetensors import safe_open
+
+    h, e = headers["lm_head.weight"], headers.get("model.embed_tokens.weight")
+    if e is None or h["shape"] != e["shape"] or h["dtype"] != e["dtype"]:
+        return False
+    with safe_open(str(where["lm_head.weight"]), "pt") as fh:
+        head = fh.get_tensor("lm_head.weight")
+    with safe_open(str(where["model.embed_tokens.weight"]), "pt") as fe:
+        emb = fe.get_tensor("model.embed_tokens.weight")
+    return torch.equal(head, emb)
+
+
+def config_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype config.json declares (``dtype`` or the older ``torch_dtype``), if any."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    d = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(d)
 
 
 def teacher_fingerprint(path: str | Path) -> str:
