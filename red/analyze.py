@@ -10,6 +10,76 @@ from .errors import RedError
 from .metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
 
 
+def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = None) -> None:
+    """Every check of `red analyze`'s own inputs that needs no model, run before any work."""
+    from .config import at_least, check_values
+
+    check_values({"--samples": samples, "--seq-len": seq_len},
+                 (("--samples", at_least(1)), ("--seq-len", at_least(2))))
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise RedError(f"--out {out} is a file; --out takes a folder for analysis.json and the plots")
+
+
+def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
+    """Refuse a --student that was not made from --teacher, before any model is loaded.
+
+    A run folder (it holds run.yaml) must have been distilled from this teacher: the
+    teacher fingerprint of its last checkpoint (or, before its first checkpoint, of the
+    teacher run.yaml names) must equal that of ``teacher_dir``. An exported model folder
+    must be a model of the teacher's architecture, depth and vocabulary, no wider.
+    """
+    from .teacher import Arch, read_teacher_config, teacher_fingerprint
+
+    arch = Arch.from_config(read_teacher_config(teacher_dir))
+    sp = Path(student)
+    fix = "pass a `red distill` run folder or an exported model folder (OUT/student) to --student"
+    if not sp.exists():
+        raise RedError(f"student folder {sp} does not exist; {fix}")
+    if not sp.is_dir():
+        raise RedError(f"student path {sp} is not a folder; {fix}")
+    if (sp / "run.yaml").is_file():
+        _check_run_teacher(sp, teacher_dir, teacher_fingerprint(teacher_dir))
+        return
+    if not (sp / "config.json").is_file():
+        raise RedError(f"student folder {sp} has no config.json (and no run.yaml); {fix}")
+    try:
+        raw = json.loads((sp / "config.json").read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise RedError(f"student config {sp / 'config.json'} is unreadable ({type(e).__name__}); {fix}") from None
+    if not any(sp.glob("*.safetensors")):
+        raise RedError(f"student folder {sp} has no *.safetensors weights; {fix}")
+    mismatch = []
+    if raw.get("model_type") != arch.model_type:
+        mismatch.append(f"model_type {raw.get('model_type')!r}, the teacher's is {arch.model_type!r}")
+    if raw.get("num_hidden_layers") != arch.num_layers:
+        mismatch.append(f"{raw.get('num_hidden_layers')} layers, the teacher has {arch.num_layers}")
+    if raw.get("vocab_size") != arch.vocab_size:
+        mismatch.append(f"vocab_size {raw.get('vocab_size')}, the teacher's is {arch.vocab_size}")
+    width = raw.get("hidden_size")
+    if not isinstance(width, int) or not 0 < width <= arch.hidden_size:
+        mismatch.append(f"hidden_size {width}, the teacher's is {arch.hidden_size}")
+    if mismatch:
+        raise RedError(f"student {sp} was not distilled from teacher {teacher_dir}: it has {'; '.join(mismatch)}; "
+                       "pass the student's own teacher to --teacher")
+
+
+def _check_run_teacher(run: Path, teacher_dir: str | Path, fingerprint: str) -> None:
+    from .checkpoint import list_checkpoints, read_meta
+    from .config import make_config
+    from .teacher import teacher_fingerprint
+
+    cfg = make_config(run / "run.yaml")
+    found = list_checkpoints(run / "checkpoints")
+    theirs = read_meta(found[-1]).get("teacher_fingerprint") if found else None
+    if theirs is None and (Path(cfg.teacher) / "config.json").is_file():
+        theirs = teacher_fingerprint(cfg.teacher)
+    if theirs is not None and theirs != fingerprint:
+        raise RedError(f"--teacher {teacher_dir} is not the teacher of run {run} (it was distilled from "
+                       f"{cfg.teacher}); pass the run's own teacher to --teacher")
+
+
 def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
     """Rebuild the ProjectedStudent of a `red distill` output folder from a checkpoint
     (default: the last complete one). Returns (student, tokenizer, config)."""
@@ -29,6 +99,9 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
         checkpoint = found[-1]
     if not Path(checkpoint).is_dir():
         raise RedError(f"checkpoint {checkpoint} does not exist; pass a checkpoints/step-* folder")
+    if not (Path(checkpoint) / "trainer.json").is_file():
+        raise RedError(f"{checkpoint} is not a red checkpoint (no trainer.json); pass a checkpoints/step-* folder "
+                       "of the run to --checkpoint, or leave it out for the last one")
     meta = read_meta(checkpoint)
     arch = Arch.from_config(read_teacher_config(cfg.teacher, cfg.trust_remote_code))
     if meta.get("teacher_hidden_size") != arch.hidden_size:

@@ -105,7 +105,35 @@ def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: b
         for module in points.values():
             del module.forward
     return Calibration(stats=stats, tokens_per_seq=T, points=list(points),
-                       meta={"model_type": teacher.config.model_type, "hidden_size": D})
+                       meta={"model_type": teacher.config.model_type, "hidden_size": D,
+                             "num_layers": len(teacher.model.layers)})
+
+
+def check_calibration_teacher(cal: Calibration, path: str | Path, teacher_dir: str | Path, arch) -> None:
+    """Refuse a calibration file made on another teacher than ``teacher_dir`` (whose
+    ``red.teacher.Arch`` is ``arch``).
+
+    Files written since the teacher's fingerprint is stored (``meta["teacher_fingerprint"]``,
+    set where the teacher folder is known: ``red.pipeline.run_calibration`` and the
+    calibration ``red distill`` makes) must match the fingerprint of ``teacher_dir``. Older
+    files without one are accepted when their width matches the teacher's: a file from
+    another teacher of the same width cannot be told apart then.
+    """
+    from .teacher import teacher_fingerprint
+
+    if cal.hidden_size != arch.hidden_size:
+        raise RedError(f"calibration {path} was made for width {cal.hidden_size}, the teacher has "
+                       f"{arch.hidden_size}; recalibrate with this teacher (red calibrate --teacher {teacher_dir}) "
+                       "or drop --calibration")
+    fp = cal.meta.get("teacher_fingerprint")
+    if fp is None:
+        return
+    if fp != teacher_fingerprint(teacher_dir):
+        made = cal.meta.get("teacher") or "an unknown folder"
+        kind = f"{cal.meta.get('model_type', '?')}, {cal.meta.get('num_layers', '?')} layers"
+        raise RedError(f"calibration {path} was made on another teacher ({made}: {kind}), not {teacher_dir} "
+                       f"({arch.model_type}, {arch.num_layers} layers); recalibrate with "
+                       f"red calibrate --teacher {teacher_dir}, or drop --calibration")
 
 
 def channel_scores(cal: Calibration, method: str = "minitron") -> torch.Tensor:

@@ -3,6 +3,12 @@
 Every option of `red distill` comes from a field of DistillConfig, so YAML keys and
 flags are the same names (hidden_size <-> --hidden-size). User errors print one line
 and exit with code 2.
+
+Start-up is kept cheap: this module imports only the standard library, yaml and
+red.config/red.errors, and each command imports torch/transformers (through the modules
+doing the work) inside its handler, after the checks that need no weights. So
+``red --help``, usage errors and config errors answer without loading torch.
+``python -m red ...`` is the same command as ``red ...``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ from pathlib import Path
 
 from .config import PRESETS, DistillConfig
 from .errors import RedError
+
+
+def _launched_by_torchrun() -> bool:
+    # red.distributed.launched_by_torchrun, without importing torch (red.distributed does)
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _optional_float(s: str):
@@ -156,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_distill(args) -> int:
     from .config import make_config
-    from .pipeline import distill
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if f.metadata.get("cli") is not False}
-    cfg = make_config(args.config, **overrides)
+    cfg = make_config(args.config, **overrides)  # validates: config errors answer before torch is imported
+    from .pipeline import distill
+
     result = distill(cfg, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 reports
@@ -170,6 +182,10 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    from .config import DEVICE, at_least, check_values
+
+    check_values({"--calib-samples": args.calib_samples, "--seq-len": args.seq_len, "--device": args.device},
+                 (("--calib-samples", at_least(1)), ("--seq-len", at_least(2)), ("--device", DEVICE)))
     from .calibration import channel_scores
     from .pipeline import run_calibration
 
@@ -190,10 +206,12 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from .analyze import analyze, format_report, load_run_student
+    from .analyze import analyze, check_analyze_inputs, check_analyze_models, format_report, load_run_student
     from .data import load_corpus
     from .teacher import load_teacher
 
+    check_analyze_inputs(args.samples, args.seq_len, args.out)
+    check_analyze_models(args.teacher, args.student)
     teacher, tok = load_teacher(args.teacher)
     sp = Path(args.student)
     if (sp / "run.yaml").is_file():
@@ -243,6 +261,9 @@ def _cmd_eval(args) -> int:
 def _cmd_plan(args) -> int:
     import json
 
+    from .config import validate_plan_inputs
+
+    validate_plan_inputs(args.hidden_size, args.seq_len, args.micro_batch, args.gpus, args.logits_chunk)
     from .plan import format_plan, plan_memory
 
     plan = plan_memory(args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus,
@@ -255,6 +276,12 @@ def _cmd_plan(args) -> int:
 def _cmd_bench(args) -> int:
     import json
 
+    from .config import DEVICE, at_least, check_values
+
+    check_values({"--device": args.device, "--seq-len": args.seq_len, "--batch-size": args.batch_size,
+                  "--steps": args.steps, "--layers": args.layers},
+                 (("--device", DEVICE), ("--seq-len", at_least(2)), ("--batch-size", at_least(1)),
+                  ("--steps", at_least(1)), ("--layers", at_least(1))))
     from .bench import format_report, run_bench
 
     def progress(row):
@@ -280,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"red {args.command}: error: unrecognized arguments: {' '.join(extra)}; see red {args.command} --help",
               file=sys.stderr)
         return 2
-    from .distributed import launched_by_torchrun
-
-    quiet = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"  # rank 0 alone reports
+    quiet = _launched_by_torchrun() and os.environ.get("RANK", "0") != "0"  # rank 0 alone reports
     try:
         return COMMANDS[args.command](args)
     except RedError as e:
@@ -298,13 +323,10 @@ def run(argv: list[str] | None = None) -> int:
     """``python -m red`` / the ``red`` script. Under torchrun the process group is torn
     down and the process leaves with ``os._exit``: gloo groups can abort at interpreter
     exit after the work is done, which would turn a finished run into a failed exit code."""
-    from .distributed import launched_by_torchrun
-
     rc = main(argv)
-    if launched_by_torchrun():
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+    if _launched_by_torchrun():
+        dist = sys.modules.get("torch.distributed")  # no process group unless the work imported it
+        if dist is not None and dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -62,7 +63,7 @@ class DistillConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 disables)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data order and everything else"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer (teacher and student) in backward instead of storing its activations"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     kernels: str = field(default="auto", metadata={"help": "auto (Triton on CUDA), triton or torch"})
     precision: str = field(default="auto", metadata={"help": "compute dtype of every matmul: bf16 (teacher in bf16, fp32 master projections) or fp32; auto is bf16 on CUDA, fp32 on CPU"})
     recompute_weights: bool = field(default=False, metadata={"help": "re-make each student weight W_t P in backward instead of keeping it (saves 7 D x d matrices a layer, costs one GEMM each)"})
@@ -71,7 +72,7 @@ class DistillConfig:
     eval_every: int = field(default=50, metadata={"help": "steps between validation loss + eRank (0: only at the end)"})
     val_batches: int = field(default=4, metadata={"help": "validation micro-batches per evaluation"})
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (at least 1)"})
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the exported student: auto (teacher's), float32, bfloat16, float16"})
     overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output folder (its contents are replaced)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT (a folder without one starts from step 0)"})
@@ -80,28 +81,22 @@ class DistillConfig:
     history: list = field(default_factory=list, metadata={"help": "schedule changes made on --resume, with the step each took effect (written by red into run.yaml)", "cli": False})
 
     def validate(self) -> "DistillConfig":
-        """Check values that do not need the teacher; raise RedError naming the fix."""
-        def choice(name, options):
-            v = getattr(self, name)
-            if v not in options:
-                raise RedError(f"{name}={v!r} is not one of {', '.join(options)}; pick one of those")
-        choice("preset", tuple(PRESETS))
-        choice("init", INITS)
-        choice("score", SCORES)
-        choice("clone_norm", CLONE_NORMS)
-        choice("kernels", KERNELS)
-        choice("precision", PRECISION_CHOICES)
-        choice("txt_split", ("line", "paragraph", "file"))
-        choice("export_dtype", ("auto", "float32", "bfloat16", "float16"))
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "calib_samples", "log_every"):
-            if getattr(self, name) < 1:
-                raise RedError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.temperature <= 0:
-            raise RedError(f"temperature must be positive (got {self.temperature})")
-        if not 0 < self.val_fraction < 1:
-            raise RedError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise RedError(f"lr must be a positive finite number (got {self.lr})")
+        """Check values that do not need the teacher; raise RedError naming the fix.
+
+        Every float must be finite, then each field is checked against ``CONFIG_RULES``
+        (one declarative table), then the few rules that tie two fields together."""
+        hints = typing.get_type_hints(DistillConfig)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if float in (hints[f.name], *typing.get_args(hints[f.name])) and v is not None:
+                check_finite(f.name, v)
+        check_values({name: getattr(self, name) for name, _ in CONFIG_RULES}, CONFIG_RULES)
+        if self.kl_weight == self.lm_weight == self.clone_weight == 0:
+            raise RedError("kl_weight, lm_weight and clone_weight are all 0, so nothing would be trained; "
+                           "give at least one of them a positive weight")
+        if self.warmup >= 1 and self.warmup > self.steps:
+            raise RedError(f"warmup={self.warmup:g} steps is longer than steps={self.steps}; lower --warmup "
+                           "(a value below 1 is a fraction of --steps)")
         return self
 
     def allowed_changes(self) -> set[str]:
@@ -117,6 +112,125 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LRC: Gaussian init N(0, 0.02^2) and KL at temperature 40.
     "lrc": {"init": "lrc", "temperature": 40.0, "clone_weight": 0.2},
 }
+
+
+# ---------------------------------------------------------------------------
+# One validation layer for numbers and choices: a rule is a test and the words that
+# say what the value must be; a table of (name, rule) is checked in a loop. `red
+# distill` (DistillConfig.validate), `red eval`, `red plan`, `red analyze` and
+# `red calibrate` all go through check_values.
+
+@dataclass(frozen=True)
+class Rule:
+    """``test(value) -> bool``; ``need`` completes "NAME must be ..."."""
+    test: Callable[[Any], bool]
+    need: str
+    hint: str = ""
+    template: str = "{name} must be {need} (got {value!r})"
+
+    def message(self, name: str, value: Any) -> str:
+        text = self.template.format(name=name, need=self.need, value=value)
+        return text + (f"; {self.hint}" if self.hint else "")
+
+
+def at_least(n, hint: str = "") -> Rule:
+    return Rule(lambda v: v >= n, f"at least {n}", hint)
+
+
+POSITIVE = Rule(lambda v: v > 0, "a positive number")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "at least 0")
+OPEN_UNIT = Rule(lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")
+SEED = Rule(lambda v: 0 <= v <= 2**64 - 1, "between 0 and 2**64-1 (a 64-bit seed)")
+DEVICE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+              "one of auto, cpu, cuda, cuda:N", "pick one of those", template="{name}={value!r} is not {need}")
+
+
+def one_of(options) -> Rule:
+    return Rule(lambda v: v in options, "one of " + ", ".join(options), "pick one of those",
+                template="{name}={value!r} is not {need}")
+
+
+def check_finite(name: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RedError(f"{name}={value!r} is not a finite number; give a finite value")
+
+
+def check_values(values: dict[str, Any], rules) -> None:
+    """Check ``values[name]`` against each ``(name, rule)`` of ``rules`` in order; None
+    means "not given" and passes. Raises RedError naming the first value that fails."""
+    for name, rule in rules:
+        v = values[name]
+        if v is None:
+            continue
+        check_finite(name, v)
+        if not rule.test(v):
+            raise RedError(rule.message(name, v))
+
+
+#: What each field of DistillConfig must be (fields that are free text are absent).
+CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
+    ("preset", one_of(tuple(PRESETS))),
+    ("init", one_of(INITS)),
+    ("score", one_of(SCORES)),
+    ("clone_norm", one_of(CLONE_NORMS)),
+    ("kernels", one_of(KERNELS)),
+    ("precision", one_of(PRECISION_CHOICES)),
+    ("txt_split", one_of(("line", "paragraph", "file"))),
+    ("export_dtype", one_of(("auto", "float32", "bfloat16", "float16"))),
+    ("device", DEVICE),
+    ("steps", at_least(1)),
+    ("batch_size", at_least(1)),
+    ("grad_accum", at_least(1)),
+    ("seq_len", at_least(2, "a sequence needs an input and a next token")),
+    ("calib_samples", at_least(1)),
+    ("log_every", at_least(1)),
+    ("val_batches", at_least(1)),
+    ("keep_checkpoints", at_least(1, "give how many checkpoints to keep (0 no longer means all: to keep all, give steps/save_every or more)")),
+    ("eval_every", NON_NEGATIVE),
+    ("save_every", NON_NEGATIVE),
+    ("seed", SEED),
+    ("val_fraction", OPEN_UNIT),
+    ("temperature", POSITIVE),
+    ("lr", POSITIVE),
+    ("kl_weight", NON_NEGATIVE),
+    ("lm_weight", NON_NEGATIVE),
+    ("clone_weight", NON_NEGATIVE),
+    ("warmup", NON_NEGATIVE),
+    ("grad_clip", Rule(lambda v: v >= 0, "at least 0", "0 disables clipping")),
+    ("init_std", Rule(lambda v: v > 0, "a positive number", "or null for 1/sqrt(D)")),
+    ("norm_eps", Rule(lambda v: v > 0, "a positive number", "or null for the teacher's")),
+)
+
+
+#: `red plan`'s numbers (flag -> rule); ``validate_plan_inputs`` checks them.
+PLAN_RULES: tuple[tuple[str, Rule], ...] = (
+    ("--hidden-size", at_least(1)),
+    ("--seq-len", at_least(2)),
+    ("--micro-batch", at_least(1)),
+    ("--gpus", at_least(1)),
+    ("--logits-chunk", Rule(lambda v: v >= 0, "at least 0", "0 means the kernel's default chunk")),
+)
+
+
+def validate_plan_inputs(hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
+                         logits_chunk: int = 0) -> None:
+    """The checks of `red plan`'s numbers that need no teacher (plan_memory checks the
+    width against the teacher and --micro-batch against --gpus)."""
+    check_values({"--hidden-size": hidden_size, "--seq-len": seq_len, "--micro-batch": micro_batch,
+                  "--gpus": gpus, "--logits-chunk": logits_chunk}, PLAN_RULES)
+
+def validate_against_teacher(cfg: DistillConfig, teacher_config, n_sequences: int | None = None) -> None:
+    """The checks that need the teacher's config (a transformers config or a dict) and,
+    when given, ``n_sequences``, the number of packed training sequences of the corpus.
+    Call it in the pipeline's preflight once both are known, before anything is written."""
+    get = teacher_config.get if isinstance(teacher_config, dict) else (lambda k: getattr(teacher_config, k, None))
+    max_pos = get("max_position_embeddings")
+    if max_pos and cfg.seq_len > max_pos:
+        raise RedError(f"seq_len={cfg.seq_len} is above the teacher's max_position_embeddings={max_pos}; "
+                       f"lower --seq-len to {max_pos} or less")
+    if n_sequences is not None and not cfg.calibration and cfg.calib_samples > n_sequences:
+        raise RedError(f"calib_samples={cfg.calib_samples} is more than the {n_sequences} training sequences the "
+                       f"corpus packs to at seq_len={cfg.seq_len}; lower --calib-samples or add text")
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -18,9 +18,30 @@ def parse_ks(text: str) -> list[int]:
             ks = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise RedError(f"--ks {text!r} is not a range like 1-6 or a list like 1,2,3") from None
-    if not ks or min(ks) < 1:
-        raise RedError(f"--ks {text!r} must name step counts of at least 1")
+    from .demo.task import MAX_K
+
+    if not ks or min(ks) < 1 or max(ks) > MAX_K:
+        raise RedError(f"--ks {text!r} must name step counts between 1 and {MAX_K} (the benchmark's longest problems)")
     return ks
+
+
+def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks: str = "",
+                      num_fewshot: int | None = None, max_gen_toks: int = 256, limit: int | None = None,
+                      out: str | Path | None = None) -> None:
+    """Every check of `red eval`'s inputs that needs no model, run before any work."""
+    from .config import NON_NEGATIVE, SEED, at_least, check_values
+
+    check_values({"--n-per-k": n_per_k, "--seed": seed, "--num-fewshot": num_fewshot,
+                  "--max-gen-toks": max_gen_toks, "--limit": limit},
+                 (("--n-per-k", NON_NEGATIVE), ("--seed", SEED), ("--num-fewshot", NON_NEGATIVE),
+                  ("--max-gen-toks", at_least(1)), ("--limit", at_least(1))))
+    if n_per_k == 0 and not lm_eval_tasks.strip():
+        raise RedError("--n-per-k 0 skips the synthetic benchmark and no --lm-eval-tasks are given, so there is "
+                       "nothing to evaluate; give --n-per-k of at least 1 or --lm-eval-tasks")
+    if n_per_k > 0 and isinstance(ks, str):
+        parse_ks(ks)
+    if out and Path(out).is_dir():
+        raise RedError(f"--out {out} is a folder; --out takes the JSON file to write, e.g. {Path(out) / 'eval.json'}")
 
 
 def synthetic_benchmark(model_dir: str | Path, ks=range(1, 7), n_per_k: int = 200, seed: int = 0,
@@ -61,8 +82,11 @@ def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: in
                    lm_eval_tasks: str = "", num_fewshot: int | None = None, max_gen_toks: int = 256,
                    apply_chat_template: bool = False, limit: int | None = None, out: str | Path | None = None) -> dict:
     """What `red eval` does; writes the report to ``out`` (JSON) when given."""
+    check_eval_inputs(ks, n_per_k, seed, lm_eval_tasks, num_fewshot, max_gen_toks, limit, out)
     if not Path(model_dir).is_dir():
         raise RedError(f"model folder {model_dir} does not exist; pass an exported student (OUT/student)")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise RedError(f"model folder {model_dir} has no config.json; pass an exported model folder (OUT/student)")
     report: dict = {"model": str(model_dir)}
     if n_per_k > 0:
         report["synthetic"] = synthetic_benchmark(model_dir, parse_ks(ks) if isinstance(ks, str) else ks,

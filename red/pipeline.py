@@ -14,9 +14,9 @@ import torch
 
 import red_kernels
 
-from .calibration import Calibration, calibrate, channel_scores
+from .calibration import Calibration, calibrate, channel_scores, check_calibration_teacher
 from .checkpoint import check_checkpoint
-from .config import DistillConfig, config_yaml
+from .config import DistillConfig, config_yaml, validate_against_teacher
 from .data import PackedCorpus, load_corpus
 from .distributed import DistContext, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
@@ -25,7 +25,8 @@ from .initialization import initialize, select_channels
 from .plan import run_disk_bytes
 from .run import CALIBRATION, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
 from .student import ProjectedStudent, trainable_shapes
-from .teacher import Arch, check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer, read_teacher_config
+from .teacher import (Arch, check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer,
+                      read_teacher_config, teacher_fingerprint)
 from .trainer import MetricsLog, resolve_precision, train
 
 
@@ -169,12 +170,12 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
         raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
                        f"{arch.vocab_size} rows; use the teacher's own tokenizer")
     corpus = load_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.txt_split)
+    validate_against_teacher(cfg, tcfg, len(corpus.train))
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
-        if cal.hidden_size != D:
-            raise RedError(f"calibration {cfg.calibration} was made for width {cal.hidden_size}, the teacher has "
-                           f"{D}; recalibrate with this teacher or drop --calibration")
+        # width, and the teacher's fingerprint when the file has one (older files: width only)
+        check_calibration_teacher(cal, cfg.calibration, cfg.teacher, arch)
     identity = RunIdentity.from_config(cfg, arch)
     state = run.state()
     if state == "run" and cfg.resume:
@@ -266,6 +267,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
     if cal is None:
         cal = calibrate(teacher, corpus.train[: cfg.calib_samples], progress=progress and ctx.is_main)
         cal.meta["teacher"] = str(cfg.teacher)
+        cal.meta["teacher_fingerprint"] = teacher_fingerprint(cfg.teacher)
     if ctx.is_main and not run.calibration.exists():
         cal.save(run.calibration)
         run.own(CALIBRATION)
@@ -342,6 +344,7 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
     corpus = load_corpus(data, tok, seq_len, 0.05, text_field, txt_split)
     cal = calibrate(teacher, corpus.train[:samples], progress=progress)
     cal.meta["teacher"] = str(teacher_dir)
+    cal.meta["teacher_fingerprint"] = teacher_fingerprint(teacher_dir)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:

@@ -162,6 +162,9 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     ``compute_dtype`` defaults to ``teacher_dtype``. ``logits_chunk`` 0 means the fused
     KL kernel's default chunk. Returns ``{"per_gpu": {category: bytes, ..., "total": bytes}, "inputs": {...}}``.
     """
+    from .config import validate_plan_inputs
+
+    validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)  # red plan's own rules
     raw = _read_config(teacher)
     from transformers import AutoConfig
 
@@ -174,8 +177,6 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     d, N = int(hidden_size), int(gpus)
     if not 0 < d < arch.hidden_size:
         raise RedError(f"--hidden-size {d} must be between 1 and {arch.hidden_size - 1}")
-    if N < 1 or micro_batch < 1 or seq_len < 1:
-        raise RedError("--gpus, --micro-batch and --seq-len must be at least 1")
     from .export import check_student_width
 
     check_student_width(config, d)

@@ -17,15 +17,38 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import functools
+import importlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-
 from ..errors import RedError
+
+
+class _Lazy:
+    """A module imported on first attribute access: `red demo --help` (which needs only
+    DemoConfig) must not pay for importing torch."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _Lazy("torch")
+F = _Lazy("torch.nn.functional")
+
+
+def _no_grad(fn):
+    """``@torch.no_grad()`` without importing torch at import time."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
 
 TEACHER_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-teacher"
 
@@ -72,7 +95,7 @@ def _runs(cfg: DemoConfig) -> list[tuple[str, str, Optional[str]]]:
     return runs
 
 
-@torch.no_grad()
+@_no_grad
 def heldout_nll(model, ids: torch.Tensor) -> float:
     """Mean next-token cross-entropy of a causal LM on packed held-out text."""
     logits = model(input_ids=ids).logits
@@ -127,6 +150,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     teacher_dir = Path(cfg.teacher) if cfg.teacher else TEACHER_DIR
     if not (teacher_dir / "config.json").is_file():
+        if cfg.teacher:
+            raise RedError(f"--teacher {teacher_dir} has no config.json; pass a Hugging Face model folder")
         raise RedError(f"demo teacher not found at {teacher_dir}; reinstall red or pass --teacher")
     runs = _runs(cfg)
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
