@@ -170,6 +170,9 @@ def _cmd_distill(args) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if f.metadata.get("cli") is not False}
     cfg = make_config(args.config, **overrides)  # validates: config errors answer before torch is imported
+    from .inputs import check_distill_inputs
+
+    check_distill_inputs(cfg)  # wrong paths, architecture or width: also before torch
     from .pipeline import distill
 
     result = distill(cfg, progress=not args.quiet)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import RedError
+from .inputs import check_corpus_path
 
 
 def read_documents(path: str | Path, text_field: str = "text", txt_split: str = "line") -> list[str]:
@@ -26,13 +27,7 @@ def read_documents(path: str | Path, text_field: str = "text", txt_split: str = 
     a number, a list) is an error naming the line or row, and chat rows (``messages``
     lists of role/content dicts, or prompt/completion pairs) are refused: render them to
     text first."""
-    p = Path(path)
-    if not str(path):
-        raise RedError("no corpus given; pass --data FILE (.txt, .jsonl or .parquet)")
-    if p.is_dir():
-        raise RedError(f"corpus {p} is a folder, not a file; pass --data with one .txt, .jsonl or .parquet file")
-    if not p.is_file():
-        raise RedError(f"corpus {p} does not exist; pass --data with an existing .txt, .jsonl or .parquet file")
+    p = check_corpus_path(path)
     suffix = p.suffix.lower()
     if suffix == ".txt":
         text = _read_text(p)

@@ -22,6 +22,7 @@ from .distributed import DistContext, full_tensor, init_distributed, rank_device
 from .errors import RedError
 from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
+from .inputs import check_distill_inputs
 from .plan import run_disk_bytes
 from .run import CALIBRATION, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
 from .student import ProjectedStudent, trainable_shapes
@@ -239,7 +240,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     metrics, checkpoints, the export and ``result.json``. See ``red.distributed``.
     """
     cfg.validate()
-    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)  # fail fast, before any work
+    check_distill_inputs(cfg)  # paths and config.json first: the cheapest errors
+    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)
     ctx = init_distributed(cfg.device)
     run = RunDir(cfg.out)
     check_separate(cfg.out, run_inputs(cfg))

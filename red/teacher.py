@@ -8,12 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import RedError
-
-SUPPORTED = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from .inputs import SUPPORTED, read_teacher_json  # SUPPORTED re-exported: one list of architectures
 
 
 @dataclass(frozen=True)
@@ -55,23 +50,9 @@ def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     p = Path(path)
-    if not str(path):
-        raise RedError("no teacher given; pass --teacher DIR (a local Hugging Face model folder)")
-    if not p.exists():
-        raise RedError(f"teacher folder {p} does not exist; pass --teacher DIR with a local Hugging Face model folder")
-    if not p.is_dir():
-        raise RedError(f"teacher path {p} is not a folder; pass the folder that holds config.json and *.safetensors")
+    raw = read_teacher_json(p)
     cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise RedError(f"teacher folder {p} has no config.json; point --teacher at a Hugging Face model folder")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RedError(f"teacher config {cfg_file} is unreadable ({e}); restore the file") from None
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED:
-        names = ", ".join(SUPPORTED.values())
-        raise RedError(f"teacher architecture {model_type!r} is not supported; supported: {names}")
     try:
         config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for bad configs

@@ -50,6 +50,9 @@ def test_subcommand_help(tmp_path, command):
     _no_heavy(imported)
 
 
+DEMO_TEACHER = Path(__file__).resolve().parents[1] / "red" / "assets" / "demo-teacher"
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--no-such-option"], "red: error:"),
     (["distill", "--no-such-option", "1"], "red distill: error: unrecognized arguments: --no-such-option 1"),
@@ -61,6 +64,15 @@ def test_subcommand_help(tmp_path, command):
     (["calibrate", "--teacher", "t", "--data", "d", "--out", "o.safetensors", "--seq-len", "1"],
      "red calibrate: error:"),
     (["bench", "--teacher", "t", "--hidden-size", "8", "--seq-len", "4", "--device", "tpu"], "red bench: error:"),
+    # pre-flight errors that need no teacher weights: paths, architecture, width
+    (["distill", "--teacher", "no-such-teacher", "--data", "d.txt", "--hidden-size", "8", "--out", "o"],
+     "red distill: error: teacher folder no-such-teacher does not exist"),
+    (["distill", "--teacher", str(DEMO_TEACHER), "--data", "no-such.txt", "--hidden-size", "8", "--out", "o"],
+     "red distill: error: corpus no-such.txt does not exist"),
+    (["distill", "--teacher", str(DEMO_TEACHER), "--data", str(DEMO_TEACHER / "README.md"), "--hidden-size", "8",
+      "--out", "o"], "red distill: error: corpus"),
+    (["distill", "--teacher", str(DEMO_TEACHER), "--data", "d.txt", "--hidden-size", "4096", "--out", "o"],
+     "red distill: error: --hidden-size 4096 must be between 1 and 127"),
 ])
 def test_user_errors_are_one_line_without_torch(tmp_path, args, expect):
     rc, out, err, imported = _red(args, tmp_path)

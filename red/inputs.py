@@ -1,0 +1,75 @@
+"""The checks of a command's input paths that need only the standard library.
+
+They run before torch or transformers are imported (``red.cli`` calls
+:func:`check_distill_inputs` first), so a wrong path answers at once; the modules that
+read the inputs (``red.teacher``, ``red.data``) call the same functions, so each rule and
+its message live here once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import RedError
+
+SUPPORTED = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # .json: JSON lines under that name
+
+
+def read_teacher_json(path: str | Path) -> dict:
+    """The teacher folder's config.json as a dict, after the path and architecture checks."""
+    p = Path(path)
+    if not str(path):
+        raise RedError("no teacher given; pass --teacher DIR (a local Hugging Face model folder)")
+    if not p.exists():
+        raise RedError(f"teacher folder {p} does not exist; pass --teacher DIR with a local Hugging Face model folder")
+    if not p.is_dir():
+        raise RedError(f"teacher path {p} is not a folder; pass the folder that holds config.json and *.safetensors")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise RedError(f"teacher folder {p} has no config.json; point --teacher at a Hugging Face model folder")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RedError(f"teacher config {cfg_file} is unreadable ({e}); restore the file") from None
+    if not isinstance(raw, dict):
+        raise RedError(f"teacher config {cfg_file} is not a JSON object; restore the file")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED:
+        names = ", ".join(SUPPORTED.values())
+        raise RedError(f"teacher architecture {model_type!r} is not supported; supported: {names}")
+    return raw
+
+
+def check_corpus_path(path: str | Path) -> Path:
+    """The corpus path names one existing file of a supported format."""
+    p = Path(path)
+    if not str(path):
+        raise RedError("no corpus given; pass --data FILE (.txt, .jsonl or .parquet)")
+    if p.is_dir():
+        raise RedError(f"corpus {p} is a folder, not a file; pass --data with one .txt, .jsonl or .parquet file")
+    if not p.is_file():
+        raise RedError(f"corpus {p} does not exist; pass --data with an existing .txt, .jsonl or .parquet file")
+    if p.suffix.lower() not in CORPUS_SUFFIXES:
+        raise RedError(f"corpus {p} has an unknown format {p.suffix.lower() or '(no suffix)'}; "
+                       "use .txt, .jsonl or .parquet")
+    return p
+
+
+def check_distill_inputs(cfg) -> None:
+    """What `red distill` can check from paths and config.json alone, before any heavy import:
+    the teacher folder and its architecture, the width against the teacher's, the corpus
+    path, a given calibration file, and an output path that is not a file."""
+    raw = read_teacher_json(cfg.teacher)
+    D = raw.get("hidden_size")
+    if isinstance(D, int) and not 0 < cfg.hidden_size < D:
+        raise RedError(f"--hidden-size {cfg.hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
+    check_corpus_path(cfg.data)
+    if cfg.calibration and not Path(cfg.calibration).is_file():
+        raise RedError(f"calibration file {cfg.calibration} does not exist; run `red calibrate` or drop --calibration")
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise RedError(f"output path {cfg.out} is a file; pass a folder to --out")
