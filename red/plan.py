@@ -229,22 +229,13 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
 
 
 def _read_config(teacher) -> dict:
+    """config.json of a teacher folder (or the file itself, or a dict), with red's checks."""
+    from .inputs import read_teacher_json
+
     if isinstance(teacher, dict):
         return dict(teacher)
     p = Path(teacher)
-    f = p / "config.json" if p.is_dir() else p
-    if not f.is_file():
-        raise RedError(f"teacher {p} has no config.json; pass --teacher DIR (a Hugging Face model folder)")
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RedError(f"teacher config {f} is unreadable ({type(e).__name__}); restore the file") from None
-    from .teacher import SUPPORTED
-
-    if raw.get("model_type") not in SUPPORTED:
-        raise RedError(f"teacher architecture {raw.get('model_type')!r} is not supported; "
-                       f"supported: {', '.join(SUPPORTED.values())}")
-    return raw
+    return read_teacher_json(p.parent if p.name == "config.json" and p.is_file() else p)
 
 
 def format_plan(plan: dict) -> str:

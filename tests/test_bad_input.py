@@ -101,7 +101,7 @@ def cases(w):
         ("not a calibration", d("--calibration", R / "notsafetensors.safetensors"), "corrupt or truncated"),
         ("export: missing run", exp(R / "nope"), "not a red run folder"),
         ("export: missing checkpoint", exp(r, "--checkpoint", R / "nope"), "does not exist"),
-        ("plan: missing teacher", ["plan", "--teacher", str(R / "nope"), "--hidden-size", "32"], "no config.json"),
+        ("plan: missing teacher", ["plan", "--teacher", str(R / "nope"), "--hidden-size", "32"], "does not exist"),
         # corpora
         ("empty corpus", d("--data", R / "empty.txt"), "holds no text"),
         ("binary corpus", d("--data", R / "binary.txt"), "looks binary"),
