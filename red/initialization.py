@@ -1,4 +1,4 @@
-"""Initial values of the student's projections and gains (red-method.md §3)."""
+"""Initial values of the student's projections and gains (docs/method.md §3)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Effective rank and related diagnostics (red-method.md §5)."""
+"""Effective rank and related diagnostics (docs/method.md §5)."""
 from __future__ import annotations
 
 import torch

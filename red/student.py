@@ -172,7 +172,7 @@ class StudentLayer(nn.Module):
 
 @dataclass
 class LossSettings:
-    """How the distillation terms are weighted (see red-method.md §2)."""
+    """How the distillation terms are weighted (see docs/method.md §2)."""
 
     temperature: float = 1.0
     kl_weight: float = 1.0
