@@ -293,3 +293,16 @@ def test_metrics_have_one_row_per_step_after_kill_and_resume(teacher_dirs, corpu
     assert steps_of(out) == [1, 2, 3]  # step 3 was logged, the last checkpoint is step 2
     assert distill(teacher_dirs["llama"], corpus_file, out, "--resume") == 0
     assert steps_of(out) == [1, 2, 3, 4]
+
+
+def test_a_symlinked_output_folder_is_where_the_run_goes(teacher_dirs, corpus_file, tmp_path):
+    """--out may itself be a link (to a scratch disk): the run goes there, --overwrite keeps
+    the files red did not write (a traceback before RunDir)."""
+    real = tmp_path / "scratch"
+    real.mkdir()
+    (real / "mine.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    assert distill(teacher_dirs["llama"], corpus_file, link, "--overwrite") == 0
+    assert (real / "mine.txt").read_text() == "mine" and (real / "student" / "model.safetensors").is_file()
+    assert link.is_symlink()
