@@ -122,7 +122,8 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
 def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | None = None) -> dict:
     """Compare per-layer eRank (and mean token cosine) of teacher and student on
     ``input_ids``, and list the singular-value spread of every projection when the
-    student is a ProjectedStudent. Writes analysis.json and PNG plots to ``out_dir``."""
+    student is a ProjectedStudent. Writes analysis.json and PNG plots to ``out_dir`` (the
+    plots only when matplotlib is installed)."""
     report: dict = {
         "teacher_erank": layer_eranks(teacher, input_ids),
         "student_erank": layer_eranks(student, input_ids),
@@ -141,10 +142,13 @@ def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | Non
 
 
 def plot_analysis(report: dict, out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """erank.png (and spectra.png for a ProjectedStudent) in ``out``; none, after one line
+    on stderr, when matplotlib (the ``plots`` extra) is not installed."""
+    from .plots import pyplot
 
+    plt = pyplot("analyze", "analysis.json")
+    if plt is None:
+        return []
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("teacher_erank", "teacher"), ("student_erank", "student")):

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation length for lm-eval generative tasks")
     p.add_argument("--apply-chat-template", action="store_true", help="format lm-eval prompts with the model's chat template")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task (for quick checks only)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]; "
+                   "holds the model for both benchmarks")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch of both benchmarks (default: 200 problems for the synthetic one, 8 for lm-eval)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
 
     p = sub.add_parser("plan", help="memory per GPU of a distillation run, from the teacher's config alone",
@@ -163,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet")
     return parser
+
+
+def _and_plots(folder) -> str:
+    """" and plots" when the folder holds PNGs (matplotlib is an optional extra)."""
+    return " and plots" if any(Path(folder).glob("*.png")) else ""
 
 
 def _cmd_distill(args) -> int:
@@ -226,7 +235,7 @@ def _cmd_analyze(args) -> int:
     report = analyze(teacher, student, ids, args.out)
     print(format_report(report))
     if args.out:
-        print(f"analysis.json and plots written to {args.out}")
+        print(f"analysis.json{_and_plots(args.out)} written to {args.out}")
     return 0
 
 
@@ -239,7 +248,7 @@ def _cmd_demo(args) -> int:
         given["init_std"] = None
     report = run_demo(DemoConfig(**given), progress=not args.quiet)
     print(format_table(report, parse_ks(report["config"]["eval_ks"])))
-    print(f"report.json and plots written to {report['config']['out']}")
+    print(f"report.json{_and_plots(report['config']['out'])} written to {report['config']['out']}")
     return 0
 
 
@@ -249,7 +258,8 @@ def _cmd_eval(args) -> int:
     from .evaluation import evaluate_model
 
     report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
-                            args.max_gen_toks, args.apply_chat_template, args.limit, args.out)
+                            args.max_gen_toks, args.apply_chat_template, args.limit, args.out,
+                            device=args.device, batch_size=args.batch_size)
     syn = report.get("synthetic")
     if syn:
         ks = [k for k in syn if k.startswith("k")]

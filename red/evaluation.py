@@ -7,6 +7,9 @@ from pathlib import Path
 
 from .errors import RedError
 
+SYNTHETIC_BATCH = 200  # problems generated at once by the synthetic benchmark unless --batch-size says
+LM_EVAL_BATCH = 8  # lm-eval's batch unless --batch-size says
+
 
 def parse_ks(text: str) -> list[int]:
     """"1-6" or "1,3,5" -> [1, ...]."""
@@ -27,14 +30,15 @@ def parse_ks(text: str) -> list[int]:
 
 def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks: str = "",
                       num_fewshot: int | None = None, max_gen_toks: int = 256, limit: int | None = None,
-                      out: str | Path | None = None) -> None:
+                      out: str | Path | None = None, device: str = "auto", batch_size: int | None = None) -> None:
     """Every check of `red eval`'s inputs that needs no model, run before any work."""
-    from .config import NON_NEGATIVE, SEED, at_least, check_values
+    from .config import DEVICE, NON_NEGATIVE, SEED, at_least, check_values
 
     check_values({"--n-per-k": n_per_k, "--seed": seed, "--num-fewshot": num_fewshot,
-                  "--max-gen-toks": max_gen_toks, "--limit": limit},
+                  "--max-gen-toks": max_gen_toks, "--limit": limit, "--device": device, "--batch-size": batch_size},
                  (("--n-per-k", NON_NEGATIVE), ("--seed", SEED), ("--num-fewshot", NON_NEGATIVE),
-                  ("--max-gen-toks", at_least(1)), ("--limit", at_least(1))))
+                  ("--max-gen-toks", at_least(1)), ("--limit", at_least(1)), ("--device", DEVICE),
+                  ("--batch-size", at_least(1))))
     if n_per_k == 0 and not lm_eval_tasks.strip():
         raise RedError("--n-per-k 0 skips the synthetic benchmark and no --lm-eval-tasks are given, so there is "
                        "nothing to evaluate; give --n-per-k of at least 1 or --lm-eval-tasks")
@@ -44,13 +48,25 @@ def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks
         raise RedError(f"--out {out} is a folder; --out takes the JSON file to write, e.g. {Path(out) / 'eval.json'}")
 
 
+def resolve_eval_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when CUDA is present, else "cpu"; "cuda[:N]" without CUDA is refused."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RedError(f"--device {device} was asked for but CUDA is not available; use --device cpu or auto")
+    return device
+
+
 def synthetic_benchmark(model_dir: str | Path, ks=range(1, 7), n_per_k: int = 200, seed: int = 0,
-                        batch_size: int = 200) -> dict:
-    """Exact-match accuracy per k of held-out multi-step problems (red.demo.task)."""
+                        batch_size: int = SYNTHETIC_BATCH, device: str = "cpu") -> dict:
+    """Exact-match accuracy per k of held-out multi-step problems (red.demo.task), with the
+    model on ``device``."""
     from .demo.task import CHARS, evaluate_reasoning
     from .teacher import load_teacher
 
-    model, tok = load_teacher(model_dir)
+    model, tok = load_teacher(model_dir, device=device)
     missing = [c for c in CHARS if tok.convert_tokens_to_ids(c) in (None, tok.unk_token_id)]
     if missing:
         raise RedError(f"the tokenizer of {model_dir} lacks the task's characters {''.join(missing)!r}; the synthetic "
@@ -60,7 +76,7 @@ def synthetic_benchmark(model_dir: str | Path, ks=range(1, 7), n_per_k: int = 20
 
 def lm_eval_benchmark(model_dir: str | Path, tasks: list[str], num_fewshot: int | None = None,
                       max_gen_toks: int = 256, apply_chat_template: bool = False, limit: int | None = None,
-                      batch_size: int = 8, device: str = "cpu") -> dict:
+                      batch_size: int = LM_EVAL_BATCH, device: str = "cpu") -> dict:
     """lm-evaluation-harness tasks through its Python API. Returns the per-task metrics
     and the settings that decide reasoning scores (few-shot count, generation length,
     chat template, limit), so they travel with the numbers."""
@@ -70,7 +86,7 @@ def lm_eval_benchmark(model_dir: str | Path, tasks: list[str], num_fewshot: int 
         raise RedError("lm-evaluation-harness is not installed; install it with: pip install 'red[lm-eval]'") from None
     settings = {"tasks": tasks, "num_fewshot": num_fewshot, "max_gen_toks": max_gen_toks,
                 "apply_chat_template": apply_chat_template, "limit": limit, "batch_size": batch_size,
-                "greedy": True}
+                "device": device, "greedy": True}
     out = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir), "dtype": "auto"}, tasks=tasks,
         num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
@@ -80,20 +96,29 @@ def lm_eval_benchmark(model_dir: str | Path, tasks: list[str], num_fewshot: int 
 
 def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: int = 0,
                    lm_eval_tasks: str = "", num_fewshot: int | None = None, max_gen_toks: int = 256,
-                   apply_chat_template: bool = False, limit: int | None = None, out: str | Path | None = None) -> dict:
-    """What `red eval` does; writes the report to ``out`` (JSON) when given."""
-    check_eval_inputs(ks, n_per_k, seed, lm_eval_tasks, num_fewshot, max_gen_toks, limit, out)
+                   apply_chat_template: bool = False, limit: int | None = None, out: str | Path | None = None,
+                   device: str = "auto", batch_size: int | None = None) -> dict:
+    """What `red eval` does; writes the report to ``out`` (JSON) when given.
+
+    ``device`` ("auto": CUDA when present) holds the model for both benchmarks;
+    ``batch_size`` (None: 200 problems for the synthetic benchmark, 8 for lm-eval) is the
+    batch of both. The report records the device and batch sizes used."""
+    check_eval_inputs(ks, n_per_k, seed, lm_eval_tasks, num_fewshot, max_gen_toks, limit, out, device, batch_size)
     if not Path(model_dir).is_dir():
         raise RedError(f"model folder {model_dir} does not exist; pass an exported student (OUT/student)")
     if not (Path(model_dir) / "config.json").is_file():
         raise RedError(f"model folder {model_dir} has no config.json; pass an exported model folder (OUT/student)")
-    report: dict = {"model": str(model_dir)}
+    dev = resolve_eval_device(device)
+    report: dict = {"model": str(model_dir), "device": dev, "batch_size": batch_size}
     if n_per_k > 0:
+        syn_batch = batch_size or SYNTHETIC_BATCH
         report["synthetic"] = synthetic_benchmark(model_dir, parse_ks(ks) if isinstance(ks, str) else ks,
-                                                  n_per_k, seed)
+                                                  n_per_k, seed, batch_size=syn_batch, device=dev)
+        report["synthetic"]["batch_size"] = syn_batch
     if lm_eval_tasks:
         tasks = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
-        report["lm_eval"] = lm_eval_benchmark(model_dir, tasks, num_fewshot, max_gen_toks, apply_chat_template, limit)
+        report["lm_eval"] = lm_eval_benchmark(model_dir, tasks, num_fewshot, max_gen_toks, apply_chat_template, limit,
+                                              batch_size=batch_size or LM_EVAL_BATCH, device=dev)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1))

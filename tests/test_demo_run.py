@@ -57,9 +57,12 @@ def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     assert all(again[f"k{k}"] == red_runs[1]["accuracy"][f"k{k}"] for k in (1, 2, 3))
     table = (out / "table.txt").read_text()
     assert all(name in table for name in ("teacher", "lrc", "red"))
-    # a second run never clobbers the first
+    # a second run never clobbers the first; with --overwrite it replaces it (its runs too)
     with pytest.raises(RedError, match="not empty"):
         run_demo(cfg, progress=False)
+    cfg.overwrite, cfg.seeds = True, "0"
+    report = run_demo(cfg, progress=False)
+    assert [(r["name"], r["seed"]) for r in report["runs"]] == [("lrc", 0), ("red", 0)]
 
 
 def test_ablation_run_names():

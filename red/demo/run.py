@@ -181,7 +181,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                              out=str(out / "runs" / f"{name}-s{seed}"), preset=preset, init=init, steps=cfg.steps,
                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=seed,
                              init_std=cfg.init_std if cfg.init_std is not None else "null", warmup=0.05,
-                             eval_every=max(1, cfg.steps // 5), save_every=cfg.steps, log_every=5, val_batches=2)
+                             eval_every=max(1, cfg.steps // 5), save_every=cfg.steps, log_every=5, val_batches=2,
+                             overwrite=cfg.overwrite)  # a rerun with --overwrite replaces the earlier runs
             if progress:
                 print(f"[demo] distilling {name} (seed {seed}): init {dc.init}, T={dc.temperature}, {cfg.steps} steps")
             res = distill(dc, progress=progress)
@@ -267,10 +268,13 @@ def format_table(report: dict, ks) -> str:
 
 
 def plot_demo(report: dict, out: Path, ks) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The demo's PNG plots in ``out``; none, after one line on stderr, when matplotlib
+    (the ``plots`` extra) is not installed."""
+    from ..plots import pyplot
 
+    plt = pyplot("demo", "report.json")
+    if plt is None:
+        return []
     paths = []
     names = list(report["summary"])
     fig, ax = plt.subplots(figsize=(6, 4))
