@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from .errors import RedError
+from .metrics_sinks import REPORT_TO, valid_report_to
 
 INITS = ("red", "lrc", "orthogonal", "random-select")
 SCORES = ("minitron", "rms")
@@ -78,6 +79,7 @@ class DistillConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT (a folder without one starts from step 0)"})
     allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the teacher folder's own Python code (off by default)"})
+    report_to: str = field(default="jsonl", metadata={"help": "comma-separated live metrics sinks: jsonl, tensorboard (OUT/tensorboard, pip install 'red[tensorboard]'), wandb (offline unless WANDB_MODE is set, pip install 'red[wandb]'); metrics.jsonl is the record and is always written"})
     history: list = field(default_factory=list, metadata={"help": "schedule changes made on --resume, with the step each took effect (written by red into run.yaml)", "cli": False})
 
     def validate(self) -> "DistillConfig":
@@ -199,6 +201,8 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("grad_clip", Rule(lambda v: v >= 0, "at least 0", "0 disables clipping")),
     ("init_std", Rule(lambda v: v > 0, "a positive number", "or null for 1/sqrt(D)")),
     ("norm_eps", Rule(lambda v: v > 0, "a positive number", "or null for the teacher's")),
+    ("report_to", Rule(valid_report_to, "a comma-separated list of " + ", ".join(REPORT_TO), "pick from those "
+                       "(jsonl, the record, is always written)", template="{name}={value!r} is not {need}")),
 )
 
 

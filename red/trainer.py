@@ -31,6 +31,7 @@ from .data import BlockSampler, PackedCorpus
 from .distributed import DistContext, full_tensor
 from .errors import RedError
 from .metrics import erank
+from .metrics_sinks import open_sinks, parse_report_to, sink_folders
 from .run import CHECKPOINTS, METRICS, RunDir, RunIdentity, emit
 from .student import LossSettings, ProjectedStudent
 
@@ -181,12 +182,16 @@ class StepError(RedError):
 
 
 class MetricsLog:
-    """Append-only JSONL log; one JSON object per line."""
+    """Append-only JSONL log; one JSON object per line.
 
-    def __init__(self, path: Path, enabled: bool = True):
+    The JSONL file is the run's record; ``sinks`` (``red.metrics_sinks``: TensorBoard,
+    W&B) get a copy of every row written, on the writing rank only. ``close()`` closes them."""
+
+    def __init__(self, path: Path, enabled: bool = True, sinks: list | None = None):
         self.path = path
         self.enabled = enabled  # False on ranks other than 0: rows are kept, nothing is written
         self.rows: list[dict] = []
+        self.sinks = list(sinks or []) if enabled else []
 
     def write(self, row: dict) -> None:
         row = {k: (float(v) if torch.is_tensor(v) else v) for k, v in row.items()}
@@ -195,6 +200,14 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for sink in self.sinks:
+            sink.log(row)
+
+    def close(self) -> None:
+        """Close the live sinks (idempotent); the rows stay readable."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 @torch.no_grad()
@@ -290,11 +303,23 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
         "hidden_size": student.hidden_size, "teacher_hidden_size": student.arch.hidden_size,
         "model_type": student.arch.model_type, "num_layers": student.arch.num_layers}
     ckpt_root = run.checkpoints
-    log = MetricsLog(run.metrics, enabled=ctx.is_main)
+    report_to = parse_report_to(cfg.report_to)
     if ctx.is_main:
-        run.own(METRICS, CHECKPOINTS)
-    step = 0
+        run.own(METRICS, CHECKPOINTS, *sink_folders(report_to))
     found = run.complete_checkpoints() if cfg.resume else []
+    sinks = open_sinks(report_to, run.root, cfg.to_dict(), start_step=None) if ctx.is_main and not found else []
+    log = MetricsLog(run.metrics, enabled=ctx.is_main, sinks=sinks)
+    try:
+        return _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, scheduler, sampler,
+                           meta, ckpt_root, log, found, report_to)
+    finally:
+        log.close()
+
+
+def _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, scheduler, sampler, meta,
+                ckpt_root, log, found, report_to) -> MetricsLog:
+    device = student.embed.device
+    step = 0
     if found:
         step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta)
         # the restored lr is the old schedule's; take this run's (the same value unless
@@ -304,6 +329,8 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if ctx.is_main:
             run.truncate_metrics(step)
+            # a resumed TensorBoard hides the killed run's events past this step
+            log.sinks = open_sinks(report_to, run.root, cfg.to_dict(), start_step=step)
     elif cfg.eval_every:
         row = {"step": 0, **evaluate(student, corpus, cfg, ctx)}  # the init itself, for comparison
         log.write(row)
