@@ -173,6 +173,9 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
         config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
     except Exception as e:
         raise RedError(f"teacher config could not be parsed ({type(e).__name__}: {e}); fix config.json") from None
+    from .teacher import check_supported_features
+
+    check_supported_features(config)  # plan exactly the teachers distill accepts
     arch = Arch.from_config(config)
     d, N = int(hidden_size), int(gpus)
     if not 0 < d < arch.hidden_size:

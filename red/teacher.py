@@ -50,13 +50,20 @@ def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     p = Path(path)
-    raw = read_teacher_json(p)
+    read_teacher_json(p)  # path and architecture checks, one line each
     cfg_file = p / "config.json"
-    model_type = raw.get("model_type")
     try:
         config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for bad configs
         raise RedError(f"teacher config {cfg_file} could not be parsed ({type(e).__name__}: {e}); fix config.json") from None
+    check_supported_features(config)
+    return config
+
+
+def check_supported_features(config) -> None:
+    """Refuse configurations of a supported architecture that the student cannot mirror
+    (used by ``read_teacher_config`` and by ``red plan``, so both refuse the same teachers)."""
+    model_type = config.model_type
     if getattr(config, "use_sliding_window", False):
         raise RedError("teachers with sliding-window attention are not supported; set use_sliding_window=false in config.json if it is unused")
     if getattr(config, "mlp_bias", False) or (model_type == "llama" and getattr(config, "attention_bias", False)):
@@ -64,7 +71,6 @@ def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
     if model_type == "qwen3" and getattr(config, "attention_bias", False):
         # transformers then gives o_proj a bias too, which the student has no place for
         raise RedError("Qwen3 teachers with attention_bias are not supported; use a teacher without attention biases")
-    return config
 
 
 def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -185,3 +185,24 @@ def test_analyze_accepts_the_runs_teacher(world, tmp_path, capfd):
     rc, err = _run(["analyze", "--teacher", world["t"], "--student", world["run"] / "student", "--data", world["c"],
                     "--seq-len", "24", "--samples", "2"], capfd)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("change, needle", [({"attention_bias": True}, "attention_bias"),
+                                            ({"mlp_bias": True}, "mlp_bias"),
+                                            ({"use_sliding_window": True}, "sliding-window")])
+def test_plan_refuses_the_teachers_distill_refuses(change, needle, teacher_dirs, corpus_file, tmp_path, capfd):
+    import json
+    import shutil
+
+    t = tmp_path / "teacher"
+    shutil.copytree(teacher_dirs["llama"], t)
+    cfg = json.loads((t / "config.json").read_text())
+    cfg.update(change)
+    (t / "config.json").write_text(json.dumps(cfg))
+    for argv in (["plan", "--teacher", str(t), "--hidden-size", "32"],
+                 ["distill", "--teacher", str(t), "--data", str(corpus_file), "--hidden-size", "32",
+                  "--out", str(tmp_path / "run")]):
+        rc = main(argv)
+        err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(err) == 1 and needle in err[0], (argv[0], err)
+    assert not (tmp_path / "run").exists()
