@@ -154,10 +154,8 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     inputs, writable and has room. Raises RedError naming the first problem.
     """
     ctx = ctx or DistContext()
+    check_distill_inputs(cfg)  # paths, architecture and width range: the cheapest errors
     arch = Arch.from_config(tcfg)
-    D = arch.hidden_size
-    if not 0 < cfg.hidden_size < D:
-        raise RedError(f"--hidden-size {cfg.hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
@@ -193,13 +191,7 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
             if holder is not None and run._lock_fd is None:
                 raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish "
                                "or pick another --out")
-            if state == "foreign" and not cfg.overwrite:
-                raise RedError(f"output folder {cfg.out} is not empty and was not written by red; choose a new "
-                               "--out, or --overwrite to add this run beside its files (they are kept)")
-            if state == "run" and not (cfg.resume or cfg.overwrite):
-                raise RedError(f"output folder {cfg.out} holds a run (last checkpoint "
-                               f"{run.complete_checkpoints()[-1].name}); add --resume to continue it, or "
-                               "--overwrite to replace it")
+            run.check_usable(cfg.overwrite, cfg.resume)
             check_writable(cfg.out, need_bytes=disk_need(cfg, arch))
         except RedError as e:
             err = str(e)
@@ -240,11 +232,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     metrics, checkpoints, the export and ``result.json``. See ``red.distributed``.
     """
     cfg.validate()
-    check_distill_inputs(cfg)  # paths and config.json first: the cheapest errors
     tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)
     ctx = init_distributed(cfg.device)
     run = RunDir(cfg.out)
-    check_separate(cfg.out, run_inputs(cfg))
     try:
         tokenizer, corpus, cal, identity, cfg = preflight(cfg, tcfg, run, ctx)
         if ctx.is_main:

@@ -22,7 +22,6 @@ How a schedule change continues the learning rate: see ``red.trainer.lr_schedule
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -269,9 +268,9 @@ class RunDir:
             self.write_json(MANIFEST, {"written_by": "red", "entries": sorted({MANIFEST, LOCK} & self.manifest()
                                                                                 | {MANIFEST})}, record=False)
 
-    def prepare(self, overwrite: bool, resume: bool) -> str:
-        """Check the folder can take this run and make it ready; returns what it held
-        ("new", "unfinished", "run"). Call with the lock held."""
+    def check_usable(self, overwrite: bool, resume: bool) -> str:
+        """Raise RedError unless this folder can take a run started with these flags;
+        returns its state (see ``state``). Changes nothing."""
         state = self.state()
         if state == "foreign" and not overwrite:
             raise RedError(f"output folder {self.root} is not empty and was not written by red; choose a new "
@@ -280,15 +279,17 @@ class RunDir:
             step = self.complete_checkpoints()[-1].name
             raise RedError(f"output folder {self.root} holds a run (last checkpoint {step}); add --resume to "
                            "continue it, or --overwrite to replace it")
+        return state
+
+    def prepare(self, overwrite: bool, resume: bool) -> str:
+        """Check the folder can take this run (again, now under the lock) and make it ready;
+        returns what it held ("new", "unfinished", "run")."""
+        state = self.check_usable(overwrite, resume)
         if overwrite or state == "unfinished" or (state == "run" and not resume):
             self.clear_own()  # an unfinished folder is not a run yet: start it again
             state = "new" if state != "foreign" else state
         self.root.mkdir(parents=True, exist_ok=True)
         return state
-
-
-def disk_error(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS)
 
 
 @dataclasses.dataclass

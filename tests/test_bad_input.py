@@ -1,28 +1,13 @@
 """Bad input, table-driven: every case is one line "red <command>: error: ...", exit
 code 2, no traceback, and nothing that was on disk changes (no new output either)."""
-import hashlib
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
 from red.cli import main
+from cli_checks import error_table_failures, snapshot
 from tiny import build_tokenizer, make_teacher
-
-
-def snapshot(*folders: Path) -> dict:
-    """path -> sha256 of every file under ``folders`` (missing folders: empty)."""
-    out = {}
-    for f in folders:
-        if f.is_file():
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
-        elif f.is_dir():
-            for p in sorted(f.rglob("*")):
-                if p.is_file():
-                    out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -127,22 +112,6 @@ def cases(w):
 def test_bad_input_table(world, capfd):
     watched = [world["run"], world["trunc"], world["run-other-teacher"], world["run-other-width"], world["busy"]]
     before = snapshot(*watched)
-    failures = []
-    for name, argv, needle in cases(world):
-        capfd.readouterr()
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's own exits
-            rc = e.code
-        err = capfd.readouterr().err
-        lines = [l for l in err.splitlines() if l.strip()]
-        cmd = argv[0]
-        ok = (rc == 2 and "Traceback" not in err and len(lines) == 1
-              and lines[0].startswith(f"red {cmd}: error:") and (needle is None or needle in lines[0]))
-        if not ok:
-            failures.append(f"{name}: rc={rc} err={err.strip()[:300]!r}")
-        if (world["root"] / "new-out").exists():
-            failures.append(f"{name}: created the output folder")
-            shutil.rmtree(world["root"] / "new-out")
+    failures = error_table_failures(cases(world), capfd, world["root"] / "new-out")
     assert not failures, "\n".join(failures)
     assert snapshot(*watched) == before  # nothing that existed was touched

@@ -12,7 +12,6 @@ is not its run's teacher, and an exported --student of another architecture or d
 Calibration files written before the fingerprint was stored are accepted on their width.
 """
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from red.calibration import Calibration, check_calibration_teacher
 from red.cli import main
 from red.errors import RedError
 from red.teacher import teacher_fingerprint
-from test_bad_input import snapshot
+from cli_checks import error_table_failures, run_cli_err, snapshot
 from tiny import make_teacher
 
 
@@ -116,30 +115,11 @@ def cases(w):
     ]
 
 
-def _run(argv, capfd):
-    capfd.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own exits
-        rc = e.code
-    return rc, capfd.readouterr().err
-
-
 def test_cli_error_table(world, capfd):
     watched = [world["run"], world["empty"], world["noconf"], world["exists"], Path(world["t"]),
                world["cal-qwen2"], world["cal-other"]]
     before = snapshot(*watched)
-    failures = []
-    for name, argv, needle in cases(world):
-        rc, err = _run(argv, capfd)
-        lines = [l for l in err.splitlines() if l.strip()]
-        ok = (rc == 2 and "Traceback" not in err and len(lines) == 1
-              and lines[0].startswith(f"red {argv[0]}: error:") and needle in lines[0])
-        if not ok:
-            failures.append(f"{name}: rc={rc} err={err.strip()[-400:]!r}")
-        if (world["root"] / "new-out").exists():
-            failures.append(f"{name}: created the output path")
-            shutil.rmtree(world["root"] / "new-out")
+    failures = error_table_failures(cases(world), capfd, world["root"] / "new-out")
     assert not failures, "\n".join(failures)
     assert snapshot(*watched) == before  # nothing that existed was touched
 
@@ -172,17 +152,17 @@ def test_calibration_teacher_check(world, tmp_path):
 
 
 def test_distill_accepts_its_own_teachers_calibration(world, tmp_path, capfd):
-    rc, err = _run(["distill", "--teacher", world["t"], "--data", world["c"], "--hidden-size", "32",
+    rc, err = run_cli_err(["distill", "--teacher", world["t"], "--data", world["c"], "--hidden-size", "32",
                     "--out", tmp_path / "run", "--steps", "1", "--seq-len", "24", "--batch-size", "2",
                     "--eval-every", "0", "--val-batches", "1", "--calibration", world["cal-own"], "--quiet"], capfd)
     assert rc == 0, err
 
 
 def test_analyze_accepts_the_runs_teacher(world, tmp_path, capfd):
-    rc, err = _run(["analyze", "--teacher", world["t"], "--student", world["run"], "--data", world["c"],
+    rc, err = run_cli_err(["analyze", "--teacher", world["t"], "--student", world["run"], "--data", world["c"],
                     "--seq-len", "24", "--samples", "2"], capfd)
     assert rc == 0, err
-    rc, err = _run(["analyze", "--teacher", world["t"], "--student", world["run"] / "student", "--data", world["c"],
+    rc, err = run_cli_err(["analyze", "--teacher", world["t"], "--student", world["run"] / "student", "--data", world["c"],
                     "--seq-len", "24", "--samples", "2"], capfd)
     assert rc == 0, err
 

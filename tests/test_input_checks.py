@@ -6,18 +6,16 @@ disk changed. Below the table: the corpus fixes that are not errors (CRLF paragr
 UTF-8 byte-order mark, packing with a tokenizer without bos/eos, 64-bit seeds) and the
 checks that need the teacher (validate_against_teacher)."""
 import json
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoConfig
 
-from red.cli import main
 from red.config import make_config, validate_against_teacher
 from red.data import BlockSampler, load_corpus, read_documents, tokenize_documents
 from red.errors import RedError
-from test_bad_input import snapshot
+from cli_checks import error_table_failures, snapshot
 from tiny import build_tokenizer
 
 
@@ -120,22 +118,7 @@ def cases(w):
 def test_input_checks_table(world, capfd):
     watched = [world["busy"], world["afile"]]
     before = snapshot(*watched)
-    failures = []
-    for name, argv, needle in cases(world):
-        capfd.readouterr()
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's own exits
-            rc = e.code
-        err = capfd.readouterr().err
-        lines = [l for l in err.splitlines() if l.strip()]
-        ok = (rc == 2 and "Traceback" not in err and len(lines) == 1
-              and lines[0].startswith(f"red {argv[0]}: error:") and needle in lines[0])
-        if not ok:
-            failures.append(f"{name}: rc={rc} err={err.strip()[-400:]!r}")
-        if (world["root"] / "new-out").exists():
-            failures.append(f"{name}: created the output folder")
-            shutil.rmtree(world["root"] / "new-out")
+    failures = error_table_failures(cases(world), capfd, world["root"] / "new-out")
     assert not failures, "\n".join(failures)
     assert snapshot(*watched) == before
 

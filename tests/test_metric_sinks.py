@@ -7,6 +7,7 @@ import types
 import pytest
 import yaml
 
+from cli_checks import one_line
 from red.cli import main
 from red.errors import RedError
 from red.metrics_sinks import open_sinks, parse_report_to
@@ -17,14 +18,6 @@ ARGS = ["--hidden-size", "32", "--steps", "4", "--seq-len", "24", "--batch-size"
 
 def distill(teacher, data, out, *extra):
     return main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *ARGS, *extra])
-
-
-def one_line(capfd, rc, *needles):
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    assert rc == 2 and len(err) == 1, err
-    for n in needles:
-        assert n in err[0], (n, err[0])
-    return err[0]
 
 
 def jsonl_rows(out):

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from red.checkpoint import list_checkpoints
+from cli_checks import one_line
 from red.cli import main
 from red.trainer import lr_schedule
 
@@ -26,14 +27,6 @@ ARGS = ["--hidden-size", "32", "--steps", "4", "--seq-len", "24", "--batch-size"
 
 def distill(teacher, data, out, *extra):
     return main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *ARGS, *extra])
-
-
-def one_line(capfd, rc, *needles):
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    assert rc == 2 and len(err) == 1, err
-    for n in needles:
-        assert n in err[0], (n, err[0])
-    return err[0]
 
 
 def tree(folder: Path) -> dict:
