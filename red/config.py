@@ -24,6 +24,9 @@ SCORES = ("minitron", "rms")
 CLONE_NORMS = ("teacher-ms", "none")
 KERNELS = ("auto", "triton", "torch")
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
+KL_REDUCTIONS = ("mean", "sum")
+DIVERGENCES = ("forward-kl", "reverse-kl", "jsd")
+LOSS_ON = ("assistant", "all")
 
 
 @dataclass
@@ -55,6 +58,12 @@ class DistillConfig:
     lm_weight: float = field(default=1.0, metadata={"help": "weight of the student's next-token cross-entropy"})
     clone_weight: float = field(default=0.2, metadata={"help": "alpha, weight of the summed clone MSE terms"})
     clone_norm: str = field(default="teacher-ms", metadata={"help": "divide each clone MSE by the teacher activation's mean square (teacher-ms) or not (none)"})
+    kl_reduction: str = field(default="mean", metadata={"help": "mean: KL averaged over scored tokens; sum: summed over the tokens of each sequence, then averaged over sequences (LRC's scale, about seq_len times larger)"})
+    divergence: str = field(default="forward-kl", metadata={"help": "logit divergence: forward-kl KL(teacher||student), reverse-kl KL(student||teacher), or jsd (generalized Jensen-Shannon, see --jsd-beta)"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "with --divergence jsd: weight beta of the mixture beta*teacher + (1-beta)*student (0 < beta < 1)"})
+    teacher_top_k: int = field(default=0, metadata={"help": "score the divergence over the teacher's top-k tokens plus one bucket for the rest (0: the full vocabulary)"})
+    loss_on: str = field(default="assistant", metadata={"help": "tokens the KL and LM terms score: assistant (the assistant turns of chat data; every token of plain text) or all; the clone terms always use all tokens"})
+    cross_doc_attention: bool = field(default=True, metadata={"help": "let packed documents attend to the documents before them in a sequence; --no-cross-doc-attention makes attention block-diagonal per document with positions restarting at each one"})
     # optimisation
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
@@ -175,6 +184,11 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("init", one_of(INITS)),
     ("score", one_of(SCORES)),
     ("clone_norm", one_of(CLONE_NORMS)),
+    ("kl_reduction", one_of(KL_REDUCTIONS)),
+    ("divergence", one_of(DIVERGENCES)),
+    ("jsd_beta", OPEN_UNIT),
+    ("teacher_top_k", NON_NEGATIVE),
+    ("loss_on", one_of(LOSS_ON)),
     ("kernels", one_of(KERNELS)),
     ("precision", one_of(PRECISION_CHOICES)),
     ("txt_split", one_of(("line", "paragraph", "file"))),

@@ -180,6 +180,10 @@ class LossSettings:
     lm_weight: float = 1.0
     clone_weight: float = 0.2
     clone_norm: str = "teacher-ms"
+    kl_reduction: str = "mean"       # "sum": over the scored tokens of a sequence, mean over sequences
+    divergence: str = "forward-kl"   # "reverse-kl" or "jsd" (generalized JSD with jsd_beta)
+    jsd_beta: float = 0.5
+    teacher_top_k: int = 0           # 0: the full vocabulary
 
 
 FROZEN_MODULES = ("frozen", "teacher_layer")  # names of the teacher's pieces once registered for FSDP2

@@ -38,7 +38,9 @@ from .student import LossSettings, ProjectedStudent
 
 def loss_settings(cfg: DistillConfig) -> LossSettings:
     return LossSettings(temperature=cfg.temperature, kl_weight=cfg.kl_weight, kl_t2_scale=cfg.kl_t2_scale,
-                        lm_weight=cfg.lm_weight, clone_weight=cfg.clone_weight, clone_norm=cfg.clone_norm)
+                        lm_weight=cfg.lm_weight, clone_weight=cfg.clone_weight, clone_norm=cfg.clone_norm,
+                        kl_reduction=cfg.kl_reduction, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
+                        teacher_top_k=cfg.teacher_top_k)
 
 
 def _warmup_steps(steps: int, warmup: float) -> int:
