@@ -49,8 +49,12 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def causal_attention(attn_module, q, k, v, cos, sin, arch: Arch) -> torch.Tensor:
-    """Teacher-shaped attention (QK-norm for Qwen3, RoPE, GQA, causal); [B,T,H*h] out."""
+def causal_attention(attn_module, q, k, v, cos, sin, arch: Arch, attn_mask=None) -> torch.Tensor:
+    """Teacher-shaped attention (QK-norm for Qwen3, RoPE, GQA, causal); [B,T,H*h] out.
+
+    ``attn_mask`` (bool [B,1,T,T], True = may attend; see ``doc_attention``) replaces the
+    plain causal mask for packed documents; None keeps SDPA's ``is_causal`` path.
+    """
     B, T, _ = q.shape
     hd = arch.head_dim
     q = q.view(B, T, -1, hd)
@@ -63,9 +67,48 @@ def causal_attention(attn_module, q, k, v, cos, sin, arch: Arch) -> torch.Tensor
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
     # GQA inside the attention kernel: no repeated copies of k and v
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5,
-                                         enable_gqa=arch.num_heads != arch.num_kv_heads)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                         scale=hd ** -0.5, enable_gqa=arch.num_heads != arch.num_kv_heads)
     return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def doc_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids [B,T], bool mask [B,1,T,T]) for rows that pack several documents.
+
+    A document is a run of equal ``doc_ids`` along a row. Positions restart at 0 at each
+    document start, and a token attends only to earlier-or-same positions of its own
+    document, so every document sees exactly what it would see alone. Built from tensor
+    ops only (no host read), once per forward, and shared by every layer.
+
+    A dense SDPA mask rather than flex attention: it runs eagerly on CPU and GPU alike
+    (flex attention is only fast under torch.compile), and on CUDA SDPA's
+    memory-efficient kernel takes a mask together with GQA.
+    """
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    pos = idx - torch.where(start, idx, 0).cummax(1).values  # index minus its document's start
+    seg = start.cumsum(1)
+    mask = (seg[:, :, None] == seg[:, None, :]) & (idx[:, None] >= idx[None, :])
+    return pos, mask.unsqueeze(1)
+
+
+def next_token_labels(input_ids, doc_ids=None, loss_mask=None) -> torch.Tensor:
+    """Next-token targets aligned with the rows, -100 where nothing is scored: the last
+    position, a prediction across a document boundary (the next document's first token
+    does not follow from the previous document), and a target token t with
+    ``loss_mask[:, t]`` false."""
+    for name, x in (("doc_ids", doc_ids), ("loss_mask", loss_mask)):
+        if x is not None and x.shape != input_ids.shape:
+            raise ValueError(f"{name} {tuple(x.shape)} must be [B, T] like input_ids {tuple(input_ids.shape)}")
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    if doc_ids is not None:
+        labels[:, :-1] = labels[:, :-1].masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
+    if loss_mask is not None:
+        labels[:, :-1] = labels[:, :-1].masked_fill(~loss_mask[:, 1:].bool(), -100)
+    return labels
 
 
 class StudentLayer(nn.Module):
@@ -94,20 +137,20 @@ class StudentLayer(nn.Module):
         if tl is not None:
             self.add_module("teacher_layer", tl)
 
-    def teacher_forward(self, h, cos, sin):
+    def teacher_forward(self, h, cos, sin, attn_mask=None):
         """The teacher layer, op by op, returning every tensor a clone term compares."""
         tl = self.teacher_layer
         at, mlp = tl.self_attn, tl.mlp
         x = tl.input_layernorm(h)
         q, k, v = at.q_proj(x), at.k_proj(x), at.v_proj(x)
-        a = causal_attention(at, q, k, v, cos, sin, self.arch)
+        a = causal_attention(at, q, k, v, cos, sin, self.arch, attn_mask)
         h = h + at.o_proj(a)
         x = tl.post_attention_layernorm(h)
         g, u = mlp.gate_proj(x), mlp.up_proj(x)
         dn = mlp.down_proj(mlp.act_fn(g) * u)
         return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
 
-    def student_forward(self, h, cos, sin, eps: float, recompute_weights: bool = False):
+    def student_forward(self, h, cos, sin, eps: float, recompute_weights: bool = False, attn_mask=None):
         """The student layer: teacher weights seen through this layer's projections."""
         tl = self.teacher_layer
         at, mlp = tl.self_attn, tl.mlp
@@ -116,7 +159,7 @@ class StudentLayer(nn.Module):
         q, k, v = K.projected_linear_group(
             x, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), (self.q, self.k, self.v), side="in",
             biases=(at.q_proj.bias, at.k_proj.bias, at.v_proj.bias), recompute_weights=rw)
-        a = causal_attention(at, q, k, v, cos, sin, self.arch)
+        a = causal_attention(at, q, k, v, cos, sin, self.arch, attn_mask)
         h = h + K.projected_linear(a, at.o_proj.weight, self.o, side="out", recompute_weights=rw)
         x = rms_norm(h, self.post_attention_norm, eps)
         g, u = K.projected_linear_group(x, (mlp.gate_proj.weight, mlp.up_proj.weight), (self.gate, self.up),
@@ -153,17 +196,18 @@ class StudentLayer(nn.Module):
         return {t: mses[t] / scales[j] for j, t in enumerate(CLONE_TERMS)}
 
     def forward(self, h_s, cos, sin, eps: float, h_t=None, clone_norm: str | None = None, reduce_mean=None,
-                recompute_weights: bool = False):
+                recompute_weights: bool = False, attn_mask=None):
         """One lockstep step: ``(h_s, h_t, clone)``.
 
         Runs the teacher layer (no grad) when ``h_t`` is given, then the student layer, then
-        the clone terms when ``clone_norm`` is given (else ``clone`` is None).
+        the clone terms when ``clone_norm`` is given (else ``clone`` is None). ``attn_mask``
+        (packed documents) is a tensor or None, so FSDP2 and checkpointing pass it through.
         """
         rec_t = None
         if h_t is not None:
             with torch.no_grad():
-                h_t, rec_t = self.teacher_forward(h_t, cos, sin)
-        h_s, rec_s = self.student_forward(h_s, cos, sin, eps, recompute_weights)
+                h_t, rec_t = self.teacher_forward(h_t, cos, sin, attn_mask)
+        h_s, rec_s = self.student_forward(h_s, cos, sin, eps, recompute_weights, attn_mask)
         clone = None
         if rec_t is not None and clone_norm is not None:
             clone = self.clone_terms(rec_s, rec_t, clone_norm, reduce_mean)
@@ -283,25 +327,40 @@ class ProjectedStudent(nn.Module):
     def _teacher_layers(self):
         return self.teacher.model.layers
 
-    def _rope(self, h: torch.Tensor):
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
+    def _rope(self, h: torch.Tensor, position_ids: torch.Tensor | None = None):
+        pos = position_ids
+        if pos is None:
+            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
         return self.teacher.model.rotary_emb(h, pos)
+
+    def _attention_inputs(self, h: torch.Tensor, doc_ids: torch.Tensor | None):
+        """(cos, sin, attn_mask) shared by every layer of one forward; attn_mask is None
+        (plain causal attention, positions 0..T-1) without ``doc_ids``."""
+        if doc_ids is None:
+            return (*self._rope(h), None)
+        if doc_ids.shape != h.shape[:2]:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must be [B, T] like input_ids {tuple(h.shape[:2])}")
+        pos, mask = doc_attention(doc_ids)
+        # additive, in the compute dtype, made once: SDPA would otherwise convert a bool
+        # mask in every layer (and autograd could keep one copy per layer for backward)
+        bias = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        return (*self._rope(h, pos), bias)
 
     def _embed(self, input_ids):
         e_t = F.embedding(input_ids, self.teacher.model.embed_tokens.weight)
         return e_t, e_t @ self.embed.to(e_t.dtype)
 
-    def _teacher_layer(self, i, h, cos, sin):
-        return self.layers[i].teacher_forward(h, cos, sin)
+    def _teacher_layer(self, i, h, cos, sin, attn_mask=None):
+        return self.layers[i].teacher_forward(h, cos, sin, attn_mask)
 
-    def _student_layer(self, i, h, cos, sin):
-        return self.layers[i].student_forward(h, cos, sin, self.norm_eps, self.recompute_weights)
+    def _student_layer(self, i, h, cos, sin, attn_mask=None):
+        return self.layers[i].student_forward(h, cos, sin, self.norm_eps, self.recompute_weights, attn_mask)
 
-    def _run_layer(self, i, h_s, cos, sin, h_t=None, clone_norm=None):
+    def _run_layer(self, i, h_s, cos, sin, h_t=None, clone_norm=None, attn_mask=None):
         """Call layer ``i`` (through its module call, so FSDP2's hooks fire), recomputed in
         backward when activation checkpointing is on."""
         layer = self.layers[i]
-        args = (h_s, cos, sin, self.norm_eps, h_t, clone_norm, self.reduce_mean, self.recompute_weights)
+        args = (h_s, cos, sin, self.norm_eps, h_t, clone_norm, self.reduce_mean, self.recompute_weights, attn_mask)
         if self.activation_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
@@ -311,43 +370,51 @@ class ProjectedStudent(nn.Module):
         w = self.teacher.lm_head.weight
         return w @ self.head_projection.to(w.dtype)
 
-    def _hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def _hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         _, h = self._embed(input_ids)
-        cos, sin = self._rope(h)
+        cos, sin, mask = self._attention_inputs(h, doc_ids)
         out = [h]
         for i in range(self.arch.num_layers):
-            h, _, _ = self._run_layer(i, h, cos, sin)
+            h, _, _ = self._run_layer(i, h, cos, sin, attn_mask=mask)
             out.append(h)
         out[-1] = rms_norm(h, self.final_norm, self.norm_eps)
         return out
 
     # -- public forwards --------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Student hidden states: the embedding output, then each layer's output; the
-        last entry is after the final norm (the convention of transformers)."""
-        return self._hidden_states(input_ids)
+        last entry is after the final norm (the convention of transformers). ``doc_ids``
+        [B, T]: see ``distill_losses``."""
+        return self._hidden_states(input_ids, doc_ids)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Student logits [B, T, V] (materialized: for evaluation and tests, not training)."""
-        h = self._hidden_states(input_ids)[-1]
+        h = self._hidden_states(input_ids, doc_ids)[-1]
         return h @ self.head_weight().to(h.dtype).T
 
-    def distill_losses(self, input_ids: torch.Tensor, loss: LossSettings) -> dict[str, torch.Tensor]:
+    def distill_losses(self, input_ids: torch.Tensor, loss: LossSettings, doc_ids: torch.Tensor | None = None,
+                       loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run teacher and student in lockstep and return every loss term.
 
         Keys: "loss" (the weighted total, differentiable), "kl", "lm", "clone" and
         "clone/<term>" (each summed over layers; all but "loss" detached).
+
+        ``doc_ids`` [B, T] (packed rows: a document is a run of equal ids) makes attention
+        block-diagonal causal and restarts rotary positions at each document, for teacher
+        and student alike, and drops the prediction across each boundary. ``loss_mask``
+        [B, T] (bool or 0/1) scores token t as a target only where it is true. KL and LM
+        average over the scored rows only; the clone terms cover every token. A batch with
+        no scored row gives KL = LM = 0 (the fused op divides by max(n, 1)), not NaN.
         """
-        labels = torch.full_like(input_ids, -100)
-        labels[:, :-1] = input_ids[:, 1:]
+        labels = next_token_labels(input_ids, doc_ids, loss_mask)
         with torch.no_grad():
             h_t, _ = self._embed(input_ids)
         _, h_s = self._embed(input_ids)
-        cos, sin = self._rope(h_t)
+        cos, sin, mask = self._attention_inputs(h_t, doc_ids)
         clone_terms = {t: h_s.new_zeros((), dtype=torch.float32) for t in CLONE_TERMS}
         clone_norm = loss.clone_norm if loss.clone_weight else None
         for i in range(self.arch.num_layers):
-            h_s, h_t, terms = self._run_layer(i, h_s, cos, sin, h_t, clone_norm)
+            h_s, h_t, terms = self._run_layer(i, h_s, cos, sin, h_t, clone_norm, mask)
             if terms is not None:
                 for t in CLONE_TERMS:
                     clone_terms[t] = clone_terms[t] + terms[t]
