@@ -186,12 +186,40 @@ def specs(shapes: dict = LLAMA_3B) -> list[Spec]:
                        (1.0, False, True, "eval T=1"), (40.0, False, True, "eval T=40")]
         if dt == BF16:
             kl_variants.append((1.0, True, False, "train T=1 lm_weight=0"))
+        # (the unused top-k / CE-weight pointers are the fp32 kl buffer, K = 0)
         for temp, grad, ce, what in kl_variants:
             out.append(_spec(_kl._kl_ce_kernel, f"{dn} {what}", "fused_linear_kl (LM head)",
-                             (dt, dt, I64, FP32, FP32, C, V, V, V, 1.0 / temp, 1.0, 1.0 if ce else 0.0, -100),
+                             (dt, dt, I64, FP32, FP32, FP32, FP32, FP32, FP32, C, V, 0, V, V, 1.0 / temp, 1.0,
+                              1.0 if ce else 0.0, 0.5, -100),
                              _kl.kl_ce_meta(True, V),
                              dict(HAS_LABELS=True, HAS_CE=ce, SAME_T=temp == 1.0, WRITE_GRAD=grad,
-                                  FIX_BF16=False)))
+                                  FIX_BF16=False, DIV=0, TOPK=False, CE_W_PTR=False,
+                                  BLOCK_K=_kl.topk_block(True, 0))))
+        # the divergence options (reverse KL, JSD, teacher top-k, kl_reduction="sum"); the
+        # bf16 training launches of --divergence reverse-kl / jsd, --teacher-top-k alone and
+        # --kl-reduction sum are recorded by tests/test_aot_compile.py (trainer=True), the
+        # combinations and eval variants are compiled too; K = 64 top tokens
+        K = 64
+        div_variants = [(div, topk, grad) for div in (0, 1, 2) for topk in (False, True) for grad in (True, False)
+                        if (div, topk) != (0, False) and (grad or dt == BF16)]
+        for div, topk, grad in div_variants:
+            name = ("forward-kl", "reverse-kl", "jsd")[div] + (f" top-{K}" if topk else "")
+            out.append(_spec(_kl._kl_ce_kernel, f"{dn} {'train' if grad else 'eval'} T=1 {name}",
+                             "fused_linear_kl (divergence options)",
+                             (dt, dt, I64, FP32, FP32, I64 if topk else FP32, dt if topk else FP32,
+                              dt if topk else FP32, FP32, C, V, K if topk else 0, V, V, 1.0, 1.0, 1.0, 0.5, -100),
+                             _kl.kl_ce_meta(True, V),
+                             dict(HAS_LABELS=True, HAS_CE=True, SAME_T=True, WRITE_GRAD=grad, FIX_BF16=False,
+                                  DIV=div, TOPK=topk, CE_W_PTR=False, BLOCK_K=_kl.topk_block(True, K if topk else 0)),
+                             trainer=dt == BF16 and grad and (div, topk) in ((1, False), (2, False), (0, True))))
+        # kl_reduction="sum" (LRC's scale, T=40): the CE weight comes from a device scalar
+        out.append(_spec(_kl._kl_ce_kernel, f"{dn} train T=40 kl_reduction=sum", "fused_linear_kl (divergence options)",
+                         (dt, dt, I64, FP32, FP32, FP32, FP32, FP32, FP32, C, V, 0, V, V, 1.0 / 40.0, 1.0, 1.0,
+                          0.5, -100),
+                         _kl.kl_ce_meta(True, V),
+                         dict(HAS_LABELS=True, HAS_CE=True, SAME_T=False, WRITE_GRAD=True, FIX_BF16=False,
+                              DIV=0, TOPK=False, CE_W_PTR=True, BLOCK_K=_kl.topk_block(True, 0)),
+                         trainer=dt == BF16))
         # calibration: one sequence [S, D] per launch, the teacher's norm weight in its dtype
         out.append(_spec(_ns._rmsnorm_stats_kernel, dn, "rmsnorm_with_stats (calibrate)",
                          (dt, dt, dt, FP32, S, D, D, D, 1e-5),

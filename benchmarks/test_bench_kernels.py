@@ -157,3 +157,41 @@ def test_fused_linear_kl_chunk_rows(benchmark, chunk):
     with rk.use_backend("torch"):
         _record(benchmark, f"fused_linear_kl[chunk={chunk}]",
                 _step(lambda: rk.fused_linear_kl(h_s, w_s, h_t, w_t, labels, chunk_size=chunk), h_s, w_s))
+
+
+_DIV_VARIANTS = {
+    "forward-kl": dict(),
+    "reverse-kl": dict(divergence="reverse-kl"),
+    "jsd": dict(divergence="jsd", jsd_beta=0.5),
+    "top64": dict(top_k=64),  # forward KL over the teacher's top-64 tokens + a tail bucket
+}
+_DIV_RESULTS = {}
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("variant", list(_DIV_VARIANTS))
+def test_fused_linear_kl_divergences(benchmark, variant, impl):
+    """forward+backward of each divergence option at N=1024, V=8192, d=256, D=512 (fp32, CPU,
+    torch backend), fused (chunked, the CPU default chunk) next to the eager composition;
+    time from pytest-benchmark, peak memory above the inputs in extra_info. The last
+    parametrization prints the whole table."""
+    import time
+
+    h_s, w_s, h_t, w_t, labels = _kl_inputs(T=1024, V=8192, d=256, D=512)
+    f = rk.naive_fused_linear_kl if impl == "naive" else rk.fused_linear_kl
+    kw = _DIV_VARIANTS[variant]
+    with rk.use_backend("torch"):
+        fn = _step(lambda: f(h_s, w_s, h_t, w_t, labels, temperature=2.0, **kw), h_s, w_s)
+        peak = _record(benchmark, f"fused_linear_kl {variant} [{impl}]", fn)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        secs = (time.perf_counter() - t0) / 3
+    benchmark.extra_info["mean_s"] = round(secs, 4)
+    _DIV_RESULTS[(variant, impl)] = (secs, peak)
+    if len(_DIV_RESULTS) == 2 * len(_DIV_VARIANTS):
+        print("\nfused_linear_kl fwd+bwd, N=1024 V=8192 d=256 D=512 fp32 CPU (torch backend)")
+        print(f"{'variant':<11} {'naive ms':>9} {'fused ms':>9} {'naive MB':>9} {'fused MB':>9} {'mem ratio':>9}")
+        for v in _DIV_VARIANTS:
+            (tn, pn), (tf, pf) = _DIV_RESULTS[(v, "naive")], _DIV_RESULTS[(v, "fused")]
+            print(f"{v:<11} {tn * 1e3:9.1f} {tf * 1e3:9.1f} {pn / MB:9.1f} {pf / MB:9.1f} {pn / max(pf, 1):9.2f}")

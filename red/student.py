@@ -230,6 +230,21 @@ class LossSettings:
     teacher_top_k: int = 0           # 0: the full vocabulary
 
 
+def divergence_options(loss: LossSettings, n_sequences: int) -> dict:
+    """The fused KL op's divergence arguments for ``loss``; only those that differ from the
+    op's defaults, so a default run takes the op's default path."""
+    opts = {}
+    if loss.divergence != "forward-kl":
+        opts["divergence"] = loss.divergence
+        if loss.divergence == "jsd":
+            opts["jsd_beta"] = loss.jsd_beta
+    if loss.teacher_top_k:
+        opts["top_k"] = loss.teacher_top_k
+    if loss.kl_reduction == "sum":  # LRC's scale: summed over a sequence's tokens, mean over sequences
+        opts.update(kl_reduction="sum", n_sequences=n_sequences)
+    return opts
+
+
 FROZEN_MODULES = ("frozen", "teacher_layer")  # names of the teacher's pieces once registered for FSDP2
 
 
@@ -425,7 +440,8 @@ class ProjectedStudent(nn.Module):
         total_logit, kl, lm = K.fused_linear_kl(
             hs_final.reshape(-1, self.hidden_size), self.head_weight(),
             ht_final.reshape(-1, self.arch.hidden_size), self.teacher.lm_head.weight,
-            labels.reshape(-1), temperature=loss.temperature, kl_weight=kl_w, ce_weight=loss.lm_weight)
+            labels.reshape(-1), temperature=loss.temperature, kl_weight=kl_w, ce_weight=loss.lm_weight,
+            **divergence_options(loss, n_sequences=input_ids.shape[0]))
         clone = sum(clone_terms.values())
         total = total_logit + loss.clone_weight * clone
         out = {"loss": total, "kl": kl.detach(), "lm": lm.detach(), "clone": clone.detach()}

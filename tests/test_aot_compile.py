@@ -76,7 +76,9 @@ def recorded(teacher_dirs, corpus_file, device):
             student = build_student(teacher, 32, "red", cal)
             opt = make_optimizer(student.parameters(), 1e-3, device)
             for settings in (LossSettings(temperature=1.0), LossSettings(temperature=40.0),
-                             LossSettings(temperature=1.0, lm_weight=0.0)):
+                             LossSettings(temperature=1.0, lm_weight=0.0),
+                             LossSettings(divergence="reverse-kl"), LossSettings(divergence="jsd", jsd_beta=0.3),
+                             LossSettings(teacher_top_k=64), LossSettings(temperature=40.0, kl_reduction="sum")):
                 train_step(student, opt, batch, settings)
             for temp in (1.0, 40.0):
                 evaluate(student, corpus, DistillConfig(temperature=temp, batch_size=2, val_batches=1))
