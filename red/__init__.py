@@ -24,6 +24,7 @@ _EXPORTS = {
     "Calibration": "calibration", "calibrate": "calibration", "channel_scores": "calibration",
     "PRESETS": "config", "DistillConfig": "config", "make_config": "config",
     "PackedCorpus": "data", "load_corpus": "data", "read_documents": "data",
+    "prepare_store": "store", "TokenStore": "store",
     "RedError": "errors",
     "export_student": "export",
     "initialize": "initialization", "select_channels": "initialization", "selection_matrix": "initialization",
@@ -37,7 +38,7 @@ _EXPORTS = {
 
 __all__ = [
     "analyze", "load_run_student", "Calibration", "calibrate", "channel_scores", "PRESETS", "DistillConfig",
-    "make_config", "PackedCorpus", "load_corpus", "read_documents", "RedError", "export_student", "initialize",
+    "make_config", "PackedCorpus", "load_corpus", "read_documents", "prepare_store", "TokenStore", "RedError", "export_student", "initialize",
     "select_channels", "selection_matrix", "erank", "hidden_states", "layer_eranks", "mean_token_cosine",
     "spectrum", "build_student", "distill", "export_run", "run_calibration", "LossSettings", "ProjectedStudent",
     "load_teacher", "evaluate", "train",

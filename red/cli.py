@@ -49,6 +49,8 @@ def _add_config_options(p: argparse.ArgumentParser, cls=DistillConfig) -> None:
         help_text = f"{f.metadata.get('help', '')} (default: {default!r}{preset_note})"
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "data" and cls is DistillConfig:
+            p.add_argument(flag, action="append", default=None, metavar="PATH[:WEIGHT]", help=help_text)
         elif typing.get_origin(tp) is typing.Union:
             p.add_argument(flag, type=_optional_float, default=None, metavar="FLOAT|null", help=help_text)
         else:
@@ -75,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of options (default: None)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: False)")
     _add_config_options(p)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus once into a token store for red distill --data",
+                       formatter_class=fmt, description="Tokenize --data sources (files, globs, saved Hugging Face "
+                       "datasets; chat rows with the tokenizer's chat template) into a memory-mapped token store: "
+                       "flat token file, document ends, loss mask for chat data, store.json manifest. Streams its "
+                       "input in --workers processes; --append adds sources as a new part.")
+    p.add_argument("--tokenizer", required=True, help="teacher folder (its tokenizer is used)")
+    p.add_argument("--data", required=True, action="append", metavar="SOURCE",
+                   help="a .txt/.jsonl/.parquet file, a glob, or a save_to_disk folder; repeat for several")
+    p.add_argument("--out", required=True, help="store folder")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/dataset rows")
+    p.add_argument("--txt-split", default="line", choices=("line", "paragraph", "file"), help="documents of a .txt")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out, by whole documents")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
+    p.add_argument("--append", action="store_true", help="add the sources to an existing store as a new part")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (only a red token store)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer folder's own code")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("calibrate", help="measure teacher channel statistics", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
@@ -190,6 +211,39 @@ def _cmd_distill(args) -> int:
     last = [r for r in result.metrics.rows if "val_loss" in r]
     tail = f"; final val_loss {last[-1]['val_loss']:.4f}, eRank {last[-1]['erank_last']:.2f}" if last else ""
     print(f"student written to {result.out / 'student'}{tail}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .config import OPEN_UNIT, SEED, at_least, check_values
+    from .run import check_separate
+    from .sources import expand_source, parse_data_spec
+
+    check_values({"--val-fraction": args.val_fraction, "--seed": args.seed, "--workers": args.workers},
+                 (("--val-fraction", OPEN_UNIT), ("--seed", SEED), ("--workers", at_least(0))))
+    if args.append and args.overwrite:
+        raise RedError("--append and --overwrite exclude each other; pick one")
+    if not Path(args.tokenizer).is_dir():
+        raise RedError(f"tokenizer folder {args.tokenizer} does not exist; pass the teacher folder")
+    sources = []
+    for s in args.data:
+        spec = parse_data_spec(s)
+        if spec.weight is not None:
+            raise RedError(f"--data {s}: mixture weights belong to red distill, not to a store; drop ':{spec.weight:g}'")
+        sources.append(spec.path)
+        for f in expand_source(spec.path):
+            check_separate(args.out, {"source": f})
+    from .store import prepare_store
+    from .teacher import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
+    store = prepare_store(sources, args.out, tok, text_field=args.text_field, txt_split=args.txt_split,
+                          val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, append=args.append,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    m = store.manifest
+    part = m["parts"][-1]
+    print(f"token store {args.out}: {part['tokens']:,} tokens in {part['documents']:,} documents added "
+          f"({m['tokens']:,} tokens, {len(m['parts'])} part(s) in all; {m['dtype']}; fingerprint {m['fingerprint']})")
     return 0
 
 
@@ -309,7 +363,7 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": _cmd_plan, "bench": _cmd_bench, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
+COMMANDS = {"prepare": _cmd_prepare, "plan": _cmd_plan, "bench": _cmd_bench, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ class DistillConfig:
 
     # what to distill
     teacher: str = field(default="", metadata={"help": "local folder of a Llama/Qwen2/Qwen3 Hugging Face checkpoint (safetensors)"})
-    data: str = field(default="", metadata={"help": "training corpus: .txt, .jsonl or .parquet"})
+    data: str = field(default="", metadata={"help": "training data: a .txt/.jsonl/.parquet file, a glob, a saved Hugging Face dataset, or a token store from `red prepare`; PATH:WEIGHT and repeated --data make a mixture (e.g. --data general.jsonl:0.9 --data math.jsonl:0.1); files are tokenized once into OUT/data"})
     hidden_size: int = field(default=0, metadata={"help": "student residual width d (0 < d < teacher's D)"})
     out: str = field(default="", metadata={"help": "output folder"})
     preset: str = field(default="red", metadata={"help": "red (T=1, red init) or lrc (T=40, lrc init)"})
@@ -264,6 +264,9 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise RedError(f"{name} cannot be empty; give a {base.__name__}")
+    if name == "data" and isinstance(value, (list, tuple)):  # several sources (a mixture)
+        items = [str(v) for v in value]
+        return items[0] if len(items) == 1 else items
     try:
         if base is bool:
             if isinstance(value, bool):

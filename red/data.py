@@ -5,11 +5,11 @@ Convention (shared with the demo task): a document becomes
 neither bos nor eos ends each document with the tokens of a blank line ``"\n\n"``,
 or its pad token, see ``document_separator``); documents are
 concatenated and cut into blocks of ``seq_len`` tokens; the tail that does not fill a
-block is dropped. The last ``val_fraction`` of the blocks is held out for validation.
+block is dropped. Whole documents (about ``val_fraction`` of the tokens) are held out for
+validation; see ``red.store``, which holds the tokens of every corpus trained on.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,105 +17,27 @@ import torch
 
 from .errors import RedError
 from .inputs import check_corpus_path
+from .sources import iter_rows
 
 
 def read_documents(path: str | Path, text_field: str = "text", txt_split: str = "line") -> list[str]:
-    """Read the documents of a .txt, .jsonl or .parquet file (empty ones dropped).
+    """Read the documents of a .txt, .jsonl or .parquet file (empty ones dropped), all in
+    memory (training streams them instead: ``red.store``).
 
     Text is UTF-8 (a leading byte-order mark is dropped; Windows line ends count as
     ordinary ones). Every value of ``text_field`` must be a string: anything else (null,
-    a number, a list) is an error naming the line or row, and chat rows (``messages``
-    lists of role/content dicts, or prompt/completion pairs) are refused: render them to
-    text first."""
+    a number, a list) is an error naming the line or row. Chat rows are refused here (they
+    are not plain documents); `red prepare` and ``--data`` take them."""
     p = check_corpus_path(path)
-    suffix = p.suffix.lower()
-    if suffix == ".txt":
-        text = _read_text(p)
-        if txt_split == "line":
-            docs = text.splitlines()
-        elif txt_split == "paragraph":
-            docs = [d for d in text.split("\n\n")]
-        else:
-            docs = [text]
-    elif suffix in (".jsonl", ".json"):
-        text = _read_text(p)
-        if text.lstrip().startswith("["):
-            raise RedError(f"corpus {p} holds one JSON array, not JSON lines; write one JSON object per line "
-                           "(.jsonl), e.g. {\"text\": \"...\"}")
-        docs = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise RedError(f"corpus {p} line {i} is not valid JSON; write one JSON object per line") from None
-            where = f"corpus {p} line {i}"
-            if isinstance(row, dict) and text_field not in row and _is_chat_row(row):
-                raise RedError(_chat_message(where))
-            if not isinstance(row, dict) or text_field not in row:
-                raise RedError(f"{where} has no field {text_field!r}; set --text-field to the field that holds the text")
-            docs.append(_text_value(row[text_field], where, text_field))
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise RedError("reading .parquet needs pyarrow; install it with: pip install 'red[parquet]'") from None
-        try:
-            table = pq.read_table(p)
-        except Exception as e:
-            raise RedError(f"corpus {p} is not a readable parquet file ({type(e).__name__}); check the file") from None
-        if text_field not in table.column_names:
-            if _is_chat_row(dict.fromkeys(table.column_names)):
-                raise RedError(_chat_message(f"corpus {p}"))
-            raise RedError(f"corpus {p} has no column {text_field!r} (columns: {', '.join(table.column_names)}); "
-                           "set --text-field")
-        docs = [_text_value(x, f"corpus {p} row {i}", text_field)
-                for i, x in enumerate(table.column(text_field).to_pylist(), 1)]
-    else:
-        raise RedError(f"corpus {p} has an unknown format {suffix or '(no suffix)'}; use .txt, .jsonl or .parquet")
-    docs = [d for d in docs if d.strip()]
+    docs = []
+    for row in iter_rows(p, text_field, txt_split):
+        if not isinstance(row, str):
+            raise RedError(f"corpus {p} holds chat data (role/content messages or prompt/completion); "
+                           "read_documents returns plain text only: prepare chat data with red.store.prepare_store")
+        docs.append(row)
     if not docs:
         raise RedError(f"corpus {p} holds no text; give a corpus with at least a few documents")
     return docs
-
-
-def _is_chat_row(row: dict) -> bool:
-    """A chat-format row: a ``messages`` (or ``conversations``) column, or prompt/completion."""
-    return "messages" in row or "conversations" in row or ("prompt" in row and "completion" in row)
-
-
-def _is_chat_value(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
-
-
-def _chat_message(where: str) -> str:
-    return (f"{where} holds chat data (role/content messages or prompt/completion); chat data is not supported "
-            "yet: render each conversation to plain text (e.g. with the tokenizer's chat template) into a text "
-            "field and pass that")
-
-
-def _text_value(value, where: str, text_field: str) -> str:
-    if isinstance(value, str):
-        return value
-    if _is_chat_value(value):
-        raise RedError(_chat_message(f"{where} field {text_field!r}"))
-    kind = "null" if value is None else type(value).__name__
-    raise RedError(f"{where} field {text_field!r} is {kind}, not text; every document must be a string "
-                   "(fix the row or set --text-field to the field that holds the text)")
-
-
-def _read_text(p: Path) -> str:
-    raw = p.read_bytes()
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise RedError(f"corpus {p} is UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
-    if b"\x00" in raw[:4096]:
-        raise RedError(f"corpus {p} looks binary, not text; give a UTF-8 .txt/.jsonl file or a .parquet file")
-    try:
-        text = raw.decode("utf-8-sig")  # drops a UTF-8 byte-order mark
-    except UnicodeDecodeError:
-        raise RedError(f"corpus {p} is not UTF-8 text; re-encode it as UTF-8") from None
-    return text.replace("\r\n", "\n")
 
 
 def document_separator(tokenizer) -> list[int]:
@@ -160,29 +82,70 @@ def pack(ids: list[int], seq_len: int) -> torch.Tensor:
 
 @dataclass
 class PackedCorpus:
-    train: torch.Tensor  # [n_train, seq_len]
-    val: torch.Tensor    # [n_val, seq_len]
+    """Training and validation blocks: [n, seq_len] LongTensors, or store views that read
+    only the blocks indexed (``red.store.BlockView``/``ConcatView``, which also give each
+    block's loss mask and document ids). ``weights``: mixture weights of the components
+    (None: every training block equally likely)."""
+
+    train: object
+    val: object
+    sizes: list | None = None
+    weights: list | None = None
+    fingerprint: str = ""
 
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
 
+    def sampler(self, batch_size: int, seed: int):
+        if self.weights is None:
+            return BlockSampler(len(self.train), batch_size, seed)
+        from .store import MixtureSampler
+
+        return MixtureSampler(self.sizes, self.weights, batch_size, seed)
+
+
+def corpus_from_stores(stores: list, seq_len: int, weights: list | None = None, min_train_blocks: int = 1,
+                       name: str = "corpus") -> PackedCorpus:
+    """Pack one or more token stores into blocks of ``seq_len``; check each has training
+    and validation blocks."""
+    from .store import ConcatView
+
+    trains, vals = [], []
+    for st in stores:
+        tr, va = st.view("train", seq_len), st.view("val", seq_len)
+        where = st.manifest["parts"][0]["sources"][0]["path"] if st.manifest["parts"] else st.root
+        if len(tr) < min_train_blocks:
+            raise RedError(f"{name} {where} is too short: its training documents pack to {len(tr)} sequences of "
+                           f"{seq_len} tokens, need at least {min_train_blocks}; add text or lower --seq-len")
+        if len(va) < 1:
+            n_val = int(va.cum[-1])
+            raise RedError(f"{name} {where} is too short: its validation documents hold {n_val} tokens, less than "
+                           f"one sequence of {seq_len}; add text, raise --val-fraction or lower --seq-len")
+        trains.append(tr)
+        vals.append(va)
+    if len(stores) == 1:
+        return PackedCorpus(train=trains[0], val=vals[0], fingerprint=stores[0].fingerprint)
+    fp = ",".join(f"{s.fingerprint}:{w:g}" if weights else s.fingerprint
+                  for s, w in zip(stores, weights or [0] * len(stores)))
+    return PackedCorpus(train=ConcatView(trains), val=ConcatView(vals, interleave=True),
+                        sizes=[len(t) for t in trains], weights=weights, fingerprint=fp)
+
 
 def load_corpus(path: str | Path, tokenizer, seq_len: int, val_fraction: float = 0.05,
                 text_field: str = "text", txt_split: str = "line", min_train_blocks: int = 1) -> PackedCorpus:
-    """Read, tokenize and pack a corpus; hold out the last blocks for validation."""
-    docs = read_documents(path, text_field, txt_split)
-    vocab = len(tokenizer)
-    blocks = pack(tokenize_documents(docs, tokenizer), seq_len)
-    n = blocks.shape[0]
-    n_val = max(1, int(round(n * val_fraction)))
-    if n - n_val < min_train_blocks:
-        raise RedError(f"corpus {path} is too short: {n} packed sequences of {seq_len} tokens, need at least "
-                       f"{min_train_blocks + n_val} ({min_train_blocks} to train, {n_val} to validate); "
-                       "add text or lower --seq-len")
-    if blocks.numel() and int(blocks.max()) >= vocab:
-        raise RedError("tokenizer produced ids beyond its vocabulary; use the teacher's own tokenizer")
-    return PackedCorpus(train=blocks[: n - n_val], val=blocks[n - n_val:])
+    """Read, tokenize and pack one corpus file in this process, split by documents as
+    `red prepare` splits it (the same blocks as a store made from the same file)."""
+    import tempfile
+
+    from .store import prepare_store
+
+    check_corpus_path(path)
+    with tempfile.TemporaryDirectory(prefix="red-corpus-") as tmp:
+        # the memory maps stay valid after the files are removed
+        store = prepare_store([str(path)], Path(tmp) / "store", tokenizer, text_field=text_field,
+                              txt_split=txt_split, val_fraction=val_fraction, workers=1, progress=False)
+    return corpus_from_stores([store], seq_len, min_train_blocks=min_train_blocks)
 
 
 class BlockSampler:

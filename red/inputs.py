@@ -60,6 +60,16 @@ def check_corpus_path(path: str | Path) -> Path:
     return p
 
 
+def check_data_paths(data) -> None:
+    """Every ``--data`` entry names something that exists: a file of a supported format, a
+    glob matching such files, a token store or a saved dataset (contents read later)."""
+    from .sources import expand_source, is_store, split_data
+
+    for spec in split_data(data):
+        if not is_store(spec.path):
+            expand_source(spec.path)
+
+
 def check_distill_inputs(cfg) -> None:
     """What `red distill` can check from paths and config.json alone, before any heavy import:
     the teacher folder and its architecture, the width against the teacher's, the corpus
@@ -68,7 +78,7 @@ def check_distill_inputs(cfg) -> None:
     D = raw.get("hidden_size")
     if isinstance(D, int) and not 0 < cfg.hidden_size < D:
         raise RedError(f"--hidden-size {cfg.hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
-    check_corpus_path(cfg.data)
+    check_data_paths(cfg.data)
     if cfg.calibration and not Path(cfg.calibration).is_file():
         raise RedError(f"calibration file {cfg.calibration} does not exist; run `red calibrate` or drop --calibration")
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():

@@ -17,14 +17,17 @@ import red_kernels
 from .calibration import Calibration, calibrate, channel_scores, check_calibration_teacher
 from .checkpoint import check_checkpoint
 from .config import DistillConfig, config_yaml, validate_against_teacher
-from .data import PackedCorpus, load_corpus
+from .data import PackedCorpus, corpus_from_stores, load_corpus
 from .distributed import DistContext, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
 from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
 from .inputs import check_distill_inputs
 from .plan import run_disk_bytes
-from .run import CALIBRATION, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
+from .run import CALIBRATION, DATA, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
+from .sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
+from .store import MANIFEST as STORE_MANIFEST
+from .store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
 from .student import ProjectedStudent, trainable_shapes
 from .teacher import (Arch, check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer,
                       read_teacher_config, teacher_fingerprint)
@@ -130,7 +133,9 @@ class RunResult:
 
 def run_inputs(cfg: DistillConfig) -> dict:
     """The paths a run reads, which its output folder must stay apart from."""
-    return {"teacher folder": cfg.teacher, "data file": cfg.data, "calibration file": cfg.calibration}
+    data = {("data file" if i == 0 else f"data file {i + 1}"): s.path
+            for i, s in enumerate(split_data(cfg.data)) if not any(c in s.path for c in "*?[")}
+    return {"teacher folder": cfg.teacher, **data, "calibration file": cfg.calibration}
 
 
 def disk_need(cfg: DistillConfig, arch: Arch) -> int:
@@ -142,14 +147,104 @@ def disk_need(cfg: DistillConfig, arch: Arch) -> int:
     return run_disk_bytes(arch, cfg.hidden_size, cfg.steps, cfg.save_every, cfg.keep_checkpoints, dtype_bytes, files)
 
 
+@dataclass
+class DataEntry:
+    """One ``--data`` entry of a run: a token store ready to read, or the files to
+    tokenize into the run folder (``target``, a folder under OUT/data) first."""
+
+    spec: DataSpec
+    store: TokenStore | None
+    files: list
+    records: list
+    target: str = ""
+
+
+def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
+    """Check every --data entry without writing anything: stores are opened (manifest,
+    file sizes, tokenizer); files are checked to exist, and their first rows to parse (the
+    rest is checked while they are tokenized); a store already made from the same files
+    in OUT/data is reused, so a resumed or repeated run never tokenizes again."""
+    entries = []
+    fp = tokenizer_fingerprint(tokenizer)
+    for i, spec in enumerate(split_data(cfg.data)):
+        if is_store(spec.path):
+            entries.append(DataEntry(spec, TokenStore(spec.path, tokenizer), [], []))
+            continue
+        files = expand_source(spec.path)
+        _check_first_rows(files, cfg, tokenizer)
+        records = [source_record(f) for f in files]
+        target = f"{DATA}/{i}"
+        entries.append(DataEntry(spec, _matching_store(run.root / target, records, cfg, fp, tokenizer),
+                                 files, records, target))
+    return entries
+
+
+def _check_first_rows(files, cfg: DistillConfig, tokenizer, n: int = 64) -> None:
+    from .store import encode_rows
+
+    for f in files:
+        rows = []
+        for row in iter_rows(f, cfg.text_field, cfg.txt_split):
+            rows.append(row)
+            if len(rows) >= n:
+                break
+        if not rows:
+            raise RedError(f"corpus {f} holds no text; give a corpus with at least a few documents")
+        chat = [r for r in rows if not isinstance(r, str)]
+        if chat:
+            render_chat(chat[0], tokenizer)
+            encode_rows(chat[:1], tokenizer, [])
+
+
+def _matching_store(root: Path, records: list, cfg: DistillConfig, fp: str, tokenizer) -> TokenStore | None:
+    """The store at ``root`` if it was made from exactly these files with these settings."""
+    if not (root / STORE_MANIFEST).is_file():
+        return None
+    try:
+        store = TokenStore(root)
+    except RedError:
+        return None
+    m = store.manifest
+    part = m["parts"][0] if len(m["parts"]) == 1 else {}
+    same = (m["tokenizer"]["fingerprint"] == fp
+            and [s["sha256"] for s in part.get("sources", [])] == [r["sha256"] for r in records]
+            and (part.get("text_field"), part.get("txt_split"), part.get("val_fraction"), part.get("split_seed"))
+            == (cfg.text_field, cfg.txt_split, cfg.val_fraction, 0))
+    return store if same else None
+
+
+def make_data_ready(entries: list[DataEntry], cfg: DistillConfig, tokenizer, run: RunDir, ctx: DistContext,
+                    progress: bool = True) -> PackedCorpus:
+    """Tokenize the entries that need it into the run folder (rank 0; the others wait and
+    then open what it wrote) and pack every store into training/validation blocks."""
+    if ctx.is_main:
+        for e in entries:
+            if e.store is None:
+                run.own(DATA)
+                target = run.path(*e.target.split("/"))
+                if target.exists():
+                    shutil.rmtree(target)  # ours (under OUT/data): a store of other files or settings
+                e.store = prepare_store(e.files, target, tokenizer, text_field=cfg.text_field,
+                                        txt_split=cfg.txt_split, val_fraction=cfg.val_fraction, seed=0,  # split: not the training seed
+                                        progress=progress, records=e.records)
+    ctx.barrier()
+    for e in entries:
+        if e.store is None:
+            e.store = TokenStore(run.path(*e.target.split("/")), tokenizer)
+    weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
+    return corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
+
+
 def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = None):
     """Every check that can fail on the user's input, run before anything is written.
 
-    Returns ``(tokenizer, corpus, calibration or None, identity, cfg)``; ``cfg`` comes back
+    Returns ``(tokenizer, data entries, corpus or None, calibration or None, identity or None,
+    cfg)``: the corpus (and the run's identity, which names the data's fingerprint) is None
+    while some --data file still has to be tokenized (``make_data_ready``); ``cfg`` comes back
     with ``resume`` off when the folder holds no checkpoint yet (nothing to resume: the run
     starts from step 0) and, when resuming, with run.yaml's schedule history and this
     invocation's allowed changes appended. Reads the teacher's config, tokenizer and
-    safetensors headers (not its weights), the corpus, the given calibration file and the
+    safetensors headers (not its weights), the data (``plan_data``), the given calibration file and the
     run folder's run.yaml and last checkpoint; checks the output folder is separate from the
     inputs, writable and has room. Raises RedError naming the first problem.
     """
@@ -168,16 +263,28 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     if len(tokenizer) > arch.vocab_size:
         raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
                        f"{arch.vocab_size} rows; use the teacher's own tokenizer")
-    corpus = load_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.txt_split)
-    validate_against_teacher(cfg, tcfg, len(corpus.train))
+    entries = plan_data(cfg, tokenizer, run)
+    corpus = None
+    if all(e.store is not None for e in entries):
+        weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
+        corpus = corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
+    validate_against_teacher(cfg, tcfg, len(corpus.train) if corpus is not None else None)
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
         # width, and the teacher's fingerprint when the file has one (older files: width only)
         check_calibration_teacher(cal, cfg.calibration, cfg.teacher, arch)
-    identity = RunIdentity.from_config(cfg, arch)
+    identity = RunIdentity.from_config(cfg, arch, corpus.fingerprint) if corpus is not None else None
     state = run.state()
     if state == "run" and cfg.resume:
+        if corpus is None:
+            from .config import load_yaml
+
+            # a changed setting is named first; then the data
+            resume_changes(load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}, cfg, cfg.allowed_changes())
+            changed = ", ".join(str(e.spec.path) for e in entries if e.store is None)
+            raise RedError(f"--resume with another corpus: {changed} is not the data this run was tokenized from "
+                           f"({cfg.out}/{DATA} holds other files or settings); resume with the run's own --data")
         cfg = _resume_config(cfg, run, identity, arch, len(corpus.train))
     elif cfg.resume:
         cfg = dataclasses.replace(cfg, resume=False)  # no checkpoint yet: nothing to resume, start at 0
@@ -198,7 +305,7 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     err = ctx.broadcast_error(err)
     if err:
         raise RedError(err)
-    return tokenizer, corpus, cal, identity, cfg
+    return tokenizer, entries, corpus, cal, identity, cfg
 
 
 def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch: Arch, n_train: int):
@@ -236,14 +343,25 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     ctx = init_distributed(cfg.device)
     run = RunDir(cfg.out)
     try:
-        tokenizer, corpus, cal, identity, cfg = preflight(cfg, tcfg, run, ctx)
+        tokenizer, entries, corpus, cal, identity, cfg = preflight(cfg, tcfg, run, ctx)
+        created = not run.root.exists()
         if ctx.is_main:
             run.lock()  # one writer; a second red on this folder is refused from here on
-            run.prepare(cfg.overwrite, cfg.resume)
+            reused = {DATA} if any(e.store is not None and e.target for e in entries) else set()
+            state = run.prepare(cfg.overwrite, cfg.resume, keep=reused)
             # run.yaml repeats the run; overwrite/resume/allow_change are per-invocation
             run.write_text(RUN_YAML, config_yaml(dataclasses.replace(cfg, overwrite=False, resume=False,
                                                                      allow_change="")))
         ctx.barrier()
+        if corpus is None:  # tokenize the --data files into OUT/data, once
+            try:
+                corpus = make_data_ready(entries, cfg, tokenizer, run, ctx, progress)
+                validate_against_teacher(cfg, tcfg, len(corpus.train))
+            except RedError:
+                if ctx.is_main and state != "run":
+                    run.discard(remove_root=created)  # a failed start leaves nothing behind
+                raise
+            identity = RunIdentity.from_config(cfg, Arch.from_config(tcfg), corpus.fingerprint)
         return _distill_locked(cfg, run, ctx, tokenizer, corpus, cal, identity, progress)
     finally:
         run.unlock()

@@ -36,6 +36,7 @@ CALIBRATION = "calibration.safetensors"
 CHECKPOINTS = "checkpoints"
 STUDENT = "student"
 RESULT = "result.json"
+DATA = "data"  # token stores of the --data files, one folder per --data entry
 MANIFEST = ".red-run.json"
 LOCK = ".red-lock"
 
@@ -126,7 +127,7 @@ class RunDir:
         """Refuse the folder when any entry `red` writes in it is a symbolic link (checked
         before any work, so nothing is written through it). The folder itself may be a
         link: that is where the user asked the run to go."""
-        for name in (RUN_YAML, METRICS, CALIBRATION, CHECKPOINTS, STUDENT, RESULT, MANIFEST, LOCK):
+        for name in (RUN_YAML, METRICS, CALIBRATION, CHECKPOINTS, STUDENT, RESULT, DATA, MANIFEST, LOCK):
             self.path(name)
         if (self.root / CHECKPOINTS).is_dir():
             for p in (self.root / CHECKPOINTS).iterdir():
@@ -253,10 +254,11 @@ class RunDir:
         self.write_text(METRICS, "".join(k + "\n" for k in keep))
 
     # -- replacing --------------------------------------------------------------------------
-    def clear_own(self) -> None:
-        """Delete what `red` wrote here (the manifest's entries), nothing else. Entries that
-        have become symbolic links are refused, not followed."""
-        for name in sorted(self.manifest() - {LOCK, MANIFEST}):
+    def clear_own(self, keep: set[str] = frozenset()) -> None:
+        """Delete what `red` wrote here (the manifest's entries but ``keep``), nothing else.
+        Entries that have become symbolic links are refused, not followed."""
+        kept = self.manifest() & set(keep)
+        for name in sorted(self.manifest() - {LOCK, MANIFEST} - kept):
             p = self.path(name)  # refuses links
             if p.is_dir():
                 shutil.rmtree(p)
@@ -266,8 +268,20 @@ class RunDir:
             if not stale.is_symlink():
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         if self.manifest():
-            self.write_json(MANIFEST, {"written_by": "red", "entries": sorted({MANIFEST, LOCK} & self.manifest()
-                                                                                | {MANIFEST})}, record=False)
+            self.write_json(MANIFEST, {"written_by": "red", "entries": sorted(({MANIFEST, LOCK} | kept)
+                                                                              & self.manifest() | {MANIFEST})},
+                            record=False)
+
+    def discard(self, remove_root: bool) -> None:
+        """Undo a start that failed before training: delete what `red` wrote, its manifest
+        and lock file, and the folder itself when ``remove_root`` (this run created it)."""
+        self.clear_own()
+        for name in (MANIFEST, LOCK):
+            p = self.root / name
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+        if remove_root and self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
 
     def check_usable(self, overwrite: bool, resume: bool) -> str:
         """Raise RedError unless this folder can take a run started with these flags;
@@ -282,12 +296,13 @@ class RunDir:
                            "continue it, or --overwrite to replace it")
         return state
 
-    def prepare(self, overwrite: bool, resume: bool) -> str:
+    def prepare(self, overwrite: bool, resume: bool, keep: set[str] = frozenset()) -> str:
         """Check the folder can take this run (again, now under the lock) and make it ready;
-        returns what it held ("new", "unfinished", "run")."""
+        returns what it held ("new", "unfinished", "run"). ``keep``: entries of red's to
+        keep when the folder is cleared (tokenized data this run reuses)."""
         state = self.check_usable(overwrite, resume)
         if overwrite or state == "unfinished" or (state == "run" and not resume):
-            self.clear_own()  # an unfinished folder is not a run yet: start it again
+            self.clear_own(keep)  # an unfinished folder is not a run yet: start it again
             state = "new" if state != "foreign" else state
         self.root.mkdir(parents=True, exist_ok=True)
         return state
@@ -302,11 +317,12 @@ class RunIdentity:
     arch: dict  # model_type, num_layers, teacher_hidden_size
 
     @classmethod
-    def from_config(cls, cfg, arch) -> "RunIdentity":
+    def from_config(cls, cfg, arch, data_fingerprint: str = "") -> "RunIdentity":
+        """``data_fingerprint``: of the tokens trained on (``PackedCorpus.fingerprint``)."""
         from .teacher import teacher_fingerprint
 
         fps = {"teacher": teacher_fingerprint(cfg.teacher),
-               "data": file_fingerprint(cfg.data) if Path(cfg.data).is_file() else "",
+               "data": data_fingerprint,
                "calibration": file_fingerprint(cfg.calibration) if cfg.calibration else ""}
         return cls(settings={k: getattr(cfg, k) for k in IDENTITY_KEYS}, fingerprints=fps,
                    arch={"model_type": arch.model_type, "num_layers": arch.num_layers,

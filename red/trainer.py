@@ -132,10 +132,26 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused)
 
 
+def read_batch(blocks, idx, cfg: DistillConfig, device) -> dict:
+    """The blocks ``idx`` of ``blocks`` (a LongTensor [n, T] or a store view) on ``device``,
+    with the loss mask (``--loss-on assistant`` on chat data) and the document ids
+    (``--no-cross-doc-attention``) the settings ask for."""
+    out = {"input_ids": blocks[idx].to(device)}
+    if cfg.loss_on == "assistant" and getattr(blocks, "has_mask", False):
+        out["loss_mask"] = blocks.loss_mask(idx).to(device)
+    if not cfg.cross_doc_attention:
+        if not hasattr(blocks, "doc_ids"):
+            raise RedError("--no-cross-doc-attention needs to know where documents start: give the corpus as "
+                           "red.data.load_corpus or a token store returns it, not as a plain tensor")
+        out["doc_ids"] = blocks.doc_ids(idx).to(device)
+    return out
+
+
 def train_step(student: ProjectedStudent, optimizer: torch.optim.Optimizer, batches, loss: LossSettings,
                max_norm: float = float("inf"), ctx: DistContext | None = None) -> dict:
     """One optimizer step over the micro-batches ``batches`` (token id tensors on the
-    student's device): forward and backward of each, gradient norm, clipping, AdamW.
+    student's device, or ``read_batch`` dicts): forward and backward of each, gradient
+    norm, clipping, AdamW.
 
     Returns the loss terms averaged over micro-batches (and ranks) and ``grad_norm``, read
     back to the host in one transfer. Raises RedError without stepping when a loss term or
@@ -146,7 +162,11 @@ def train_step(student: ProjectedStudent, optimizer: torch.optim.Optimizer, batc
     n = len(batches)
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
-        parts = student.distill_losses(batch, loss)
+        if isinstance(batch, dict):  # input_ids with an optional loss_mask and doc_ids (see read_batch)
+            parts = student.distill_losses(batch["input_ids"], loss, doc_ids=batch.get("doc_ids"),
+                                           loss_mask=batch.get("loss_mask"))
+        else:
+            parts = student.distill_losses(batch, loss)
         (parts["loss"] / n).backward()
         for k, v in parts.items():
             v = v.detach().float() / n
@@ -227,22 +247,24 @@ def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig
     sums: dict[str, float] = {}
     n = 0
     for i in range(0, min(len(corpus.val), cfg.val_batches * cfg.batch_size), cfg.batch_size):
-        batch = corpus.val[i: i + cfg.batch_size]
+        idx = torch.arange(i, min(i + cfg.batch_size, len(corpus.val)))
         if ctx.distributed:
-            batch = batch[: len(batch) - len(batch) % ctx.world_size]
-            if not len(batch):
+            idx = idx[: len(idx) - len(idx) % ctx.world_size]
+            if not len(idx):
                 continue
-        parts = student.distill_losses(ctx.local_rows(batch).to(device), loss)
+        b = read_batch(corpus.val, ctx.local_rows(idx), cfg, device)
+        parts = student.distill_losses(b["input_ids"], loss, doc_ids=b.get("doc_ids"), loss_mask=b.get("loss_mask"))
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     sums = _mean_over_ranks(sums, ctx)
     out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
-    first = corpus.val[: cfg.batch_size]
+    first = torch.arange(min(cfg.batch_size, len(corpus.val)))
     split = ctx.distributed and len(first) >= ctx.world_size
     if split:
         first = first[: len(first) - len(first) % ctx.world_size]
-    h = student.hidden_states((ctx.local_rows(first) if split else first).to(device))[-1].float()
+    b = read_batch(corpus.val, ctx.local_rows(first) if split else first, cfg, device)
+    h = student.hidden_states(b["input_ids"], doc_ids=b.get("doc_ids"))[-1].float()
     out["erank_last"] = erank(ctx.all_gather_rows(h) if split else h)
     return out
 
@@ -300,7 +322,8 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
     # the scheduler's base is the lr the run started with; lr_schedule scales from it
     optimizer = make_optimizer(student.trainable_parameters(), setting_at(cfg, "lr", 0), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup, cfg.history, cfg.lr))
-    sampler = BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
+    sampler = corpus.sampler(cfg.batch_size, cfg.seed) if hasattr(corpus, "sampler") else \
+        BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
     meta = identity.checkpoint_meta() if identity is not None else {
         "hidden_size": student.hidden_size, "teacher_hidden_size": student.arch.hidden_size,
         "model_type": student.arch.model_type, "num_layers": student.arch.num_layers}
@@ -341,7 +364,9 @@ def _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, sc
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and ctx.is_main), dynamic_ncols=True)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        batches = [ctx.local_rows(corpus.train[sampler.next()]).to(device) for _ in range(cfg.grad_accum)]
+        # every rank draws the global micro-batch and reads only its own rows of it
+        batches = [read_batch(corpus.train, ctx.local_rows(sampler.next()), cfg, device)
+                   for _ in range(cfg.grad_accum)]
         lr = scheduler.get_last_lr()[0]
         clip = setting_at(cfg, "grad_clip", step)
         try:

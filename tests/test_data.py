@@ -38,11 +38,12 @@ def test_packing_convention(tmp_path):
     assert ids == [tok.bos_token_id, a, b, tok.eos_token_id, tok.bos_token_id, c, tok.eos_token_id]
     (tmp_path / "c.txt").write_text("\n".join(["abcdefg"] * 20))
     corpus = load_corpus(tmp_path / "c.txt", tok, seq_len=8, val_fraction=0.2)
-    n = 20 * 9 // 8
-    assert corpus.train.shape[1] == 8 and len(corpus.train) + len(corpus.val) == n
-    assert len(corpus.val) == round(n * 0.2)
-    flat = torch.cat([corpus.train.flatten(), corpus.val.flatten()]).tolist()
-    assert flat == tokenize_documents(["abcdefg"] * 20, tok)[: n * 8]
+    # 20 documents of 9 tokens; 4 whole documents (20 % of the tokens) are held out, and
+    # each split is its documents' tokens concatenated and cut into blocks of 8
+    assert corpus.train.shape[1] == 8
+    assert (len(corpus.train), len(corpus.val)) == (16 * 9 // 8, 4 * 9 // 8)
+    assert corpus.train[:].flatten().tolist() == tokenize_documents(["abcdefg"] * 16, tok)[: 18 * 8]
+    assert corpus.val[:].flatten().tolist() == tokenize_documents(["abcdefg"] * 4, tok)[: 4 * 8]
 
 
 def test_sampler_is_a_pure_function_of_seed_and_position():

@@ -110,7 +110,7 @@ def test_export_loads_with_plain_transformers_and_matches(arch, loaded_teachers,
     ids = corpus.val[:2]
     with torch.no_grad():
         diff = (model(input_ids=ids).logits - st(ids)).abs().max()
-    assert diff <= 1e-4, diff
+    assert diff <= 2e-4, diff  # fp32, two summation orders
     enc = tok2("alpha beta", return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert gen.shape[1] == enc["input_ids"].shape[1] + 5
