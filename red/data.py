@@ -135,11 +135,15 @@ def corpus_from_stores(stores: list, seq_len: int, weights: list | None = None, 
 def load_corpus(path: str | Path, tokenizer, seq_len: int, val_fraction: float = 0.05,
                 text_field: str = "text", txt_split: str = "line", min_train_blocks: int = 1) -> PackedCorpus:
     """Read, tokenize and pack one corpus file in this process, split by documents as
-    `red prepare` splits it (the same blocks as a store made from the same file)."""
+    `red prepare` splits it (the same blocks as a store made from the same file); a token
+    store folder is opened instead."""
     import tempfile
 
-    from .store import prepare_store
+    from .sources import is_store
+    from .store import TokenStore, prepare_store
 
+    if is_store(path):  # a token store from `red prepare`: its own split
+        return corpus_from_stores([TokenStore(path, tokenizer)], seq_len, min_train_blocks=min_train_blocks)
     check_corpus_path(path)
     with tempfile.TemporaryDirectory(prefix="red-corpus-") as tmp:
         # the memory maps stay valid after the files are removed

@@ -244,8 +244,10 @@ def test_data_file_is_tokenized_once_into_the_run(tmp_path, teacher_dirs, corpus
 
 
 def test_mixture_and_store_runs(tmp_path, teacher_dirs, corpus_file):
+    from red.teacher import load_tokenizer
+
     t = teacher_dirs["llama"]
-    tok = build_tokenizer()
+    tok = load_tokenizer(t)
     other = write_corpus(tmp_path / "other.txt", seed=5)
     prepare_store([str(other)], tmp_path / "st", tok, workers=1, progress=False)
     assert _distill(t, [f"{corpus_file}:0.75", f"{tmp_path / 'st'}:0.25"], tmp_path / "mix") == 0
@@ -333,3 +335,33 @@ def test_a_bad_row_deep_in_the_file_leaves_no_run_folder(tmp_path, teacher_dirs,
     rc = _distill(teacher_dirs["llama"], [tmp_path / "late.jsonl"], tmp_path / "r")
     assert rc == 2 and "line 401 is not valid JSON" in capfd.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_mixture_run_resumes_bitwise(tmp_path, teacher_dirs, corpus_file):
+    from safetensors.torch import load_file
+
+    import red.run as R
+
+    t = teacher_dirs["qwen2"]
+    from red.teacher import load_tokenizer
+
+    # the teacher's own tokenizer: a saved tokenizer can load as another class (here
+    # Qwen2Tokenizer, which tokenizes differently), and a store refuses a tokenizer not its own
+    prepare_store([str(write_corpus(tmp_path / "other.txt", seed=7))], tmp_path / "st", load_tokenizer(t),
+                  workers=1, progress=False)
+    data = [f"{corpus_file}:0.7", f"{tmp_path / 'st'}:0.3"]
+    args = ("--steps", "4", "--save-every", "2", "--no-cross-doc-attention", "--lr", "3e-3", "--warmup", "1")
+    assert _distill(t, data, tmp_path / "straight", *args) == 0
+
+    def stop_after_3(event, step, folder):
+        if event == "step-done" and step == 3:
+            raise KeyboardInterrupt
+    R.HOOKS.append(stop_after_3)
+    try:
+        assert _distill(t, data, tmp_path / "cut", *args) == 130
+    finally:
+        R.HOOKS.remove(stop_after_3)
+    assert _distill(t, data, tmp_path / "cut", *args, "--resume") == 0
+    final = lambda out: load_file(str(out / "checkpoints/step-0000004/state.safetensors"))
+    want, got = final(tmp_path / "straight"), final(tmp_path / "cut")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
