@@ -232,7 +232,8 @@ def _cmd_prepare(args) -> int:
             raise RedError(f"--data {s}: mixture weights belong to red distill, not to a store; drop ':{spec.weight:g}'")
         sources.append(spec.path)
         for f in expand_source(spec.path):
-            check_separate(args.out, {"source": f})
+            for one in getattr(f, "files", (f,)):
+                check_separate(args.out, {"source": one})
     from .store import prepare_store
     from .teacher import load_tokenizer
 

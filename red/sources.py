@@ -2,8 +2,9 @@
 
 A spec is ``PATH`` or ``PATH:WEIGHT`` (a mixture weight, a positive number). PATH is a
 .txt/.jsonl/.parquet file, a glob pattern of such files (``shards/*.jsonl``), a folder
-written by Hugging Face ``datasets``' ``save_to_disk``, or a token store made by
-`red prepare` (``red.store``).
+written by Hugging Face ``datasets``' ``save_to_disk``, ``BUILDER:GLOB`` (local files read
+through ``datasets.load_dataset(BUILDER, data_files=...)``: json, parquet, text, csv), or
+a token store made by `red prepare` (``red.store``).
 
 Rows are read one at a time (memory does not grow with the file): a row is either a
 document's text (``str``) or a conversation (``list`` of ``{"role", "content"}`` dicts),
@@ -28,6 +29,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 GLOB_CHARS = "*?["
 STORE_MANIFEST = "store.json"  # red.store.MANIFEST (named here so that checks need no numpy)
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+LOAD_DATASET_BUILDERS = ("json", "parquet", "text", "csv")
 HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -85,9 +87,29 @@ def is_hf_dataset(path: str | Path) -> bool:
     return p.is_dir() and any((p / f).is_file() for f in HF_DATASET_FILES)
 
 
-def expand_source(path: str) -> list[Path]:
-    """The files (or the one saved-dataset folder) a non-store PATH names, checked to exist
-    and be of a known kind; a glob is expanded in sorted order."""
+@dataclass(frozen=True)
+class DatasetFiles:
+    """Local files read through Hugging Face ``datasets.load_dataset(builder,
+    data_files=...)`` (streaming): a spec ``json:GLOB``, ``parquet:GLOB``, ``text:GLOB`` or
+    ``csv:GLOB``. Gives what that library reads and ours does not, e.g. compressed
+    ``.jsonl.gz`` shards."""
+    builder: str
+    files: tuple
+
+    def __str__(self) -> str:
+        return f"{self.builder}:{','.join(map(str, self.files))}"
+
+
+def expand_source(path: str) -> list:
+    """The files (or the one saved-dataset folder, or one ``DatasetFiles``) a non-store PATH
+    names, checked to exist and be of a known kind; a glob is expanded in sorted order."""
+    builder, sep, pattern = path.partition(":")
+    if sep and builder in LOAD_DATASET_BUILDERS and not Path(path).exists():
+        found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not found:
+            raise RedError(f"--data {path}: the pattern {pattern} matches no file; check the pattern (quote it "
+                           "so the shell does not expand it)")
+        return [DatasetFiles(builder, tuple(found))]
     if any(c in path for c in GLOB_CHARS) and not Path(path).exists():
         found = sorted(Path(p) for p in glob.glob(path, recursive=True))
         files = [p for p in found if p.is_file()]
@@ -111,6 +133,9 @@ def expand_source(path: str) -> list[Path]:
 
 def iter_rows(path: Path, text_field: str = "text", txt_split: str = "line") -> Iterator[Row]:
     """Stream the rows of one source file (or saved dataset); empty text documents dropped."""
+    if isinstance(path, DatasetFiles):
+        yield from _load_dataset_rows(path, text_field)
+        return
     if path.is_dir():
         yield from _hf_rows(path, text_field)
         return
@@ -227,11 +252,7 @@ def _parquet_rows(p: Path, text_field: str) -> Iterator[Row]:
 
 
 def _hf_rows(p: Path, text_field: str) -> Iterator[Row]:
-    try:
-        import datasets
-    except ImportError:
-        raise RedError(f"{p} is a saved Hugging Face dataset; reading it needs the datasets library: "
-                       "pip install 'red[datasets]'") from None
+    datasets = _datasets(f"{p} is a saved Hugging Face dataset; reading it")
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as e:
@@ -258,6 +279,31 @@ def _hf_rows(p: Path, text_field: str) -> Iterator[Row]:
             out = row_value(dict(zip(keys, values)), f"dataset {p} row {i}", text_field)
             if out is not None:
                 yield out
+
+
+def _load_dataset_rows(src: DatasetFiles, text_field: str) -> Iterator[Row]:
+    datasets = _datasets(f"--data {src.builder}:...")
+    try:
+        ds = datasets.load_dataset(src.builder, data_files=[str(f) for f in src.files], split="train",
+                                   streaming=True)
+        for i, row in enumerate(ds, 1):
+            out = row_value(row, f"{src.builder} data {src.files[0] if len(src.files) == 1 else src.files[0].parent} "
+                                 f"row {i}", text_field)
+            if out is not None:
+                yield out
+    except RedError:
+        raise
+    except Exception as e:
+        raise RedError(f"datasets could not read {src} ({type(e).__name__}: {str(e)[:200]}); check the files "
+                       "and the builder name") from None
+
+
+def _datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise RedError(f"{what} needs the datasets library: pip install 'red[datasets]'") from None
+    return datasets
 
 
 # -- one row ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .errors import RedError
-from .sources import STORE_MANIFEST, Row, expand_source, iter_rows, render_chat
+from .sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
 
 MANIFEST = STORE_MANIFEST
 FORMAT = "red-token-store"
@@ -233,8 +233,14 @@ def _file_sha(p: Path) -> str:
     return h.hexdigest()
 
 
-def source_record(p: Path) -> dict:
-    """A source's identity: name, size and sha256 (of every file, for a saved dataset)."""
+def source_record(p) -> dict:
+    """A source's identity: name, size and sha256 (of every file, for a saved dataset or a
+    ``DatasetFiles`` set)."""
+    if isinstance(p, DatasetFiles):
+        h = hashlib.sha256()
+        for f in p.files:
+            h.update(str(f.name).encode() + b"\0" + _file_sha(f).encode())
+        return {"path": str(p), "bytes": sum(f.stat().st_size for f in p.files), "sha256": h.hexdigest()}
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
         h = hashlib.sha256()
@@ -271,7 +277,7 @@ def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_fi
     that stays behind on an error: a new store folder is removed, an appended part's
     files are deleted and the manifest is untouched."""
     root = Path(out)
-    files = [Path(f) for s in sources for f in expand_source(str(s))]
+    files = [f if isinstance(f, DatasetFiles) else Path(f) for s in sources for f in expand_source(str(s))]
     if not files:
         raise RedError("no source given; pass at least one file, glob or saved dataset")
     fp = tokenizer_fingerprint(tokenizer)

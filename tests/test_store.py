@@ -143,6 +143,18 @@ def test_sources_globs_datasets_and_parquet(tmp_path):
     for name in ("saved", "saveddict"):
         h = prepare_store([str(tmp_path / name)], tmp_path / f"st-{name}", tok, workers=1, progress=False)
         assert np.asarray(h.parts[0].tokens).tolist() == tokenize_documents(docs, tok)
+    # local files through datasets.load_dataset: compressed JSON lines, which our reader does not take
+    import gzip
+
+    (tmp_path / "gz").mkdir()
+    for i in range(2):
+        with gzip.open(tmp_path / "gz" / f"{i}.jsonl.gz", "wt") as f:
+            f.write("".join(json.dumps({"text": d}) + "\n" for d in docs[i::2]))
+    z = prepare_store([f"json:{tmp_path / 'gz' / '*.jsonl.gz'}"], tmp_path / "st-gz", tok, workers=1,
+                      progress=False)
+    assert np.asarray(z.parts[0].tokens).tolist() == tokenize_documents(docs[0::2] + docs[1::2], tok)
+    with pytest.raises(RedError, match="matches no file"):
+        prepare_store([f"json:{tmp_path / 'gz' / '*.nothing'}"], tmp_path / "st-none", tok, workers=1)
 
 
 def test_chat_rows_render_with_the_template_and_mask_the_assistant(tmp_path):
