@@ -111,8 +111,10 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer, end) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    torch.set_num_threads(1)
+    # one process per core already; also keeps the tokenizers library from warning that
+    # it was forked after the parent used its thread pool. (No torch here: using OpenMP
+    # in a process forked from one that already did can hang.)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tok"], _WORKER["end"] = tokenizer, end
 
 
