@@ -346,7 +346,7 @@ def _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, sc
     device = student.embed.device
     step = 0
     if found:
-        step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta)
+        step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta, ctx=ctx)
         # the restored lr is the old schedule's; take this run's (the same value unless
         # run.yaml's history changed the schedule at this step)
         for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
