@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--txt-split", default="line", choices=("line", "paragraph", "file"), help="documents of a .txt")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out, by whole documents")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core but one; 1: in this process)")
     p.add_argument("--append", action="store_true", help="add the sources to an existing store as a new part")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store (only a red token store)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer folder's own code")
@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-weights", action="store_true", help="plan with W_t P re-made in backward instead of kept")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="teacher weight dtype")
     p.add_argument("--logits-chunk", type=int, default=0, help="rows per logits chunk of the fused KL kernel (0: its default)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (--calib-samples of red distill)")
+    p.add_argument("--gpu-memory", type=float, default=80.0,
+                   help="GiB per GPU; a plan whose training or start-up peak is above it is refused (exit 2)")
+    p.add_argument("--disk-gb-per-s", type=float, default=1.0,
+                   help="write bandwidth of the --out file system, GB/s shared by all ranks, for the checkpoint time")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,
@@ -332,11 +337,17 @@ def _cmd_plan(args) -> int:
     from .config import validate_plan_inputs
 
     validate_plan_inputs(args.hidden_size, args.seq_len, args.micro_batch, args.gpus, args.logits_chunk)
-    from .plan import format_plan, plan_memory
+    for flag, v in (("--gpu-memory", args.gpu_memory), ("--disk-gb-per-s", args.disk_gb_per_s),
+                    ("--calib-samples", args.calib_samples)):
+        if not v > 0 or v != v or v == float("inf"):
+            raise RedError(f"{flag} {v} must be a positive number")
+    from .plan import check_fits, format_plan, plan_memory
 
     plan = plan_memory(args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus,
                        args.activation_checkpointing, args.teacher_dtype, recompute_weights=args.recompute_weights,
-                       logits_chunk=args.logits_chunk)
+                       logits_chunk=args.logits_chunk, calib_samples=args.calib_samples,
+                       disk_gb_per_s=args.disk_gb_per_s)
+    check_fits(plan, args.gpu_memory)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
 
