@@ -109,6 +109,122 @@ def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: b
                              "num_layers": len(teacher.model.layers)})
 
 
+@torch.no_grad()
+def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4, progress: bool = True,
+                      probe=None) -> Calibration:
+    """``calibrate`` on a teacher whose parameters FSDP2 has sharded over ``ctx``'s ranks
+    (``red.distributed``'s sharded start-up); every rank gets the same statistics as one
+    process computing ``calibrate(full teacher, sequences, batch_size)``.
+
+    The batches are those of ``calibrate`` (``batch_size`` consecutive sequences), dealt
+    round-robin to the ranks: in round k rank r runs batch k*N + r (a rank without one
+    runs the round's first batch and drops its statistics, so that every rank makes the
+    same collectives). Each decoder layer and the final norm are all-gathered on entry and
+    dropped on exit (one layer whole at a time, ``DTensor.full_tensor``); the embedding is
+    never gathered: each round, the rows of the round's distinct tokens are assembled
+    from every rank's shard (all-reduce of exact rows and zeros, so exact). Statistics are
+    kept per sequence, each sequence's by exactly one rank, and summed over ranks (x + 0:
+    exact). The teacher's own transformers forward runs on each batch, so the statistics
+    are those of a single process up to the arithmetic of a batch, which is the same
+    batch in the same order: bit-identical on CPU in the tests.
+    """
+    import torch.distributed as dist
+
+    from .distributed import _collective_device, local_tensor, shard_rows
+
+    if sequences.dim() != 2 or sequences.shape[0] == 0:
+        raise RedError("calibration needs at least one sequence; give a corpus with enough text")
+    points = norm_points(teacher)
+    N, T = sequences.shape
+    D = teacher.config.hidden_size
+    stats = torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32)
+    scratch = torch.zeros(len(points), batch_size, len(STAT_NAMES), D, dtype=torch.float32)
+    cursor = {"start": 0, "into": stats}
+
+    def make_forward(pi, module):
+        def forward(x):
+            ys = []
+            for b in range(x.shape[0]):
+                y, st = K.rmsnorm_with_stats(x[b], module.weight, module.variance_epsilon)
+                cursor["into"][pi, cursor["start"] + b] += st.float().cpu()
+                ys.append(y)
+            return torch.stack(ys)
+        return forward
+
+    swapped: dict[int, list] = {}
+
+    def gather(module, args):
+        from torch.distributed.tensor import DTensor
+
+        held, nbytes = [], 0
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if isinstance(p, DTensor):
+                    full = p.full_tensor()
+                    nbytes += local_tensor(p).numel() * p.element_size()  # the shard stays alive too
+                    held.append((mod, name, p))
+                    mod._parameters[name] = torch.nn.Parameter(full, requires_grad=False)
+        swapped[id(module)] = held
+        if probe is not None:  # the full layer is now among the teacher's parameters
+            probe.sample("calibrate", extra=nbytes)
+
+    def release(module, args, output):
+        for mod, name, p in swapped.pop(id(module), []):
+            mod._parameters[name] = p
+
+    embed = teacher.model.embed_tokens
+    table = {}
+
+    def embed_forward(ids):
+        return table["rows"][torch.searchsorted(table["ids"], ids)]
+
+    hooks = []
+    for m in [*teacher.model.layers, teacher.model.norm]:
+        hooks += [m.register_forward_pre_hook(gather), m.register_forward_hook(release)]
+    for pi, (name, module) in enumerate(points.items()):
+        module.forward = make_forward(pi, module)
+    embed.forward = embed_forward
+    device = local_tensor(embed.weight).device
+    starts = list(range(0, N, batch_size))
+    W, r = ctx.world_size, ctx.rank
+    rounds = range(0, len(starts), W)
+    a, b = shard_rows(embed.weight)
+    try:
+        for k in tqdm(rounds, desc="calibrate", disable=not progress, leave=False):
+            mine = starts[k: k + W]
+            ids = torch.cat([sequences[s: s + batch_size] for s in mine]).reshape(-1).unique()  # sorted
+            rows = torch.zeros(len(ids), D, dtype=torch.float32, device=_collective_device())
+            held = (ids >= a) & (ids < b)
+            rows[held.to(rows.device)] = local_tensor(embed.weight)[(ids[held] - a).to(device)].float().to(rows.device)
+            dist.all_reduce(rows)
+            table["ids"], table["rows"] = ids.to(device), rows.to(device=device, dtype=embed.weight.dtype)
+            del rows
+            if probe is not None:  # the round's embedding rows count as teacher bytes while they live
+                probe.extra = table["rows"].numel() * table["rows"].element_size()
+                probe.sample("calibrate")
+            if r < len(mine):
+                cursor["start"], cursor["into"] = mine[r], stats
+                batch = sequences[mine[r]: mine[r] + batch_size]
+            else:
+                cursor["start"], cursor["into"] = 0, scratch.zero_()
+                batch = sequences[mine[0]: mine[0] + batch_size]
+            teacher.model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        for module in points.values():
+            del module.forward
+        del embed.forward
+        table.clear()
+        if probe is not None:
+            probe.extra = 0
+    summed = stats.to(_collective_device())
+    dist.all_reduce(summed)
+    return Calibration(stats=summed.cpu(), tokens_per_seq=T, points=list(points),
+                       meta={"model_type": teacher.config.model_type, "hidden_size": D,
+                             "num_layers": len(teacher.model.layers)})
+
+
 def check_calibration_teacher(cal: Calibration, path: str | Path, teacher_dir: str | Path, arch) -> None:
     """Refuse a calibration file made on another teacher than ``teacher_dir`` (whose
     ``red.teacher.Arch`` is ``arch``).

@@ -12,6 +12,14 @@ norm. On CUDA parameters are all-gathered in bf16 and gradients reduced in fp32
 (``MixedPrecisionPolicy``); on CPU everything stays fp32, so a 2-process gloo run
 matches a single-process run to float32 rounding.
 
+Start-up (``red.pipeline.build_sharded_student``): the teacher and the student are built
+on the ``meta`` device and wrapped into these units before any weight exists
+(``wrap_student``); ``to_empty`` gives each rank storage for its shards only, and each rank
+reads its rows of every teacher tensor from the safetensors (``shard_rows``,
+``red.teacher.load_teacher_shards``), calibrates with one layer gathered at a time
+(``red.calibration.calibrate_sharded``) and writes its rows of each projection
+(``write_shard``). No rank holds the whole teacher; ``StartupProbe`` measures what it holds.
+
 Batch semantics: ``batch_size`` is the *global* micro-batch. Every rank draws the same
 global micro-batch from the same sampler and takes its contiguous slice of
 ``batch_size / world_size`` rows, so the global batch of an optimizer step is
@@ -20,6 +28,7 @@ checkpoint) means the same thing on 1 or N processes.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -134,12 +143,26 @@ def rank_device(ctx: DistContext, device: str) -> str:
     return device
 
 
-def shard_student(student, ctx: DistContext) -> None:
+def shard_student(student, ctx: DistContext, device: torch.device | None = None) -> None:
     """Shard ``student`` and its frozen teacher with FSDP2, one unit per decoder layer
-    plus the root. On CUDA under bf16 precision: bf16 all-gather, fp32 reduce; else fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    plus the root. On CUDA under bf16 precision: bf16 all-gather, fp32 reduce; else fp32.
 
-    on_cuda = student.embed.device.type == "cuda"
+    ``device``: where the shards live; by default the student's device (give it when the
+    student is still on the ``meta`` device: the sharded start-up shards first and
+    materializes after, see ``sharded_student``)."""
+    wrap_student(student, ctx, device)
+    finish_sharding(student, ctx)
+
+
+def wrap_student(student, ctx: DistContext, device: torch.device | None = None) -> None:
+    """The FSDP2 units of a student: ``fully_shard`` on every StudentLayer (teacher decoder
+    layer + its projections and gains) and on the root (teacher embedding, final norm, LM
+    head + the student's embedding/head projections and final gain). Works on a student
+    built on the ``meta`` device: its shards stay on ``meta`` until ``to_empty``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dev = torch.device(device) if device is not None else student.embed.device
+    on_cuda = dev.type == "cuda"
     low = student.compute_dtype != torch.float32
     # all-gather the fp32 master projections already cast to the compute dtype (the cast the
     # student would make anyway); reduce gradients in fp32
@@ -149,6 +172,11 @@ def shard_student(student, ctx: DistContext) -> None:
     for layer in student.layers:
         fully_shard(layer, mesh=ctx.mesh, mp_policy=mp)
     fully_shard(student, mesh=ctx.mesh, mp_policy=mp)
+
+
+def finish_sharding(student, ctx: DistContext) -> None:
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
     # the root's parameters must be gathered for these methods too, not only forward()
     for name in ("distill_losses", "hidden_states"):
         register_fsdp_forward_method(student, name)
@@ -156,6 +184,102 @@ def shard_student(student, ctx: DistContext) -> None:
     # FSDP2 replaced the teacher's parameters by DTensor shards: it can no longer be used
     # unsharded; red.pipeline reloads it from disk where a full teacher is needed (export).
     student.sharded = True
+
+
+def shard_rows(t: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 this rank holds of ``t``, a parameter FSDP2 has
+    sharded (``Shard(0)``, ``torch.chunk`` sizes: ceil(rows / N) per rank, the last ones
+    shorter or empty); ``(0, rows)`` for a plain tensor. Checked against the local shard."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return 0, t.shape[0] if t.dim() else 1
+    if tuple(t.placements) != (Shard(0),):
+        raise RuntimeError(f"expected a Shard(0) parameter, got placements {t.placements}")
+    n, w, r = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-n // w)
+    start = min(r * chunk, n)
+    stop = min(start + chunk, n)
+    if t.to_local().shape[0] != stop - start:
+        raise RuntimeError(f"local shard has {t.to_local().shape[0]} rows, expected {stop - start} of {n}")
+    return start, stop
+
+
+@torch.no_grad()
+def write_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's rows of ``full`` (the whole tensor, the same on every rank) into
+    ``param``'s local shard (into ``param`` itself when it is not sharded). No communication."""
+    start, stop = shard_rows(param)
+    local = local_tensor(param)
+    local.copy_(full[start:stop] if full.dim() else full)
+
+
+class StartupProbe:
+    """Bytes of teacher tensors this rank holds during start-up, for tests and sizing.
+
+    Off (every call a no-op) unless the environment names ``RED_STARTUP_PROBE`` (a folder:
+    each rank writes ``rank<R>.json`` there: ``world_size``, ``teacher_bytes`` (the whole
+    teacher), ``stages`` (stage -> max bytes), ``peak`` and ``over_budget``) or
+    ``RED_STARTUP_TEACHER_BUDGET`` (bytes: start-up stops with RedError as soon as a sample
+    exceeds it, ``over_budget`` naming the stage). A sample is the local bytes of every
+    teacher parameter (a DTensor's shard, a plain tensor whole, nothing on ``meta``) plus
+    the full-size teacher tensors the caller says are alive (``extra``: one gathered
+    layer, one slice being read). Tensors are counted, not RSS."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.folder = os.environ.get("RED_STARTUP_PROBE") or None
+        budget = os.environ.get("RED_STARTUP_TEACHER_BUDGET")
+        self.budget = int(float(budget)) if budget else None
+        self.enabled = bool(self.folder or self.budget)
+        self.rank, self.world_size = rank, world_size
+        self.teacher = None
+        self.stages: dict[str, int] = {}
+        self.extra = 0
+        self.teacher_bytes = 0
+        self.over_budget: str | None = None
+
+    def watch(self, teacher) -> None:
+        self.teacher = teacher
+        if self.enabled:
+            from .plan import expected_teacher_shapes
+
+            shapes = expected_teacher_shapes(teacher.config)
+            self.teacher_bytes = sum(math.prod(s) for s in shapes.values()) * teacher.dtype.itemsize
+
+    def resident(self) -> int:
+        if self.teacher is None:
+            return 0
+        seen, total = set(), 0
+        for p in self.teacher.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            t = local_tensor(p)
+            if not t.is_meta:
+                total += t.numel() * t.element_size()
+        return total
+
+    def sample(self, stage: str, extra: int = 0) -> None:
+        if not self.enabled:
+            return
+        b = self.resident() + self.extra + extra
+        self.stages[stage] = max(self.stages.get(stage, 0), b)
+        if self.budget is not None and b > self.budget:
+            self.over_budget = stage
+            self.write()  # the record says where, even if this rank is stopped before it reports
+            raise RedError(f"start-up holds {b} bytes of teacher tensors on rank {self.rank} at {stage}, over "
+                           f"RED_STARTUP_TEACHER_BUDGET={self.budget}")
+
+    def write(self) -> None:
+        if not self.folder:
+            return
+        import json
+        from pathlib import Path
+
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        Path(self.folder, f"rank{self.rank}.json").write_text(json.dumps({
+            "world_size": self.world_size, "teacher_bytes": self.teacher_bytes, "stages": self.stages,
+            "peak": max(self.stages.values(), default=0), "over_budget": self.over_budget}))
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

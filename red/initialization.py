@@ -26,16 +26,36 @@ def selection_matrix(channels: torch.Tensor, D: int, dtype=torch.float32) -> tor
     return P
 
 
+def _set_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value)
+
+
+def _read_full(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @torch.no_grad()
 def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | None = None,
-               std: float | None = 0.02, seed: int = 0) -> torch.Tensor | None:
+               std: float | None = 0.02, seed: int = 0, sharded: bool = False) -> torch.Tensor | None:
     """Set every projection and gain of ``student`` in place; returns the channel set used.
 
     - "red": every P = P_S for the given global channel set S; gains = teacher gamma[S].
     - "lrc": every P ~ N(0, std^2) independently (std None: 1/sqrt(D)); gains = 1.
     - "orthogonal": every P a random matrix with orthonormal columns; gains = 1.
     - "random-select": like "red" with S drawn at random (the shared-basis control).
+
+    ``sharded``: ``student`` is already sharded by FSDP2 (``red.distributed``'s sharded
+    start-up): every rank makes each full matrix in turn, from the same generator in the
+    same order as a single process, keeps only its own rows (``write_shard``) and frees it,
+    so no more than one D x d matrix is ever whole; teacher gains are gathered (D values).
+    The values are those of a single process, bit for bit.
     """
+    if sharded:
+        from .distributed import full_tensor, write_shard
+
+        set_value, read = write_shard, full_tensor
+    else:
+        set_value, read = _set_full, _read_full
     D, d = student.arch.hidden_size, student.hidden_size
     g = torch.Generator().manual_seed(seed)
     teacher = student.teacher
@@ -49,25 +69,30 @@ def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | 
             raise RedError(f"channel set must hold {d} distinct channels in [0, {D}); recalibrate for this width")
         P = selection_matrix(channels, D)
         for p in student.projections().values():
-            p.copy_(P)
+            set_value(p, P)
         for i, layer in enumerate(student.layers):
             tl = teacher.model.layers[i]
-            layer.input_norm.copy_(tl.input_layernorm.weight.float()[channels])
-            layer.post_attention_norm.copy_(tl.post_attention_layernorm.weight.float()[channels])
-        student.final_norm.copy_(teacher.model.norm.weight.float()[channels])
+            set_value(layer.input_norm, read(tl.input_layernorm.weight).float()[channels])
+            set_value(layer.post_attention_norm, read(tl.post_attention_layernorm.weight).float()[channels])
+        set_value(student.final_norm, read(teacher.model.norm.weight).float()[channels])
         student.channels = channels
         return channels
     if method == "lrc":
         s = 1.0 / math.sqrt(D) if std is None else float(std)
         for p in student.projections().values():
-            p.copy_(torch.randn(D, d, generator=g) * s)
+            set_value(p, torch.randn(D, d, generator=g) * s)
     elif method == "orthogonal":
         for p in student.projections().values():
             q, r = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
-            p.copy_((q * torch.sign(torch.diagonal(r))).float())
+            set_value(p, (q * torch.sign(torch.diagonal(r))).float())
     else:
         raise RedError(f"unknown init {method!r}; use red, lrc, orthogonal or random-select")
     for gain in student.gains().values():
-        gain.fill_(1.0)
+        if sharded:
+            from .distributed import local_tensor
+
+            local_tensor(gain).fill_(1.0)
+        else:
+            gain.fill_(1.0)
     student.channels = None
     return None

@@ -18,7 +18,7 @@ from .calibration import Calibration, calibrate, channel_scores, check_calibrati
 from .checkpoint import check_checkpoint
 from .config import DistillConfig, config_yaml, validate_against_teacher
 from .data import PackedCorpus, corpus_from_stores, load_corpus
-from .distributed import DistContext, full_tensor, init_distributed, rank_device, shard_student
+from .distributed import DistContext, StartupProbe, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
 from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
@@ -372,18 +372,28 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
     device = resolve_device(rank_device(ctx, cfg.device))
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, device)  # the teacher's dtype is the compute dtype
-    teacher, _ = load_teacher(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                              with_tokenizer=False)
-    if cal is None:
-        cal = calibrate(teacher, corpus.train[: cfg.calib_samples], progress=progress and ctx.is_main)
-        cal.meta["teacher"] = str(cfg.teacher)
-        cal.meta["teacher_fingerprint"] = teacher_fingerprint(cfg.teacher)
-    if ctx.is_main and not run.calibration.exists():
-        cal.save(run.calibration)
-        run.own(CALIBRATION)
-    student = build_student(teacher, cfg.hidden_size, cfg.init, cal, cfg.score, cfg.init_std, cfg.norm_eps, cfg.seed)
-    if ctx.distributed:
-        shard_student(student, ctx)
+    probe = StartupProbe(ctx.rank, ctx.world_size)
+    if ctx.distributed and sharded_startup():
+        student, cal = build_sharded_student(cfg, ctx, device, dtype, corpus, cal, progress, probe,
+                                             on_calibration=lambda c: _save_calibration(c, run, ctx))
+    else:
+        # one process (or RED_SHARDED_STARTUP=0): the whole teacher on this device, then shard
+        teacher, _ = load_teacher(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                                  with_tokenizer=False)
+        probe.watch(teacher)
+        probe.sample("load")
+        if cal is None:
+            cal = calibrate(teacher, corpus.train[: cfg.calib_samples], progress=progress and ctx.is_main)
+            _stamp_calibration(cal, cfg)
+        probe.sample("calibrate")
+        _save_calibration(cal, run, ctx)
+        student = build_student(teacher, cfg.hidden_size, cfg.init, cal, cfg.score, cfg.init_std, cfg.norm_eps,
+                                cfg.seed)
+        probe.sample("initialize")
+        if ctx.distributed:
+            shard_student(student, ctx)
+        probe.sample("sharded")
+    probe.write()
     metrics = train(student, corpus, cfg, run, progress=progress, identity=identity, ctx=ctx)
     if ctx.distributed:
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
@@ -395,6 +405,74 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
     ctx.barrier()
     return RunResult(out=run.root, student=student, tokenizer=tokenizer, corpus=corpus, calibration=cal,
                      metrics=metrics)
+
+
+def _save_calibration(cal: Calibration, run: RunDir, ctx: DistContext) -> None:
+    if ctx.is_main and not run.calibration.exists():
+        cal.save(run.calibration)
+        run.own(CALIBRATION)
+
+
+def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
+    cal.meta["teacher"] = str(cfg.teacher)
+    cal.meta["teacher_fingerprint"] = teacher_fingerprint(cfg.teacher)
+
+
+def sharded_startup() -> bool:
+    """Whether a multi-process run starts sharded (the default); RED_SHARDED_STARTUP=0
+    falls back to loading the whole teacher on every rank first."""
+    return os.environ.get("RED_SHARDED_STARTUP", "1") != "0"
+
+
+def build_sharded_student(cfg: DistillConfig, ctx: DistContext, device, dtype, corpus, cal, progress: bool = True,
+                          probe: StartupProbe | None = None, on_calibration=None):
+    """The sharded start-up of a multi-process run: ``(sharded student, calibration)``.
+
+    No rank ever holds the whole teacher: (1) teacher and student are built on the
+    ``meta`` device; (2) FSDP2 makes its units exactly as ``shard_student`` does (each
+    StudentLayer = teacher decoder layer + its projections and gains; the root = teacher
+    embedding, final norm, LM head + the student's embedding/head projections and final
+    gain), so the teacher's units are made once and the student's tensors join them;
+    (3) ``to_empty`` gives each rank storage for its shards only, and each rank reads from
+    the safetensors just its rows of every teacher tensor; (4) calibration (unless
+    ``cal`` is given) runs on the sharded teacher, one layer gathered at a time, each rank
+    on its share of the batches, statistics summed over ranks (``calibrate_sharded``);
+    (5) the projections are initialized shard by shard (``initialize(..., sharded=True)``:
+    one full D x d matrix made at a time, the same values as a single process).
+    ``on_calibration(cal)`` is called once the statistics are known (the run saves them).
+    """
+    from .calibration import calibrate_sharded
+    from .distributed import finish_sharding, wrap_student
+    from .teacher import load_teacher_shards, meta_teacher
+
+    probe = probe or StartupProbe(ctx.rank, ctx.world_size)
+    teacher = meta_teacher(cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    probe.watch(teacher)
+    with torch.device("meta"):
+        student = ProjectedStudent(teacher, cfg.hidden_size, norm_eps=cfg.norm_eps)
+    if cfg.init == "red" and cal is not None and cal.hidden_size != student.arch.hidden_size:
+        raise RedError(f"calibration was made for width {cal.hidden_size}, the teacher has "
+                       f"{student.arch.hidden_size}; recalibrate with this teacher")
+    wrap_student(student, ctx, device)
+    probe.sample("build")
+    student.to_empty(device=device)
+    probe.sample("materialize")
+    load_teacher_shards(teacher, cfg.teacher, on_tensor=lambda n: probe.sample("load", extra=n))
+    probe.sample("load")
+    if cal is None:
+        cal = calibrate_sharded(teacher, corpus.train[: cfg.calib_samples], ctx,
+                                progress=progress and ctx.is_main, probe=probe)
+        _stamp_calibration(cal, cfg)
+    probe.sample("calibrate")
+    if on_calibration is not None:
+        on_calibration(cal)  # saved before the student is made, as in a single process
+    channels = None
+    if cfg.init == "red":
+        channels = select_channels(channel_scores(cal, cfg.score), cfg.hidden_size)
+    initialize(student, cfg.init, channels=channels, std=cfg.init_std, seed=cfg.seed, sharded=True)
+    probe.sample("initialize")
+    finish_sharding(student, ctx)
+    return student, cal
 
 
 def unsharded_student(student: ProjectedStudent, cfg: DistillConfig, dtype, ctx: DistContext):

@@ -31,6 +31,31 @@ rank holds ceil(rows / N) rows of each; single GPU: N = 1):
   of h_s [B*T, d] and of the head [V, d] (fp32); while a chunk is processed about four
   [chunk, V] fp32 tensors are live (student and teacher logits and their softmaxes).
 
+Start-up (``startup``): what a GPU holds before training, while the student is made. On
+N > 1 GPUs the start-up is sharded (``red.pipeline.build_sharded_student``): no rank holds
+the whole teacher. Categories:
+
+- ``teacher``: this rank's shard of the teacher (read from the safetensors, rows only).
+- ``projections``: this rank's shard of the fp32 trainable tensors (made before they are
+  initialized; they stay for training).
+- ``gathered``: one teacher decoder layer all-gathered whole, in the teacher dtype, while
+  calibration runs it (N > 1; one process holds the whole teacher anyway).
+- ``calibration``: the activations of one calibration batch (4 sequences of seq_len
+  tokens, no autograd) through one decoder layer: residual, norm outputs, q/k/v and their
+  rotary copies, GQA-expanded k/v, attention output, gate/up/activation/product, down
+  output, in the teacher dtype; plus the per-sequence statistics (fp32, points x
+  calib_samples x 4 x D, all-reduced on the GPU) and, N > 1, the embedding rows of one
+  round's distinct tokens (fp32, at most min(V, N x 4 x seq_len) rows). Attention scores
+  are not counted (SDPA's flash / memory-efficient kernels on a GPU do not make them).
+- ``init_matrices``: one layer's seven full D x d fp32 projections while they are made
+  and their rows kept (red makes them one at a time, in host memory: an upper bound).
+
+Checkpoint write (``checkpoint``): each rank writes its own shard of the trainable tensors
+and of AdamW's two moments (fp32), so a rank writes about 1/N of a checkpoint; the time is
+the whole checkpoint at ``disk_gb_per_s`` (GB/s, 10^9 bytes, the write bandwidth of the
+--out file system shared by every rank; default 1.0, a conservative figure for one NVMe or
+a network file system).
+
 Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB per GPU),
 NCCL buffers, and the data loader. Leave headroom.
 """
@@ -46,6 +71,10 @@ from .teacher import Arch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CATEGORIES = ("teacher", "projections", "gradients", "optimizer", "gathered", "activations", "logits")
+STARTUP_CATEGORIES = ("teacher", "projections", "gathered", "calibration", "init_matrices")
+CALIBRATION_BATCH = 4  # sequences per calibration forward (red.calibration.calibrate's batch_size)
+DEFAULT_GPU_MEMORY_GIB = 80.0
+DEFAULT_DISK_GB_PER_S = 1.0
 
 
 def teacher_shapes(arch: Arch, attention_bias: bool) -> dict[str, tuple[int, ...]]:
@@ -152,15 +181,67 @@ def default_logits_chunk(rows: int, V: int, d: int) -> int:
     return default_chunk_rows(rows, V, d, on_gpu=True)
 
 
+def calibration_elements(arch: Arch) -> int:
+    """Elements per token live in one decoder layer of a calibration forward (no autograd;
+    see the module docstring), an upper bound."""
+    D, I = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return 5 * D + 2 * (q + 2 * kv) + 3 * q + 4 * I
+
+
+def startup_memory(arch: Arch, d: int, t_shapes: dict, s_shapes: dict, N: int, tb: int, seq_len: int,
+                   calib_samples: int = 16) -> dict:
+    """Bytes one GPU holds at its start-up peak, by ``STARTUP_CATEGORIES`` (+ "total")."""
+    shard = lambda shapes: sum(_sharded_numel(s, N) for s in shapes.values())
+    layer_t = sum(_numel(s) for k, s in t_shapes.items() if k.startswith("model.layers.0."))
+    D, V = arch.hidden_size, arch.vocab_size
+    batch = min(CALIBRATION_BATCH, calib_samples)
+    points = 2 * arch.num_layers + 1
+    calib = batch * seq_len * calibration_elements(arch) * tb + points * calib_samples * 4 * D * 4
+    if N > 1:
+        calib += min(V, N * batch * seq_len) * D * (4 + tb)
+    out = {"teacher": tb * shard(t_shapes), "projections": 4 * shard(s_shapes),
+           "gathered": tb * layer_t if N > 1 else 0, "calibration": calib,
+           "init_matrices": 4 * 7 * D * d}
+    out["total"] = sum(out[c] for c in STARTUP_CATEGORIES)
+    return out
+
+
+def checkpoint_write(arch: Arch, d: int, N: int, disk_gb_per_s: float = DEFAULT_DISK_GB_PER_S) -> dict:
+    """Bytes each rank writes for one checkpoint (its rows of every trainable tensor and of
+    AdamW's two moments, fp32, + headers and JSON) and the seconds the whole checkpoint
+    takes at ``disk_gb_per_s`` (10^9 bytes/s shared by all ranks)."""
+    shapes = trainable_shapes(arch, d)
+    per_rank = 4 * 3 * sum(_sharded_numel(s, N) for s in shapes.values()) + 200 * 4 * len(shapes) + 16 * 1024
+    total = checkpoint_bytes(arch, d)
+    return {"bytes_per_rank": per_rank, "bytes_total": total, "disk_gb_per_s": disk_gb_per_s,
+            "seconds": total / (disk_gb_per_s * 1e9)}
+
+
+def check_fits(plan: dict, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> None:
+    """RedError (one line, with the numbers) when the training or the start-up peak per GPU
+    exceeds ``gpu_memory_gib`` GiB."""
+    train, start = plan["per_gpu"]["total"], plan["startup"]["total"]
+    limit = gpu_memory_gib * 2 ** 30
+    if max(train, start) > limit:
+        i = plan["inputs"]
+        raise RedError(f"this run needs {max(train, start) / 2 ** 30:.1f} GiB per GPU at its peak (training "
+                       f"{train / 2 ** 30:.1f} GiB, start-up {start / 2 ** 30:.1f} GiB) on {i['gpus']} GPU(s), more "
+                       f"than --gpu-memory {gpu_memory_gib:g} GiB; use more --gpus, a smaller --micro-batch or "
+                       "--seq-len, or --activation-checkpointing")
+
+
 def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
                 activation_checkpointing: bool = False, teacher_dtype: str = "bfloat16", recompute_weights: bool = False,
-                compute_dtype: str | None = None, logits_chunk: int = 0) -> dict:
+                compute_dtype: str | None = None, logits_chunk: int = 0, calib_samples: int = 16,
+                disk_gb_per_s: float = DEFAULT_DISK_GB_PER_S) -> dict:
     """Bytes each GPU holds, by category (see the module docstring for the model).
 
     ``teacher``: a teacher folder (its config.json is read; no weights) or a config dict.
     ``micro_batch`` is the global micro-batch (``--batch-size``), split over ``gpus``.
     ``compute_dtype`` defaults to ``teacher_dtype``. ``logits_chunk`` 0 means the fused
-    KL kernel's default chunk. Returns ``{"per_gpu": {category: bytes, ..., "total": bytes}, "inputs": {...}}``.
+    KL kernel's default chunk. Returns ``{"per_gpu": {category: bytes, ..., "total": bytes},
+    "startup": {category: bytes, ..., "total": bytes}, "checkpoint": {...}, "inputs": {...}}``.
     """
     from .config import validate_plan_inputs
 
@@ -222,7 +303,10 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     chunk = min(tokens, int(logits_chunk)) if logits_chunk else default_logits_chunk(tokens, V, d)
     out["logits"] = tokens * d * cb + V * d * 4 + 4 * chunk * V * 4
     out["total"] = sum(out[c] for c in CATEGORIES)
-    return {"per_gpu": out, "inputs": {
+    if not disk_gb_per_s > 0:
+        raise RedError(f"--disk-gb-per-s {disk_gb_per_s} must be above 0")
+    startup = startup_memory(arch, d, t_shapes, s_shapes, N, tb, seq_len, calib_samples)
+    return {"per_gpu": out, "startup": startup, "checkpoint": checkpoint_write(arch, d, N, disk_gb_per_s), "inputs": {
         "model_type": model_type, "num_layers": L, "teacher_hidden_size": arch.hidden_size, "hidden_size": d,
         "vocab_size": V, "seq_len": seq_len, "micro_batch": micro_batch, "micro_batch_per_gpu": micro_batch // N,
         "gpus": N, "activation_checkpointing": activation_checkpointing, "recompute_weights": recompute_weights,
@@ -262,5 +346,21 @@ def format_plan(plan: dict) -> str:
     for c in CATEGORIES:
         lines.append(f"  {c:<12}{gib(g[c])}   {notes[c]}")
     lines.append(f"  {'total':<12}{gib(g['total'])}   + CUDA context and allocator slack (~1-3 GiB)")
+    s = plan.get("startup")
+    if s is not None:
+        sharded = i["gpus"] > 1
+        lines.append("start-up, per GPU" + (" (sharded: no GPU holds the whole teacher):" if sharded else ":"))
+        snotes = {"teacher": "shard read from the safetensors" if sharded else "whole",
+                  "projections": "fp32, " + ("sharded" if sharded else "whole"),
+                  "gathered": "one decoder layer whole, during calibration",
+                  "calibration": "one batch through one layer + statistics",
+                  "init_matrices": "one layer's 7 full D x d fp32 projections being made"}
+        for c in STARTUP_CATEGORIES:
+            lines.append(f"  {c:<14}{gib(s[c])}   {snotes[c]}")
+        lines.append(f"  {'total':<14}{gib(s['total'])}")
     lines.append(f"one checkpoint on disk: {gib(i['checkpoint_bytes']).strip()}")
+    c = plan.get("checkpoint")
+    if c is not None:
+        lines.append(f"checkpoint write: {gib(c['bytes_per_rank']).strip()} per rank ({i['gpus']} rank(s) each write "
+                     f"their shard), ~{c['seconds']:.1f} s at {c['disk_gb_per_s']:g} GB/s")
     return "\n".join(lines)

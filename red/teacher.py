@@ -104,6 +104,98 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     return model, tokenizer
 
 
+def meta_teacher(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """The teacher's modules on the ``meta`` device (no weights read, no memory), frozen,
+    in eval mode, with ``dtype`` parameters: the first step of the sharded start-up
+    (``red.distributed``). The same checks as ``load_teacher`` (config and safetensors
+    headers); fill it with ``load_teacher_shards`` once FSDP2 has sharded it and
+    ``to_empty`` has given every rank its shards."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    config = read_teacher_config(p, trust_remote_code)
+    check_teacher_weights(p, config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise RedError(f"teacher in {p} could not be built from config.json ({type(e).__name__}: {str(e)[:200]})") from None
+    model.eval().requires_grad_(False)
+    model.red_config_dtype = config_dtype(p)
+    return model
+
+
+def teacher_tensor_files(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (every shard of a sharded
+    checkpoint, through model.safetensors.index.json when there is one)."""
+    out = {}
+    for f in teacher_weight_files(folder):
+        for k in read_safetensors_header(f, "teacher weights"):
+            out[k] = f
+    return out
+
+
+@torch.no_grad()
+def load_teacher_shards(model, path: str | Path, on_tensor=None) -> None:
+    """Fill a materialized (``to_empty``) teacher from its safetensors, reading for every
+    parameter only the rows this rank holds (``safe_open(...).get_slice(name)[start:stop]``,
+    rows from ``red.distributed.shard_rows``; a plain parameter is read whole), cast to
+    the parameter's dtype. A tied head is the embedding (read once, under the embedding's
+    name). ``on_tensor(nbytes)`` is called after each tensor with the bytes of the slice
+    just read (still alive then), for ``StartupProbe``. Then the rotary embedding's
+    buffers, which ``to_empty`` left uninitialized, are recomputed from the config."""
+    from safetensors import safe_open
+
+    from .distributed import local_tensor, shard_rows
+
+    files = teacher_tensor_files(path)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    emb = model.model.embed_tokens
+    if tied and model.lm_head.weight is not emb.weight and type(emb.weight) is torch.nn.Parameter:
+        model.lm_head.weight = emb.weight  # to_empty of a plain (unsharded) module unties them
+    handles = {}
+    try:
+        seen = set()
+        for name, param in model.named_parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            key = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+            if key not in files:
+                raise RedError(f"teacher weights in {path} lack {key}; restore the complete checkpoint (all shards)")
+            f = files[key]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            sl = handles[f].get_slice(key)
+            start, stop = shard_rows(param)
+            part = sl[start:stop] if len(sl.get_shape()) else sl[:]
+            local = local_tensor(param)
+            if tuple(part.shape) != tuple(local.shape):
+                raise RedError(f"teacher tensor {key} rows {start}:{stop} have shape {tuple(part.shape)}, this rank "
+                               f"holds {tuple(local.shape)}; check that config.json belongs to these weights")
+            local.copy_(part.to(local.dtype))
+            if on_tensor is not None:
+                on_tensor(part.numel() * part.element_size())
+            del part
+    finally:
+        handles.clear()
+    reset_rotary(model)
+
+
+@torch.no_grad()
+def reset_rotary(model) -> None:
+    """Recompute the rotary embedding's buffers (``inv_freq``...) of a teacher built on
+    ``meta``: a fresh module of the same class from the same config, copied in place."""
+    rot = model.model.rotary_emb
+    fresh = type(rot)(config=model.config)
+    for name, buf in fresh.named_buffers():
+        target = rot.get_buffer(name)
+        target.copy_(buf.to(target.dtype))
+    for k, v in vars(fresh).items():
+        if not k.startswith("_") and isinstance(v, (int, float, str)):
+            setattr(rot, k, v)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

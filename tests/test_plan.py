@@ -102,3 +102,72 @@ def test_plan_command_prints_every_category(teacher_dirs, capsys):
     assert "2 GPU(s), micro-batch 4 (2 per GPU)" in out
     assert main(["plan", "--teacher", str(teacher_dirs["qwen2"]), "--hidden-size", "32", "--gpus", "3",
                  "--micro-batch", "4"]) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_plan_startup_and_checkpoint_write_match_real_tensors(arch, teacher_dirs):
+    """The start-up's teacher and projections are the shards a rank holds (as in training),
+    the gathered layer is one whole decoder layer of real tensors, and a rank writes its
+    rows of the trainable tensors and both AdamW moments."""
+    teacher, _ = load_teacher(teacher_dirs[arch], dtype=torch.bfloat16)
+    st = ProjectedStudent(teacher, 32)
+    trainable = st.trainable_parameters()
+    teacher_params = list({p.data_ptr(): p for p in teacher.parameters()}.values())
+    layer0 = list(teacher.model.layers[0].parameters())
+    for gpus in (1, 2, 3):
+        plan = plan_memory(teacher_dirs[arch], 32, seq_len=16, micro_batch=6, gpus=gpus)
+        s, c = plan["startup"], plan["checkpoint"]
+        assert s["teacher"] == nbytes(teacher_params, gpus) == plan["per_gpu"]["teacher"]
+        assert s["projections"] == nbytes(trainable, gpus)
+        assert s["gathered"] == (nbytes(layer0) if gpus > 1 else 0)
+        assert s["init_matrices"] == 7 * nbytes([st.layers[0].q])
+        assert s["calibration"] > 0 and s["total"] == sum(v for k, v in s.items() if k != "total")
+        rows = 3 * nbytes(trainable, gpus)  # the tensors, exp_avg, exp_avg_sq
+        assert rows <= c["bytes_per_rank"] <= rows + (64 << 10)
+        assert c["seconds"] == pytest.approx(c["bytes_total"] / 1e9)
+
+
+def test_plan_refuses_a_run_over_the_gpu_memory(teacher_dirs, capsys):
+    args = ["plan", "--teacher", str(teacher_dirs["llama"]), "--hidden-size", "32", "--seq-len", "64",
+            "--micro-batch", "4", "--gpus", "2"]
+    plan = plan_memory(teacher_dirs["llama"], 32, seq_len=64, micro_batch=4, gpus=2)
+    train, start = plan["per_gpu"]["total"], plan["startup"]["total"]
+    assert main(args + ["--disk-gb-per-s", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "start-up, per GPU (sharded" in out and "  init_matrices" in out
+    assert "checkpoint write:" in out and "at 2 GB/s" in out
+    # between the two peaks, and below both: refused, one line with the numbers
+    for limit in ((train + start) / 2, min(train, start) / 2):
+        assert main(args + ["--gpu-memory", str(limit / 2 ** 30)]) == 2
+        cap = capsys.readouterr()
+        lines = cap.err.strip().splitlines()
+        assert cap.out == "" and len(lines) == 1, cap
+        assert lines[0].startswith("red plan: error: this run needs") and "--gpu-memory" in lines[0]
+        assert f"training {train / 2 ** 30:.1f} GiB, start-up {start / 2 ** 30:.1f} GiB" in lines[0]
+    assert main(args + ["--gpu-memory", str(max(train, start) * 1.01 / 2 ** 30)]) == 0
+    for bad in (["--gpu-memory", "0"], ["--disk-gb-per-s", "-1"], ["--gpu-memory", "nan"]):
+        assert main(args + bad) == 2
+        assert bad[0] in capsys.readouterr().err
+
+
+LLAMA31 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, head_dim=128,
+               max_position_embeddings=131072, tie_word_embeddings=False, num_key_value_heads=8,
+               rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+
+
+@pytest.mark.parametrize("label,shape,d,micro_batch", [
+    ("8B -> 2048", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32), 2048, 16),
+    ("70B -> 4096", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64), 4096, 8),
+])
+def test_readme_plan_table_is_what_plan_computes(label, shape, d, micro_batch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    plan = plan_memory(dict(LLAMA31, **shape), d, seq_len=2048, micro_batch=micro_batch, gpus=8,
+                       activation_checkpointing=True)
+    g = lambda b: f"{b / 2 ** 30:.1f} GiB"
+    c = plan["checkpoint"]
+    row = (f"| {label} | {micro_batch} | {g(plan['per_gpu']['total'])} | {g(plan['startup']['total'])} | "
+           f"{g(c['bytes_per_rank'])} ({g(c['bytes_total'])}, ~{c['seconds']:.0f} s) |")
+    assert row in readme, row
