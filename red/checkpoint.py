@@ -38,7 +38,6 @@ trainer.json), so this changes nothing a run computes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -54,6 +53,7 @@ from safetensors.torch import save_file
 
 from .distributed import DistContext, full_tensor, local_tensor
 from .errors import RedError
+from .run import file_sha256
 from .teacher import check_safetensors_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -260,14 +260,6 @@ def _write_checkpoint(tmp: Path, final: Path, tensors: dict, info: dict, step: i
     _fsync_dir(root)
 
 
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -326,7 +318,7 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
                                           "rank": str(ctx.rank), "world_size": str(ctx.world_size)})
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
-        size, digest = f.stat().st_size, _sha256(f)
+        size, digest = f.stat().st_size, file_sha256(f)
     except Exception as e:  # reported to rank 0 first, so that no rank waits forever
         own_error = e
         errno_ = e.errno if isinstance(e, OSError) and e.errno else -1
@@ -515,7 +507,7 @@ class _Layout:
         rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.distributed else (0, 1)
         bad = torch.zeros(len(self.files), dtype=torch.int64)
         for i in range(rank, len(self.files), world):
-            if _sha256(self.path / self.files[i]) != self.index["files"][i]["sha256"]:
+            if file_sha256(self.path / self.files[i]) != self.index["files"][i]["sha256"]:
                 bad[i] = 1
         if world > 1:
             t = bad.to(_comm_device())

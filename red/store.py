@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import RedError
+from .run import file_sha256
 from .sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
 
 MANIFEST = STORE_MANIFEST
@@ -227,29 +228,21 @@ def choose_val_ranges(ends: np.ndarray, fraction: float, seed: int) -> list[list
     return ranges
 
 
-def _file_sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_record(p) -> dict:
     """A source's identity: name, size and sha256 (of every file, for a saved dataset or a
     ``DatasetFiles`` set)."""
     if isinstance(p, DatasetFiles):
         h = hashlib.sha256()
         for f in p.files:
-            h.update(str(f.name).encode() + b"\0" + _file_sha(f).encode())
+            h.update(str(f.name).encode() + b"\0" + file_sha256(f).encode())
         return {"path": str(p), "bytes": sum(f.stat().st_size for f in p.files), "sha256": h.hexdigest()}
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
         h = hashlib.sha256()
         for f in files:
-            h.update(f.relative_to(p).as_posix().encode() + b"\0" + _file_sha(f).encode())
+            h.update(f.relative_to(p).as_posix().encode() + b"\0" + file_sha256(f).encode())
         return {"path": str(p), "bytes": sum(f.stat().st_size for f in files), "sha256": h.hexdigest()}
-    return {"path": str(p), "bytes": p.stat().st_size, "sha256": _file_sha(p)}
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
 
 
 def _content_fingerprint(manifest: dict) -> str:
@@ -435,7 +428,7 @@ class TokenStore:
                 if have != size or p["files"][kind]["bytes"] != size:
                     raise self._mismatch(f"{f.name} holds {have} bytes, its manifest says {size}"
                                          + (" (truncated)" if have < size else ""))
-                if verify and _file_sha(f) != p["files"][kind]["sha256"]:
+                if verify and file_sha256(f) != p["files"][kind]["sha256"]:
                     raise self._mismatch(f"{f.name}'s contents differ from its manifest's sha256")
                 arrays[kind] = np.memmap(f, dtype={"tokens": dtype, "ends": np.uint64, "mask": np.uint8}[kind],
                                          mode="r")
@@ -505,7 +498,21 @@ class TokenStore:
         return BlockView(self, self.spans(split), seq_len)
 
 
-class BlockView:
+class _Blocks:
+    """``n`` blocks of ``seq_len`` tokens: what the trainer asks of any list of blocks."""
+
+    n: int
+    seq_len: int
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.seq_len)
+
+
+class BlockView(_Blocks):
     """Blocks of ``seq_len`` tokens cut from the concatenation of ``spans`` (the tail that
     does not fill a block is dropped). Indexing returns a LongTensor [n, seq_len]; only the
     indexed blocks are read from disk."""
@@ -515,13 +522,6 @@ class BlockView:
         lens = np.asarray([b - a for _, a, b in spans], dtype=np.int64)
         self.cum = np.concatenate([[0], np.cumsum(lens)])
         self.n = int(self.cum[-1] // seq_len)
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.seq_len)
 
     @property
     def has_mask(self) -> bool:
@@ -574,7 +574,7 @@ class BlockView:
         return self._gather(idx, docs, np.int64)
 
 
-class ConcatView:
+class ConcatView(_Blocks):
     """Several BlockViews as one list of blocks (component c's block j is at
     ``offsets[c] + j``); ``order`` optionally reorders them (validation interleaves)."""
 
@@ -587,13 +587,6 @@ class ConcatView:
         if interleave and len(views) > 1:  # round robin over the components
             keys = np.concatenate([np.arange(len(v)) * len(views) + c for c, v in enumerate(views)])
             self.order = np.argsort(keys, kind="stable")
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.seq_len)
 
     @property
     def has_mask(self) -> bool:
