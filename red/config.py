@@ -118,10 +118,12 @@ class DistillConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # RED: channel-selection init and KL at temperature 1.
-    "red": {"init": "red", "temperature": 1.0, "clone_weight": 0.2},
-    # LRC: Gaussian init N(0, 0.02^2) and KL at temperature 40.
-    "lrc": {"init": "lrc", "temperature": 40.0, "clone_weight": 0.2},
+    # RED: channel-selection init and KL at temperature 1, averaged over tokens (the demo
+    # measured the summed KL drowning the clone term at T = 1: README, "red demo").
+    "red": {"init": "red", "temperature": 1.0, "clone_weight": 0.2, "kl_reduction": "mean"},
+    # LRC: Gaussian init N(0, 0.02^2), KL at temperature 40 summed over a sequence's
+    # positions and averaged over sequences (LRC's scale, no T^2 factor).
+    "lrc": {"init": "lrc", "temperature": 40.0, "clone_weight": 0.2, "kl_reduction": "sum"},
 }
 
 

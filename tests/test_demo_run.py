@@ -30,9 +30,10 @@ def task_teacher(tmp_path_factory):
 def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     out = tmp_path / "demo"
     cfg = DemoConfig(out=str(out), teacher=str(task_teacher), hidden_size=16, steps=3, batch_size=4, seq_len=64,
-                     seeds="0,1", n_per_k=2, eval_ks="1-3", general_problems=100)
+                     seeds="0,1", n_per_k=2, eval_ks="1-3", general_problems=100, lr_grid="1e-3,4e-3")
     report = run_demo(cfg, progress=False)
-    for f in ("report.json", "table.txt", "accuracy_vs_k.png", "erank_layers.png", "spectra.png", "loss_curves.png"):
+    for f in ("report.json", "table.txt", "accuracy_vs_k.png", "general_vs_reasoning.png", "erank_layers.png",
+              "spectra.png", "loss_curves.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 100, f
     on_disk = json.loads((out / "report.json").read_text())
     assert [(r["name"], r["seed"]) for r in on_disk["runs"]] == [("lrc", 0), ("lrc", 1), ("red", 0), ("red", 1)]
@@ -40,15 +41,25 @@ def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     assert lrc[0]["temperature"] == 40.0 and lrc[0]["init"] == "lrc"
     red_runs = [r for r in on_disk["runs"] if r["name"] == "red"]
     assert red_runs[0]["temperature"] == 1.0 and red_runs[0]["init"] == "red"
+    # the Gaussian-init run is tuned on the grid (first seed), the red run keeps --lr
+    tuning = on_disk["tuning"]["lrc"]
+    assert [g["lr"] for g in tuning["grid"]] == [1e-3, 4e-3] and tuning["seed"] == 0
+    assert all(r["lr"] == tuning["chosen_lr"] and r["tuned"] for r in lrc)
+    assert all(r["lr"] == cfg.lr and not r["tuned"] for r in red_runs)
+    assert "red" not in on_disk["tuning"]
     # summary = mean and spread over seeds
     s = on_disk["summary"]["red"]
     assert s["n"] == 2
     vals = [r["heldout_nll_general"] for r in red_runs]
     assert s["heldout_nll_general"][0] == pytest.approx(statistics.fmean(vals))
     assert s["heldout_nll_general"][1] == pytest.approx(statistics.stdev(vals))
-    # the red init is an exact selection: all singular values 1 before training, step-0 eRank logged
+    # per-layer eRank at step 0 (the run's own init, rebuilt) and at the end
     assert red_runs[0]["erank_last_step0"] is not None
-    assert len(red_runs[0]["layer_erank"]) == 3
+    assert len(red_runs[0]["layer_erank"]) == len(red_runs[0]["layer_erank_step0"]) == 3
+    assert s["layer_erank_step0"] == pytest.approx([statistics.fmean(v) for v in
+                                                    zip(*(r["layer_erank_step0"] for r in red_runs))])
+    # the red init of two seeds is the same selection (calibration does not depend on the seed)
+    assert red_runs[0]["layer_erank_step0"] == pytest.approx(red_runs[1]["layer_erank_step0"])
     # the scores in the report are those of the exported student, re-measured independently
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +68,8 @@ def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     assert all(again[f"k{k}"] == red_runs[1]["accuracy"][f"k{k}"] for k in (1, 2, 3))
     table = (out / "table.txt").read_text()
     assert all(name in table for name in ("teacher", "lrc", "red"))
+    assert "(*) lrc: lr" in table and "reasoning accuracy played no part" in table
+    assert "only (no long chain)" in table  # --long-share 0 is the default
     # a second run never clobbers the first; with --overwrite it replaces it (its runs too)
     with pytest.raises(RedError, match="not empty"):
         run_demo(cfg, progress=False)
@@ -65,16 +78,85 @@ def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     assert [(r["name"], r["seed"]) for r in report["runs"]] == [("lrc", 0), ("red", 0)]
 
 
-def test_ablation_run_names():
-    from red.demo.run import _runs
+def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, monkeypatch):
+    """The rule: the grid's runs are compared by their general validation loss (val_lm, as
+    the run logged it) alone; reasoning is scored only for the chosen run, after the choice."""
+    import yaml
 
-    cfg = DemoConfig(presets="red", inits="orthogonal,random-select")
-    assert _runs(cfg) == [("red", "red", None), ("red-loss+orthogonal", "red", "orthogonal"),
-                          ("red-loss+random-select", "red", "random-select")]
+    import red.demo.run as demo_run
+
+    scored = []
+    real = demo_run.evaluate_reasoning
+
+    def watch(model, *a, **kw):
+        scored.append(model)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(demo_run, "evaluate_reasoning", watch)
+    out = tmp_path / "demo"
+    cfg = DemoConfig(out=str(out), teacher=str(task_teacher), hidden_size=16, steps=4, batch_size=4, seq_len=64,
+                     seeds="0", n_per_k=2, eval_ks="1-3", general_problems=100, presets="lrc",
+                     lr_grid="1e-4,3e-3,3e-2", kl_reductions="sum")
+    report = run_demo(cfg, progress=False)
+    assert len(scored) == 2  # the teacher and the chosen run: the other grid runs are never scored
+    tuning = report["tuning"]["lrc/sum"]
+    on_disk = {}
+    for g in tuning["grid"]:
+        rows = [json.loads(l) for l in (out / "runs" / f"lrc-sum-lr{g['lr']:g}-s0" / "metrics.jsonl").read_text().splitlines()]
+        on_disk[g["lr"]] = [r["val_lm"] for r in rows if "val_lm" in r][-1]
+        assert g["val_lm"] == pytest.approx(on_disk[g["lr"]])
+        run_yaml = yaml.safe_load((out / "runs" / f"lrc-sum-lr{g['lr']:g}-s0" / "run.yaml").read_text())
+        assert run_yaml["kl_reduction"] == "sum" and run_yaml["steps"] == cfg.steps and run_yaml["lr"] == g["lr"]
+    assert tuning["chosen_lr"] == min(on_disk, key=on_disk.get)
+    (row,) = report["runs"]
+    assert row["lr"] == tuning["chosen_lr"] and row["kl_reduction"] == "sum" and row["name"] == "lrc/sum"
+
+
+def test_pick_lr():
+    from red.demo.run import pick_lr
+
+    assert pick_lr({1e-3: 2.0, 2e-3: 1.5, 4e-3: 1.7}) == 2e-3
+    assert pick_lr({4e-3: 1.0, 1e-3: 1.0}) == 1e-3  # a tie goes to the smaller lr
+    assert pick_lr({1e-3: 2.0, 1e-2: float("nan"), 1e-1: float("inf")}) == 1e-3
+    with pytest.raises(RedError, match="diverged"):
+        pick_lr({1e-2: float("nan")})
+    import inspect
+
+    assert list(inspect.signature(pick_lr).parameters) == ["grid_losses"]
+
+
+def test_ablation_run_names():
+    from red.demo.run import RunSpec, _runs
+
+    cfg = DemoConfig(presets="red", inits="orthogonal,random-select,lrc")
+    assert _runs(cfg) == [RunSpec("red", "red", None, None, False),
+                          RunSpec("red-loss+orthogonal", "red", "orthogonal", None, False),
+                          RunSpec("red-loss+random-select", "red", "random-select", None, False),
+                          RunSpec("red-loss+lrc", "red", "lrc", None, True)]  # the Gaussian init at T=1: tuned
+    runs = _runs(DemoConfig(kl_reductions="sum,mean", tune_lr="all"))
+    assert [(r.name, r.kl_reduction, r.tuned) for r in runs] == [
+        ("lrc/sum", "sum", True), ("lrc/mean", "mean", True), ("red/sum", "sum", True), ("red/mean", "mean", True)]
+    assert runs[0].folder == "lrc-sum"
+    assert not any(r.tuned for r in _runs(DemoConfig(tune_lr="none")))
     with pytest.raises(RedError, match="unknown init"):
         _runs(DemoConfig(inits="magic"))
     with pytest.raises(RedError, match="unknown preset"):
         _runs(DemoConfig(presets="fast"))
+    with pytest.raises(RedError, match="unknown KL reduction"):
+        _runs(DemoConfig(kl_reductions="max"))
+    with pytest.raises(RedError, match="tune-lr"):
+        _runs(DemoConfig(tune_lr="best"))
+
+
+def test_bundled_teacher_names(tmp_path):
+    from red.demo.run import TEACHERS, resolve_teacher
+
+    for name in ("llama", "qwen3"):
+        if (TEACHERS[name] / "config.json").is_file():
+            assert resolve_teacher(name) == TEACHERS[name]
+            assert json.loads((TEACHERS[name] / "config.json").read_text())["model_type"] == name
+    with pytest.raises(RedError, match="has no config.json; pass llama, qwen3"):
+        resolve_teacher(str(tmp_path))
 
 
 def test_eval_command(task_teacher, tmp_path, capsys):
@@ -103,6 +185,7 @@ def test_general_corpus_mix(tmp_path):
     from red.demo.task import is_heldout
 
     path = tmp_path / "g.txt"
+    assert DemoConfig().long_share == 0  # the default corpus holds no long chain
     write_general_corpus(path, 400, [1, 2], [3, 4, 5, 6], 0.1)
     lines = path.read_text().splitlines()
     assert len(lines) == 400
@@ -111,3 +194,22 @@ def test_general_corpus_mix(tmp_path):
     assert not any(is_heldout(line.split(":")[0]) for line in lines)
     with pytest.raises(RedError, match="long-share"):
         write_general_corpus(path, 10, [1], [3], 1.0)
+
+
+def test_kl_reduction_sum_is_lrcs_scale(task_teacher, tmp_path):
+    """--kl-reduction sum as the demo's lrc runs use it: the same student at step 0 has a KL
+    summed over each sequence's scored positions (seq_len - 1 of them here), i.e. LRC's
+    batchmean over [batch, positions, V], while the LM term stays a per-token mean."""
+    from red.config import make_config
+    from red.demo.run import write_general_corpus
+    from red.pipeline import distill
+
+    write_general_corpus(tmp_path / "g.txt", 200, [1, 2], [3], 0.0)
+    first = {}
+    for red in ("mean", "sum"):
+        dc = make_config(teacher=str(task_teacher), data=str(tmp_path / "g.txt"), hidden_size=16,
+                         out=str(tmp_path / red), preset="lrc", steps=1, batch_size=4, seq_len=64,
+                         eval_every=1, val_batches=1, kl_reduction=red)
+        first[red] = distill(dc, progress=False).metrics.rows[0]
+    assert first["sum"]["val_kl"] == pytest.approx(63 * first["mean"]["val_kl"], rel=1e-4)
+    assert first["sum"]["val_lm"] == pytest.approx(first["mean"]["val_lm"])

@@ -1,16 +1,20 @@
 """`red demo`: reasoning collapse and RED's fix, in minutes on a CPU.
 
-The bundled tiny teacher solves chains of mod-10 arithmetic (k steps). Students of half
-its width are distilled on "general" data (mostly problems with k <= 2, plus a small share
-of longer chains, as general text holds few long reasoning chains) with the `lrc` preset
-and the `red` preset (same steps, data and seeds); then every model is scored on held-out
-problems for every k. k <= 2 accuracy and held-out next-token loss are the "general"
-score, k >= 3 accuracy the "reasoning" score.
+A bundled tiny teacher (``--teacher llama``, the default, or ``--teacher qwen3``) solves
+chains of mod-10 arithmetic (k steps). Students of half its width are distilled on
+"general" data that hold *no* long chain (problems with k <= 2 only, ``--long-share 0``),
+with the `lrc` preset and the `red` preset (same steps, data and seeds); then every model
+is scored on held-out problems for every k. k <= 2 accuracy and held-out next-token loss
+are the "general" score, k >= 3 accuracy the "reasoning" score. The k <= 2 data hold
+every token and token bigram of a long chain (the task draws the step names per problem,
+see red.demo.task), so a student that fails at k >= 3 has lost a skill, not missed a word.
 
-Why not k <= 2 only: this task names its steps in a fixed order (i, j, k, ...), so the
-tokens of steps 3+ never occur in k <= 2 data and every student, RED's included, learns to
-stop after two steps (measured: 100/100 % on k <= 2, chance on k >= 3 for both inits).
-``--long-share 0`` reproduces that.
+A fair baseline: every run with the Gaussian (LRC) init gets its learning rate from a
+small grid (``--lr-grid``), chosen on the first seed by the student's next-token loss on
+the validation split of the *general* corpus at the last step (the run's ``val_lm``),
+never by reasoning accuracy, at the same step budget as every other run; the other seeds
+reuse that learning rate. ``--tune-lr all`` tunes every run the same way, ``none`` none.
+The losing grid runs are not scored on reasoning at all.
 """
 from __future__ import annotations
 
@@ -50,7 +54,11 @@ def _no_grad(fn):
             return fn(*args, **kwargs)
     return wrapper
 
-TEACHER_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-teacher"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TEACHERS = {"llama": ASSETS / "demo-teacher", "qwen3": ASSETS / "demo-teacher-qwen3"}
+TEACHER_DIR = TEACHERS["llama"]
+TUNE_CHOICES = ("gaussian", "all", "none")
+TUNE_CRITERION = "val_lm"  # the student's next-token loss on the general corpus's validation split
 
 
 @dataclass
@@ -58,19 +66,22 @@ class DemoConfig:
     """Options of `red demo`; the defaults are the run the README reports."""
 
     out: str = field(default="red-demo", metadata={"help": "output folder"})
-    teacher: str = field(default="", metadata={"help": "teacher folder (default: the bundled demo teacher)"})
-    hidden_size: int = field(default=64, metadata={"help": "student width (the teacher's is 128)"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps per student"})
+    teacher: str = field(default="llama", metadata={"help": "llama or qwen3 (the bundled teachers), or a Hugging Face model folder"})
+    hidden_size: int = field(default=64, metadata={"help": "student width (the teachers' is 128)"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps per student (the same for every run, grid runs included)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (same for every student)"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the runs that are not tuned"})
+    lr_grid: str = field(default="1e-3,2e-3,4e-3", metadata={"help": "learning rates tried for a tuned run (picked by general validation loss only)"})
+    tune_lr: str = field(default="gaussian", metadata={"help": "runs whose lr is tuned on --lr-grid: gaussian (every run with the lrc init), all, none"})
     presets: str = field(default="lrc,red", metadata={"help": "comma-separated presets to distill"})
     inits: str = field(default="", metadata={"help": "extra ablation inits run with the red preset's losses: orthogonal, random-select, lrc"})
+    kl_reductions: str = field(default="", metadata={"help": "comma-separated KL reductions (sum, mean) each run is repeated with; empty: each preset's own"})
     seeds: str = field(default="0", metadata={"help": "comma-separated seeds; each run is repeated per seed"})
     init_std: Optional[float] = field(default=None, metadata={"help": "std of the lrc init; null = 1/sqrt(D) (LRC's 0.02 is ~1/sqrt(D) at D~2500)"})
     general_problems: int = field(default=20000, metadata={"help": "problems in the distillation corpus"})
-    general_ks: str = field(default="1-2", metadata={"help": "step counts of most of the distillation corpus"})
-    long_share: float = field(default=0.1, metadata={"help": "share of the corpus drawn from --long-ks (0: short chains only)"})
+    general_ks: str = field(default="1-2", metadata={"help": "step counts of the distillation corpus"})
+    long_share: float = field(default=0.0, metadata={"help": "share of the corpus drawn from --long-ks (0, the default: no long chain at all)"})
     long_ks: str = field(default="3-6", metadata={"help": "step counts of the long-chain share"})
     eval_ks: str = field(default="1-6", metadata={"help": "step counts evaluated"})
     n_per_k: int = field(default=100, metadata={"help": "held-out problems per k"})
@@ -78,21 +89,78 @@ class DemoConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output folder"})
 
 
-def _runs(cfg: DemoConfig) -> list[tuple[str, str, Optional[str]]]:
-    from ..config import PRESETS
+@dataclass(frozen=True)
+class RunSpec:
+    name: str                    # row of the table
+    preset: str
+    init: Optional[str]          # None: the preset's
+    kl_reduction: Optional[str]  # None: the preset's
+    tuned: bool                  # lr picked from --lr-grid on general validation loss
 
-    runs = []
-    for p in [x.strip() for x in cfg.presets.split(",") if x.strip()]:
+    @property
+    def folder(self) -> str:
+        return self.name.replace("/", "-")
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _runs(cfg: DemoConfig) -> list[RunSpec]:
+    from ..config import DistillConfig, KL_REDUCTIONS, PRESETS
+
+    if cfg.tune_lr not in TUNE_CHOICES:
+        raise RedError(f"unknown --tune-lr {cfg.tune_lr!r}; use {', '.join(TUNE_CHOICES)}")
+    reductions = _split(cfg.kl_reductions)
+    for r in reductions:
+        if r not in KL_REDUCTIONS:
+            raise RedError(f"unknown KL reduction {r!r} in --kl-reductions; use {', '.join(KL_REDUCTIONS)}")
+    base = []
+    for p in _split(cfg.presets):
         if p not in PRESETS:
             raise RedError(f"unknown preset {p!r} in --presets; use {', '.join(PRESETS)}")
-        runs.append((p, p, None))
-    for i in [x.strip() for x in cfg.inits.split(",") if x.strip()]:
+        base.append((p, p, None))
+    for i in _split(cfg.inits):
         if i not in ("orthogonal", "random-select", "lrc", "red"):
             raise RedError(f"unknown init {i!r} in --inits; use orthogonal, random-select, lrc or red")
-        runs.append((f"red-loss+{i}", "red", i))
-    if not runs:
+        base.append((f"red-loss+{i}", "red", i))
+    if not base:
         raise RedError("nothing to run: give at least one preset or init")
+    runs = []
+    for name, preset, init in base:
+        eff_init = init or PRESETS[preset].get("init", DistillConfig.init)
+        tuned = cfg.tune_lr == "all" or (cfg.tune_lr == "gaussian" and eff_init == "lrc")
+        for r in reductions or [None]:
+            runs.append(RunSpec(f"{name}/{r}" if r else name, preset, init, r, tuned))
     return runs
+
+
+def lr_grid(cfg: DemoConfig) -> list[float]:
+    try:
+        grid = [float(x) for x in _split(cfg.lr_grid)]
+    except ValueError:
+        raise RedError(f"--lr-grid {cfg.lr_grid!r} is not a comma-separated list of learning rates") from None
+    if not grid or any(not (g > 0) for g in grid):
+        raise RedError(f"--lr-grid must list positive learning rates (got {cfg.lr_grid!r})")
+    return grid
+
+
+def general_val_loss(metrics_rows: list[dict]) -> float:
+    """The tuning criterion: ``val_lm`` (the student's next-token cross-entropy on the
+    validation split of the general distillation corpus) at the last evaluation."""
+    vals = [r[TUNE_CRITERION] for r in metrics_rows if TUNE_CRITERION in r]
+    if not vals:
+        raise RedError(f"the run logged no {TUNE_CRITERION}; cannot tune its learning rate")
+    return float(vals[-1])
+
+
+def pick_lr(grid_losses: dict[float, float]) -> float:
+    """The learning rate with the lowest general validation loss (the smaller lr on a tie;
+    a non-finite loss never wins). Reasoning accuracy is not an argument: it cannot count."""
+    finite = {lr: v for lr, v in grid_losses.items() if v == v and v != float("inf")}
+    if not finite:
+        raise RedError("every learning rate of --lr-grid diverged; give smaller ones")
+    return min(sorted(finite), key=lambda lr: finite[lr])
 
 
 @_no_grad
@@ -134,26 +202,43 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def resolve_teacher(name: str) -> Path:
+    """``llama``/``qwen3`` (or empty): a bundled teacher; anything else: a model folder."""
+    if name in ("", *TEACHERS):
+        folder = TEACHERS[name or "llama"]
+        if not (folder / "config.json").is_file():
+            raise RedError(f"demo teacher not found at {folder}; reinstall red or pass --teacher")
+        return folder
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise RedError(f"--teacher {folder} has no config.json; pass llama, qwen3 or a Hugging Face model folder")
+    return folder
+
+
+def evaluate_reasoning(*args, **kwargs):
+    """red.demo.task.evaluate_reasoning (a module-level name, so that tests can watch
+    which models are scored on reasoning)."""
+    from .task import evaluate_reasoning as ev
+
+    return ev(*args, **kwargs)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Run the demo; writes report.json and PNG plots to ``cfg.out`` and returns the report."""
     from transformers import AutoModelForCausalLM
 
     from ..config import make_config
     from ..evaluation import parse_ks
-    from ..metrics import erank, layer_eranks
-    from ..pipeline import distill, prepare_output
+    from ..metrics import layer_eranks
+    from ..pipeline import build_student, distill, prepare_output
     from ..teacher import load_teacher
-    from .task import evaluate_reasoning
 
     t_start = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    teacher_dir = Path(cfg.teacher) if cfg.teacher else TEACHER_DIR
-    if not (teacher_dir / "config.json").is_file():
-        if cfg.teacher:
-            raise RedError(f"--teacher {teacher_dir} has no config.json; pass a Hugging Face model folder")
-        raise RedError(f"demo teacher not found at {teacher_dir}; reinstall red or pass --teacher")
+    teacher_dir = resolve_teacher(cfg.teacher)
     runs = _runs(cfg)
+    grid = lr_grid(cfg)
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     eval_ks, gen_ks = parse_ks(cfg.eval_ks), parse_ks(cfg.general_ks)
     out = prepare_output(cfg.out, cfg.overwrite)
@@ -165,46 +250,81 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
     probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
 
-    def score(model, name):
+    def score(model):
         t0 = time.perf_counter()
         acc = evaluate_reasoning(model, tok, ks=eval_ks, n_per_k=cfg.n_per_k, seed=0)
         return {"accuracy": acc, "layer_erank": layer_eranks(model, probe),
                 "heldout_nll_general": heldout_nll(model, probe_general), "eval_s": time.perf_counter() - t0}
 
+    def train(spec: RunSpec, seed: int, lr: float, folder: str):
+        t0 = time.perf_counter()
+        extra = {"kl_reduction": spec.kl_reduction} if spec.kl_reduction else {}
+        dc = make_config(teacher=str(teacher_dir), data=str(data), hidden_size=cfg.hidden_size,
+                         out=str(out / "runs" / folder), preset=spec.preset, init=spec.init, steps=cfg.steps,
+                         batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=lr, seed=seed,
+                         init_std=cfg.init_std if cfg.init_std is not None else "null", warmup=0.05,
+                         eval_every=max(1, cfg.steps // 5), save_every=cfg.steps, log_every=5, val_batches=4,
+                         overwrite=cfg.overwrite, **extra)  # a rerun with --overwrite replaces the earlier runs
+        if progress:
+            print(f"[demo] distilling {spec.name} (seed {seed}): init {dc.init}, T={dc.temperature}, "
+                  f"KL {dc.kl_reduction}, lr {lr:g}, {cfg.steps} steps")
+        res = distill(dc, progress=progress)
+        return dc, res, time.perf_counter() - t0
+
     if progress:
-        print(f"[demo] teacher {teacher_dir.name}: width {D}; evaluating on {len(eval_ks)} k x {cfg.n_per_k} problems")
-    report: dict = {"config": asdict(cfg), "machine": _machine(), "teacher": score(teacher, "teacher"), "runs": []}
-    for name, preset, init in runs:
-        for seed in seeds:
-            t0 = time.perf_counter()
-            dc = make_config(teacher=str(teacher_dir), data=str(data), hidden_size=cfg.hidden_size,
-                             out=str(out / "runs" / f"{name}-s{seed}"), preset=preset, init=init, steps=cfg.steps,
-                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=seed,
-                             init_std=cfg.init_std if cfg.init_std is not None else "null", warmup=0.05,
-                             eval_every=max(1, cfg.steps // 5), save_every=cfg.steps, log_every=5, val_batches=2,
-                             overwrite=cfg.overwrite)  # a rerun with --overwrite replaces the earlier runs
-            if progress:
-                print(f"[demo] distilling {name} (seed {seed}): init {dc.init}, T={dc.temperature}, {cfg.steps} steps")
-            res = distill(dc, progress=progress)
-            train_s = time.perf_counter() - t0
+        print(f"[demo] teacher {teacher_dir.name} ({teacher.config.model_type}): width {D}; "
+              f"evaluating on {len(eval_ks)} k x {cfg.n_per_k} problems")
+    report: dict = {"config": asdict(cfg), "machine": _machine(), "teacher_dir": str(teacher_dir),
+                    "teacher_type": teacher.config.model_type, "teacher": score(teacher), "runs": [],
+                    "tuning": {}}
+    for spec in runs:
+        for i, seed in enumerate(seeds):
+            if spec.tuned and i == 0:
+                # the grid, on the first seed; the winner is that seed's run, the rest are
+                # recorded by their general validation loss and never scored on reasoning
+                tried = {}
+                for lr in grid:
+                    tried[lr] = train(spec, seed, lr, f"{spec.folder}-lr{lr:g}-s{seed}")
+                losses = {lr: general_val_loss(r[1].metrics.rows) for lr, r in tried.items()}
+                lr = pick_lr(losses)
+                report["tuning"][spec.name] = {
+                    "seed": seed, "criterion": TUNE_CRITERION, "chosen_lr": lr, "steps": cfg.steps,
+                    "grid": [{"lr": g, TUNE_CRITERION: losses[g], "train_s": tried[g][2]} for g in grid]}
+                if progress:
+                    print(f"[demo] {spec.name}: lr {lr:g} has the lowest general validation loss of "
+                          + ", ".join(f"{g:g}: {v:.4f}" for g, v in losses.items()))
+                dc, res, train_s = tried[lr]
+            else:
+                lr = report["tuning"][spec.name]["chosen_lr"] if spec.tuned else cfg.lr
+                dc, res, train_s = train(spec, seed, lr, f"{spec.folder}-s{seed}")
             student = AutoModelForCausalLM.from_pretrained(res.out / "student").eval()
-            row = {"name": name, "preset": preset, "init": dc.init, "seed": seed, "temperature": dc.temperature,
-                   "train_s": train_s, **score(student, name),
+            torch.manual_seed(seed)  # the run's own initialization, rebuilt for its eRank at step 0
+            init_student = build_student(teacher, cfg.hidden_size, dc.init, res.calibration, dc.score,
+                                         dc.init_std, dc.norm_eps, seed)
+            row = {"name": spec.name, "preset": spec.preset, "init": dc.init, "seed": seed,
+                   "temperature": dc.temperature, "kl_reduction": dc.kl_reduction, "lr": lr, "tuned": spec.tuned,
+                   "out": str(res.out), "train_s": train_s, **score(student),
+                   "layer_erank_step0": layer_eranks(init_student, probe),
+                   "val_lm": general_val_loss(res.metrics.rows),
                    "metrics": res.metrics.rows,
                    "projection_singular_values": {
                        n: torch.linalg.svdvals(p.detach().double()).tolist()
                        for n, p in res.student.projections().items()}}
+            del init_student
             evals = [r for r in res.metrics.rows if "erank_last" in r]
             row["erank_last_step0"] = evals[0]["erank_last"] if evals and evals[0]["step"] == 0 else None
             row["erank_last_final"] = evals[-1]["erank_last"] if evals else None
             report["runs"].append(row)
+            # the runs so far, in case the demo is stopped (report.json is rewritten whole at the end)
+            (out / "report.partial.json").write_text(json.dumps(report))
             if progress:
                 a = row["accuracy"]
-                print(f"[demo] {name} s{seed}: general {a['general']:.2f}, reasoning {a['reasoning']:.2f} "
+                print(f"[demo] {spec.name} s{seed}: general {a['general']:.2f}, reasoning {a['reasoning']:.2f} "
                       f"({train_s:.0f}s train)")
     report["summary"] = summarize(report, eval_ks)
     report["wall_s"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.partial.json").unlink(missing_ok=True)
     plot_demo(report, out, eval_ks)
     table = format_table(report, eval_ks)
     (out / "table.txt").write_text(table + "\n")
@@ -218,6 +338,13 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _mean_curve(curves):
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    return [statistics.fmean(v) for v in zip(*curves)]
+
+
 def summarize(report: dict, ks) -> dict:
     """Mean and spread over seeds, per run name; the teacher as its own row."""
     names = list(dict.fromkeys(r["name"] for r in report["runs"]))
@@ -227,18 +354,21 @@ def summarize(report: dict, ks) -> dict:
                       "general": (t["accuracy"]["general"], 0.0), "reasoning": (t["accuracy"]["reasoning"], 0.0),
                       "heldout_nll_general": (t["heldout_nll_general"], 0.0),
                       "erank_last": (t["layer_erank"][-1], 0.0), "erank_last_step0": (None, None),
-                      "train_s": (0.0, 0.0)}
+                      "train_s": (0.0, 0.0), "lr": None, "layer_erank": t["layer_erank"], "layer_erank_step0": None}
     for n in names:
         rows = [r for r in report["runs"] if r["name"] == n]
-        s = {"n": len(rows)}
+        s = {"n": len(rows), "lr": rows[0]["lr"], "tuned": rows[0]["tuned"], "init": rows[0]["init"],
+             "temperature": rows[0]["temperature"], "kl_reduction": rows[0]["kl_reduction"]}
         for k in ks:
             s[f"k{k}"] = _mean_std([r["accuracy"][f"k{k}"] for r in rows])
         for key in ("general", "reasoning"):
             s[key] = _mean_std([r["accuracy"][key] for r in rows])
         s["heldout_nll_general"] = _mean_std([r["heldout_nll_general"] for r in rows])
         s["erank_last"] = _mean_std([r["layer_erank"][-1] for r in rows])
-        s["erank_last_step0"] = _mean_std([r["erank_last_step0"] for r in rows])
+        s["erank_last_step0"] = _mean_std([r["layer_erank_step0"][-1] for r in rows])
         s["train_s"] = _mean_std([r["train_s"] for r in rows])
+        s["layer_erank"] = _mean_curve([r["layer_erank"] for r in rows])
+        s["layer_erank_step0"] = _mean_curve([r["layer_erank_step0"] for r in rows])
         out[n] = s
     return out
 
@@ -254,16 +384,31 @@ def format_table(report: dict, ks) -> str:
             txt += f"±{100 * s:.0f}" if pct else f"±{s:.2f}"
         return txt.rjust(width)
 
-    head = f"{'model':22s}{'n':>3s}" + "".join(f"{'k=' + str(k):>9s}" for k in ks)
+    head = f"{'model':22s}{'n':>3s}{'lr':>8s}" + "".join(f"{'k=' + str(k):>9s}" for k in ks)
     head += f"{'general':>9s}{'reason.':>9s}{'nll(k≤2)':>12s}{'eRank@0':>12s}{'eRank':>12s}{'train s':>12s}"
     lines = [head]
     for name, s in report["summary"].items():
-        line = f"{name:22s}{s['n']:3d}" + "".join(cell(s[f'k{k}']) for k in ks)
+        lr = "-" if s["lr"] is None else f"{s['lr']:g}" + ("*" if s.get("tuned") else "")
+        line = f"{name:22s}{s['n']:3d}{lr:>8s}" + "".join(cell(s[f'k{k}']) for k in ks)
         line += cell(s["general"]) + cell(s["reasoning"]) + cell(s["heldout_nll_general"], False)
         line += cell(s["erank_last_step0"], False) + cell(s["erank_last"], False) + cell(s["train_s"], False)
         lines.append(line)
-    lines.append(f"accuracy in % (mean±std over seeds), {report['config']['n_per_k']} held-out problems per k; "
-                 f"wall {report.get('wall_s', 0):.0f}s on {report['machine']}")
+    cfg = report["config"]
+    lines.append(f"teacher {Path(report.get('teacher_dir', '')).name} ({report.get('teacher_type', '?')}); "
+                 f"students of width {cfg['hidden_size']}, {cfg['steps']} steps each, distilled on k in "
+                 f"{cfg['general_ks']}" + (f" plus {100 * cfg['long_share']:g}% k in {cfg['long_ks']}"
+                                           if cfg["long_share"] else " only (no long chain)"))
+    for name, s in report["summary"].items():
+        if name != "teacher":
+            lines.append(f"  {name}: init {s['init']}, T={s['temperature']:g}, KL {s['kl_reduction']}, lr {s['lr']:g}"
+                         + (" (*)" if s.get("tuned") else ""))
+    for name, t in report.get("tuning", {}).items():
+        lines.append(f"(*) {name}: lr {t['chosen_lr']:g} of the grid "
+                     + ", ".join(f"{g['lr']:g} ({t['criterion']} {g[t['criterion']]:.4f})" for g in t["grid"])
+                     + f": the lowest general validation loss after {t['steps']} steps, seed {t['seed']}; "
+                       "reasoning accuracy played no part")
+    lines.append(f"accuracy in % (mean±std over seeds), {cfg['n_per_k']} held-out problems per k; eRank of the last "
+                 f"hidden state at step 0 and at the end; wall {report.get('wall_s', 0):.0f}s on {report['machine']}")
     return "\n".join(lines)
 
 
@@ -295,12 +440,36 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(names))
+    gen = [100 * (report["summary"][n]["general"][0] or 0) for n in names]
+    rea = [100 * (report["summary"][n]["reasoning"][0] or 0) for n in names]
+    gen_e = [100 * (report["summary"][n]["general"][1] or 0) for n in names]
+    rea_e = [100 * (report["summary"][n]["reasoning"][1] or 0) for n in names]
+    ax.bar([i - 0.2 for i in x], gen, 0.4, yerr=gen_e, capsize=3, label="general (k ≤ 2)")
+    ax.bar([i + 0.2 for i in x], rea, 0.4, yerr=rea_e, capsize=3, label="reasoning (k ≥ 3)")
+    ax.axhline(10, color="grey", ls=":", label="chance")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("General vs reasoning accuracy per model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "general_vs_reasoning.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(report["teacher"]["layer_erank"], marker="o", color="k", label="teacher")
-    for r in report["runs"]:
-        ax.plot(r["layer_erank"], marker=".", alpha=0.8, label=f"{r['name']} s{r['seed']}")
+    for i, n in enumerate(names[1:]):
+        s = report["summary"][n]
+        color = f"C{i}"
+        if s["layer_erank_step0"]:
+            ax.plot(s["layer_erank_step0"], marker=".", ls="--", color=color, alpha=0.8, label=f"{n}, step 0")
+        ax.plot(s["layer_erank"], marker=".", color=color, label=f"{n}, end")
     ax.set_xlabel("hidden state (0 = embedding, last = after final norm)")
     ax.set_ylabel("eRank")
-    ax.set_title("Per-layer effective rank on held-out problems")
+    ax.set_title("Per-layer effective rank on held-out problems (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "erank_layers.png")

@@ -1,32 +1,43 @@
 """Synthetic multi-step reasoning task for the CPU-scale RED demo.
 
 A problem binds three variables (a random choice among ``a``..``h``) to digits, then
-defines ``k`` new variables, step i defining the i-th of ``i j k l m n o p``, each as
-``x op y`` (``op`` in ``+ -``, everything mod 10, so answers are near-uniform digits).
-Step 1 reads two distinct bound variables; every later step reads the result of the step
-before it plus one other variable defined earlier (bound or computed; never the same one
-twice, so no ``x-x`` shortcuts), so the answer cannot be had without walking the chain:
-every operand is a variable name whose value must be looked up, in the question or in the
-chain of thought so far. The question asks for the last variable. The chain of thought
-writes every step as its definition with each variable followed by its value, then the
-result, then the answer::
+defines ``k`` new variables, named by a run of consecutive letters of the cycle
+``i j k l m n o p i ...`` that starts at a letter drawn per problem (``m n o`` for k=3,
+``o p i j`` for k=4, ...), each as ``x op y`` (``op`` in ``+ -``, everything mod 10, so
+answers are near-uniform digits). Step 1 reads two distinct bound variables; every later
+step reads the result of the step before it plus one other variable defined earlier
+(bound or computed; never the same one twice, so no ``x-x`` shortcuts), so the answer
+cannot be had without walking the chain: every operand is a variable name whose value
+must be looked up, in the question or in the chain of thought so far. The question asks
+for the last variable. The chain of thought writes every step as its definition with
+each variable followed by its value, then the result, then the answer::
 
-    question        c3,h7,a1,i=c+h,j=a-i?j
-    prompt_text     c3,h7,a1,i=c+h,j=a-i?j:
-    format_problem  c3,h7,a1,i=c+h,j=a-i?j:i=c3+h7=i0,j=a1-i0=j1#1
+    question        n=c+h,o=a-n,c3,h7,a1?o
+    prompt_text     n=c+h,o=a-n,c3,h7,a1?o:
+    format_problem  n=c+h,o=a-n,c3,h7,a1?o:n=c3+h7=n0,o=a1-n0=o1#1
+
+(the question lists the step definitions first and the bindings after them, so that a
+step name followed by ``,`` occurs in short chains as in long ones)
 
 Tokens are characters. The longest k=6 text is 114 characters, 116 tokens with bos/eos.
 
 Why this shape: everywhere a value is written it directly follows its variable's name
-(``c3`` in the question, ``c3`` and ``i0`` in the chain of thought), so looking a value
+(``c3`` in the question, ``c3`` and ``n0`` in the chain of thought), so looking a value
 up is the plain "find the earlier occurrence of this name, copy what came next" pattern
-(an induction head), and every written token is one lookup away. Step variables are named
-in a fixed order so that "which step comes next" is not itself a search problem. Three
-earlier shapes left a 4-layer, width-128 teacher near chance after 600-1400 steps of CPU
-training: random step names (it never learned which clause to write next); ``i=3+7=0``
-(clause -> operand name -> value, two lookups for one token: it learned the arithmetic
-but picked a random one of the three bound values); ``i=c+h=3+7=0`` with bindings ``c=3``
-(the name three tokens before the value it selects: not learned in 1400 steps).
+(an induction head), and every written token is one lookup away. The next step's name is
+the successor of the last one in the fixed cycle, so "which step comes next" is a learned
+successor table, not a search. Three earlier shapes left a 4-layer, width-128 teacher
+near chance after 600-1400 steps of CPU training: step names drawn at random (it never
+learned which clause to write next); ``i=3+7=0`` (clause -> operand name -> value, two
+lookups for one token); ``i=c+h=3+7=0`` with bindings ``c=3`` (the name three tokens
+before the value it selects: not learned in 1400 steps).
+
+Why a cycle with a random start (and not always ``i j k ...``): "general" data of short
+chains (k <= 2) must hold every token and every token bigram that a long chain holds, so
+that distilling on them alone is a test of whether the student keeps the teacher's
+multi-step skill, not of whether it can guess tokens it never saw. With a fixed order,
+the names of steps 3+ never occur in k <= 2 data; with a random start every name, every
+successor pair and every bigram does (:func:`uncovered_ngrams` checks it).
 
 Held-out split: a question is held out iff ``sha256(question) % HELDOUT_MODULUS == 0``.
 The generators for ``split="train"`` and ``split="heldout"`` reject the other split's
@@ -77,12 +88,14 @@ __all__ = [
     "greedy_generate",
     "evaluate_reasoning",
     "iter_problems",
+    "step_names",
+    "uncovered_ngrams",
 ]
 
 MOD = 10
 N_INITIAL = 3                       # variables bound to digits before the chain
 INPUT_VARIABLES = "abcdefgh"   # the N_INITIAL bound variables: a random choice of these
-STEP_VARIABLES = "ijklmnop"    # step i defines STEP_VARIABLES[i-1]
+STEP_VARIABLES = "ijklmnop"    # a problem's steps: consecutive letters of this cycle
 VARIABLES = INPUT_VARIABLES + STEP_VARIABLES
 MAX_K = len(STEP_VARIABLES)    # 8
 DIGITS = "0123456789"
@@ -118,16 +131,24 @@ def is_heldout(question: str) -> bool:
     return h % HELDOUT_MODULUS == 0
 
 
+def step_names(first: str, k: int) -> List[str]:
+    """The names of ``k`` steps starting at ``first``: consecutive letters of the cycle
+    STEP_VARIABLES (``step_names("o", 4) == ["o", "p", "i", "j"]``)."""
+    o = STEP_VARIABLES.index(first)
+    return [STEP_VARIABLES[(o + i) % MAX_K] for i in range(k)]
+
+
 def make_problem(rng: random.Random, k: int) -> Problem:
     """One problem with ``k`` steps, drawn from ``rng`` (no split filtering)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
-    names = rng.sample(INPUT_VARIABLES, N_INITIAL) + list(STEP_VARIABLES[:k])
+    bound = rng.sample(INPUT_VARIABLES, N_INITIAL)
+    names = bound + step_names(rng.choice(STEP_VARIABLES), k)
     values = {}
-    clauses, steps = [], []
+    bindings, clauses, steps = [], [], []
     for v in names[:N_INITIAL]:
         values[v] = rng.randrange(MOD)
-        clauses.append(f"{v}{values[v]}")
+        bindings.append(f"{v}{values[v]}")
     defined = list(names[:N_INITIAL])
     prev = None
     for v in names[N_INITIAL:]:
@@ -143,7 +164,7 @@ def make_problem(rng: random.Random, k: int) -> Problem:
         values[v] = r
         defined.append(v)
         prev = v
-    question = ",".join(clauses) + "?" + prev
+    question = ",".join(clauses + bindings) + "?" + prev
     return Problem(question=question, cot=",".join(steps), answer=str(values[prev]), k=k)
 
 
@@ -207,7 +228,7 @@ def check_problem(p: Problem) -> None:
     head, query = p.question.split("?")
     clauses = head.split(",")
     values = {}
-    for c in clauses[:N_INITIAL]:
+    for c in clauses[-N_INITIAL:]:
         assert len(c) == 2 and c[1] in DIGITS, c
         v, d = c[0], c[1]
         assert len(v) == 1 and v in INPUT_VARIABLES and v not in values, c
@@ -215,9 +236,12 @@ def check_problem(p: Problem) -> None:
     steps = p.cot.split(",")
     assert len(steps) == len(clauses) - N_INITIAL == p.k, (p, len(steps))
     prev = None
-    for i, (c, s) in enumerate(zip(clauses[N_INITIAL:], steps)):
+    first = clauses[0].split("=")[0]
+    assert first in STEP_VARIABLES, first
+    names = step_names(first, p.k)
+    for i, (c, s) in enumerate(zip(clauses[:-N_INITIAL], steps)):
         v, expr = c.split("=")
-        assert v == STEP_VARIABLES[i], c
+        assert v == names[i], c
         x, op, y = expr[0], expr[1], expr[2]
         assert len(expr) == 3 and op in OPS and x in values and y in values, c
         if prev is not None:
@@ -244,6 +268,23 @@ def write_corpus(path, n: int, ks: Iterable[int] = range(1, 7), seed: int = 0,
             t = format_problem(p)
             f.write((json.dumps({"text": t}) if fmt == "jsonl" else t) + "\n")
     return n
+
+
+def uncovered_ngrams(short: Iterable[str], long: Iterable[str], n: int = 2) -> dict:
+    """The character n-grams (n = 1 .. ``n``) of the texts ``long`` that occur in none of
+    the texts ``short``, as ``{n: sorted list}``. Texts are documents as the engine packs
+    them, so ``<bos>``/``<eos>`` (written here as ``^``/``$``) take part at both ends.
+    """
+    def grams(texts):
+        out = {m: set() for m in range(1, n + 1)}
+        for t in texts:
+            t = f"^{t}$"
+            for m in range(1, n + 1):
+                out[m].update(t[i: i + m] for i in range(len(t) - m + 1))
+        return out
+
+    have, want = grams(short), grams(long)
+    return {m: sorted(want[m] - have[m]) for m in range(1, n + 1)}
 
 
 # --------------------------------------------------------------------------- tokenizer
