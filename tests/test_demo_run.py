@@ -1,6 +1,7 @@
 """`red demo` and `red eval` plumbing on a tiny random teacher (the real run is in the README)."""
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,16 @@ def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     assert all(name in table for name in ("teacher", "lrc", "red"))
     assert "(*) lrc: lr" in table and "reasoning accuracy played no part" in table
     assert "only (no long chain)" in table  # --long-share 0 is the default
+    # the grid's pick at an edge of the grid is flagged (a wider grid might do better)
+    assert tuning["at_edge"] is True  # a two-point grid: whatever wins is an edge
+    assert "at the edge of the grid" in table
+    # every run reads the one token store of general.txt (tokenized once, not per run)
+    import yaml
+
+    for r in on_disk["runs"]:
+        run_yaml = yaml.safe_load((Path(r["out"]) / "run.yaml").read_text())
+        assert Path(run_yaml["data"]).resolve() == (out / "general-store").resolve()
+        assert not (Path(r["out"]) / "data").exists()
     # a second run never clobbers the first; with --overwrite it replaces it (its runs too)
     with pytest.raises(RedError, match="not empty"):
         run_demo(cfg, progress=False)
@@ -108,6 +119,7 @@ def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, mon
         run_yaml = yaml.safe_load((out / "runs" / f"lrc-sum-lr{g['lr']:g}-s0" / "run.yaml").read_text())
         assert run_yaml["kl_reduction"] == "sum" and run_yaml["steps"] == cfg.steps and run_yaml["lr"] == g["lr"]
     assert tuning["chosen_lr"] == min(on_disk, key=on_disk.get)
+    assert tuning["at_edge"] == (tuning["chosen_lr"] != 3e-3)
     (row,) = report["runs"]
     assert row["lr"] == tuning["chosen_lr"] and row["kl_reduction"] == "sum" and row["name"] == "lrc/sum"
 
@@ -116,6 +128,11 @@ def test_pick_lr():
     from red.demo.run import pick_lr
 
     assert pick_lr({1e-3: 2.0, 2e-3: 1.5, 4e-3: 1.7}) == 2e-3
+    from red.demo.run import at_grid_edge
+
+    assert not at_grid_edge(8e-3, [4e-3, 8e-3, 1.6e-2])
+    assert at_grid_edge(4e-3, [4e-3, 8e-3, 1.6e-2]) and at_grid_edge(1.6e-2, [1.6e-2, 4e-3, 8e-3])
+    assert not at_grid_edge(4e-3, [4e-3])  # one learning rate: nothing was searched
     assert pick_lr({4e-3: 1.0, 1e-3: 1.0}) == 1e-3  # a tie goes to the smaller lr
     assert pick_lr({1e-3: 2.0, 1e-2: float("nan"), 1e-1: float("inf")}) == 1e-3
     with pytest.raises(RedError, match="diverged"):

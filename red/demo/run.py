@@ -58,6 +58,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TEACHERS = {"llama": ASSETS / "demo-teacher", "qwen3": ASSETS / "demo-teacher-qwen3"}
 TEACHER_DIR = TEACHERS["llama"]
 TUNE_CHOICES = ("gaussian", "all", "none")
+DEMO_ENTRIES = ("general.txt", "general-store", "runs", "report.json", "report.partial.json", "table.txt",
+                "accuracy_vs_k.png", "general_vs_reasoning.png", "erank_layers.png", "spectra.png",
+                "loss_curves.png")  # what `red demo` writes in its folder
 TUNE_CRITERION = "val_lm"  # the student's next-token loss on the general corpus's validation split
 
 
@@ -69,10 +72,10 @@ class DemoConfig:
     teacher: str = field(default="llama", metadata={"help": "llama or qwen3 (the bundled teachers), or a Hugging Face model folder"})
     hidden_size: int = field(default=64, metadata={"help": "student width (the teachers' is 128)"})
     steps: int = field(default=200, metadata={"help": "optimizer steps per student (the same for every run, grid runs included)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    batch_size: int = field(default=12, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the runs that are not tuned"})
-    lr_grid: str = field(default="1e-3,2e-3,4e-3", metadata={"help": "learning rates tried for a tuned run (picked by general validation loss only)"})
+    lr_grid: str = field(default="4e-3,8e-3,1.6e-2", metadata={"help": "learning rates tried for a tuned run (picked by general validation loss only)"})
     tune_lr: str = field(default="gaussian", metadata={"help": "runs whose lr is tuned on --lr-grid: gaussian (every run with the lrc init), all, none"})
     presets: str = field(default="lrc,red", metadata={"help": "comma-separated presets to distill"})
     inits: str = field(default="", metadata={"help": "extra ablation inits run with the red preset's losses: orthogonal, random-select, lrc"})
@@ -154,6 +157,12 @@ def general_val_loss(metrics_rows: list[dict]) -> float:
     return float(vals[-1])
 
 
+def at_grid_edge(lr: float, grid) -> bool:
+    """True when the picked ``lr`` is the grid's smallest or largest (of two or more): the
+    best learning rate may then lie outside the grid, and the report says so."""
+    return len(set(grid)) > 1 and lr in (min(grid), max(grid))
+
+
 def pick_lr(grid_losses: dict[float, float]) -> float:
     """The learning rate with the lowest general validation loss (the smaller lr on a tie;
     a non-finite loss never wins). Reasoning accuracy is not an argument: it cannot count."""
@@ -225,28 +234,45 @@ def evaluate_reasoning(*args, **kwargs):
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Run the demo; writes report.json and PNG plots to ``cfg.out`` and returns the report."""
-    from transformers import AutoModelForCausalLM
-
-    from ..config import make_config
     from ..evaluation import parse_ks
-    from ..metrics import layer_eranks
-    from ..pipeline import build_student, distill, prepare_output
-    from ..teacher import load_teacher
 
     t_start = time.perf_counter()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    # every option is checked before the slow imports and before anything is written
     teacher_dir = resolve_teacher(cfg.teacher)
     runs = _runs(cfg)
     grid = lr_grid(cfg)
-    seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
-    eval_ks, gen_ks = parse_ks(cfg.eval_ks), parse_ks(cfg.general_ks)
+    try:
+        seeds = [int(s) for s in _split(cfg.seeds)]
+    except ValueError:
+        raise RedError(f"--seeds {cfg.seeds!r} is not a comma-separated list of integers") from None
+    if not seeds:
+        raise RedError("--seeds is empty; give at least one seed, e.g. --seeds 0")
+    eval_ks, gen_ks, long_ks = parse_ks(cfg.eval_ks), parse_ks(cfg.general_ks), parse_ks(cfg.long_ks)
+    if not 0 <= cfg.long_share < 1:
+        raise RedError(f"--long-share must be in [0, 1) (got {cfg.long_share})")
+
+    from transformers import AutoModelForCausalLM
+
+    from ..config import DistillConfig, make_config
+    from ..metrics import layer_eranks
+    from ..pipeline import build_student, distill, prepare_output
+    from ..run import RunDir
+    from ..store import prepare_store
+    from ..teacher import load_teacher
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out = prepare_output(cfg.out, cfg.overwrite)
+    RunDir(out).own(*DEMO_ENTRIES)  # so that --overwrite replaces exactly these
 
     teacher, tok = load_teacher(teacher_dir)
     D = teacher.config.hidden_size
     data = out / "general.txt"
-    write_general_corpus(data, cfg.general_problems, gen_ks, parse_ks(cfg.long_ks), cfg.long_share)
+    write_general_corpus(data, cfg.general_problems, gen_ks, long_ks, cfg.long_share)
+    # tokenized once for every run: the store a run would make of general.txt itself
+    # (same split settings), so the runs read the same blocks without re-tokenizing
+    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DistillConfig.val_fraction,
+                          seed=0, overwrite=cfg.overwrite, progress=False)
     probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
     probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
 
@@ -259,7 +285,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     def train(spec: RunSpec, seed: int, lr: float, folder: str):
         t0 = time.perf_counter()
         extra = {"kl_reduction": spec.kl_reduction} if spec.kl_reduction else {}
-        dc = make_config(teacher=str(teacher_dir), data=str(data), hidden_size=cfg.hidden_size,
+        dc = make_config(teacher=str(teacher_dir), data=str(store.root), hidden_size=cfg.hidden_size,
                          out=str(out / "runs" / folder), preset=spec.preset, init=spec.init, steps=cfg.steps,
                          batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=lr, seed=seed,
                          init_std=cfg.init_std if cfg.init_std is not None else "null", warmup=0.05,
@@ -289,10 +315,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                 lr = pick_lr(losses)
                 report["tuning"][spec.name] = {
                     "seed": seed, "criterion": TUNE_CRITERION, "chosen_lr": lr, "steps": cfg.steps,
+                    "at_edge": at_grid_edge(lr, grid),
                     "grid": [{"lr": g, TUNE_CRITERION: losses[g], "train_s": tried[g][2]} for g in grid]}
                 if progress:
                     print(f"[demo] {spec.name}: lr {lr:g} has the lowest general validation loss of "
                           + ", ".join(f"{g:g}: {v:.4f}" for g, v in losses.items()))
+                    if at_grid_edge(lr, grid):
+                        print(f"[demo] note: {lr:g} is at the edge of --lr-grid; a wider grid may find a better one")
                 dc, res, train_s = tried[lr]
             else:
                 lr = report["tuning"][spec.name]["chosen_lr"] if spec.tuned else cfg.lr
@@ -406,7 +435,8 @@ def format_table(report: dict, ks) -> str:
         lines.append(f"(*) {name}: lr {t['chosen_lr']:g} of the grid "
                      + ", ".join(f"{g['lr']:g} ({t['criterion']} {g[t['criterion']]:.4f})" for g in t["grid"])
                      + f": the lowest general validation loss after {t['steps']} steps, seed {t['seed']}; "
-                       "reasoning accuracy played no part")
+                       "reasoning accuracy played no part"
+                     + ("; NOTE: at the edge of the grid, a wider grid may do better" if t.get("at_edge") else ""))
     lines.append(f"accuracy in % (mean±std over seeds), {cfg['n_per_k']} held-out problems per k; eRank of the last "
                  f"hidden state at step 0 and at the end; wall {report.get('wall_s', 0):.0f}s on {report['machine']}")
     return "\n".join(lines)
