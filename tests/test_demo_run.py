@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from red.cli import main
-from red.demo.run import DemoConfig, run_demo
+from red.demo.run import DemoConfig, at_grid_edge, run_demo
 from red.demo.task import build_tokenizer, evaluate_reasoning
 from red.errors import RedError
 
@@ -31,7 +31,8 @@ def task_teacher(tmp_path_factory):
 def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     out = tmp_path / "demo"
     cfg = DemoConfig(out=str(out), teacher=str(task_teacher), hidden_size=16, steps=3, batch_size=4, seq_len=64,
-                     seeds="0,1", n_per_k=2, eval_ks="1-3", general_problems=100, lr_grid="1e-3,4e-3")
+                     seeds="0,1", n_per_k=2, eval_ks="1-3", general_problems=100, lr_grid="1e-3,4e-3",
+                     lr_grid_extend=0)
     report = run_demo(cfg, progress=False)
     for f in ("report.json", "table.txt", "accuracy_vs_k.png", "general_vs_reasoning.png", "erank_layers.png",
               "spectra.png", "loss_curves.png"):
@@ -107,7 +108,7 @@ def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, mon
     out = tmp_path / "demo"
     cfg = DemoConfig(out=str(out), teacher=str(task_teacher), hidden_size=16, steps=4, batch_size=4, seq_len=64,
                      seeds="0", n_per_k=2, eval_ks="1-3", general_problems=100, presets="lrc",
-                     lr_grid="1e-4,3e-3,3e-2", kl_reductions="sum")
+                     lr_grid="3e-2,1e-4,3e-3", lr_grid_extend=1, kl_reductions="sum")
     report = run_demo(cfg, progress=False)
     assert len(scored) == 2  # the teacher and the chosen run: the other grid runs are never scored
     tuning = report["tuning"]["lrc/sum"]
@@ -119,7 +120,12 @@ def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, mon
         run_yaml = yaml.safe_load((out / "runs" / f"lrc-sum-lr{g['lr']:g}-s0" / "run.yaml").read_text())
         assert run_yaml["kl_reduction"] == "sum" and run_yaml["steps"] == cfg.steps and run_yaml["lr"] == g["lr"]
     assert tuning["chosen_lr"] == min(on_disk, key=on_disk.get)
-    assert tuning["at_edge"] == (tuning["chosen_lr"] != 3e-3)
+    # the grid's own pick at an edge is stepped past once (--lr-grid-extend 1), by the grid's
+    # outer ratio (10x or 30x here); an interior pick is final
+    first = min((1e-4, 3e-3, 3e-2), key=on_disk.get)
+    assert tuning["extended"] == ({1e-4: [3.33333e-06], 3e-3: [], 3e-2: [0.3]}[first])
+    assert sorted(on_disk) == sorted([1e-4, 3e-3, 3e-2] + tuning["extended"])
+    assert tuning["at_edge"] == at_grid_edge(tuning["chosen_lr"], list(on_disk))
     (row,) = report["runs"]
     assert row["lr"] == tuning["chosen_lr"] and row["kl_reduction"] == "sum" and row["name"] == "lrc/sum"
 
@@ -133,6 +139,15 @@ def test_pick_lr():
     assert not at_grid_edge(8e-3, [4e-3, 8e-3, 1.6e-2])
     assert at_grid_edge(4e-3, [4e-3, 8e-3, 1.6e-2]) and at_grid_edge(1.6e-2, [1.6e-2, 4e-3, 8e-3])
     assert not at_grid_edge(4e-3, [4e-3])  # one learning rate: nothing was searched
+    from red.demo.run import next_lr
+
+    assert next_lr(1.6e-2, [4e-3, 8e-3, 1.6e-2]) == 0.032 and next_lr(4e-3, [1.6e-2, 8e-3, 4e-3]) == 0.002
+    assert next_lr(4e-3, [1e-3, 4e-3]) == 0.016 and next_lr(1e-4, [1e-4, 3e-3, 3e-2]) == float("3.33333e-06")
+    from red.demo.run import lr_grid
+
+    assert lr_grid(DemoConfig(lr_grid="8e-3,4e-3,8e-3")) == [4e-3, 8e-3]  # sorted, once each
+    with pytest.raises(RedError, match="lr-grid-extend"):
+        lr_grid(DemoConfig(lr_grid_extend=-1))
     assert pick_lr({4e-3: 1.0, 1e-3: 1.0}) == 1e-3  # a tie goes to the smaller lr
     assert pick_lr({1e-3: 2.0, 1e-2: float("nan"), 1e-1: float("inf")}) == 1e-3
     with pytest.raises(RedError, match="diverged"):

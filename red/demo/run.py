@@ -76,6 +76,7 @@ class DemoConfig:
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the runs that are not tuned"})
     lr_grid: str = field(default="4e-3,8e-3,1.6e-2", metadata={"help": "learning rates tried for a tuned run (picked by general validation loss only)"})
+    lr_grid_extend: int = field(default=2, metadata={"help": "when the pick is the grid's largest (smallest) lr, try up to this many more, each one step of the grid's outer ratio beyond it (still by general validation loss)"})
     tune_lr: str = field(default="gaussian", metadata={"help": "runs whose lr is tuned on --lr-grid: gaussian (every run with the lrc init), all, none"})
     presets: str = field(default="lrc,red", metadata={"help": "comma-separated presets to distill"})
     inits: str = field(default="", metadata={"help": "extra ablation inits run with the red preset's losses: orthogonal, random-select, lrc"})
@@ -145,7 +146,9 @@ def lr_grid(cfg: DemoConfig) -> list[float]:
         raise RedError(f"--lr-grid {cfg.lr_grid!r} is not a comma-separated list of learning rates") from None
     if not grid or any(not (g > 0) for g in grid):
         raise RedError(f"--lr-grid must list positive learning rates (got {cfg.lr_grid!r})")
-    return grid
+    if cfg.lr_grid_extend < 0:
+        raise RedError(f"--lr-grid-extend must be 0 or more (got {cfg.lr_grid_extend})")
+    return sorted(set(grid))
 
 
 def general_val_loss(metrics_rows: list[dict]) -> float:
@@ -161,6 +164,14 @@ def at_grid_edge(lr: float, grid) -> bool:
     """True when the picked ``lr`` is the grid's smallest or largest (of two or more): the
     best learning rate may then lie outside the grid, and the report says so."""
     return len(set(grid)) > 1 and lr in (min(grid), max(grid))
+
+
+def next_lr(lr: float, tried) -> float:
+    """The learning rate one step beyond the grid edge ``lr``: the outer ratio of the tried
+    values (sorted) repeated past it, rounded to 6 significant digits."""
+    g = sorted(set(tried))
+    beyond = g[-1] * g[-1] / g[-2] if lr == g[-1] else g[0] * g[0] / g[1]
+    return float(f"{beyond:.6g}")
 
 
 def pick_lr(grid_losses: dict[float, float]) -> float:
@@ -308,20 +319,32 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             if spec.tuned and i == 0:
                 # the grid, on the first seed; the winner is that seed's run, the rest are
                 # recorded by their general validation loss and never scored on reasoning
-                tried = {}
-                for lr in grid:
+                tried, losses, extended = {}, {}, []
+
+                def attempt(lr):
                     tried[lr] = train(spec, seed, lr, f"{spec.folder}-lr{lr:g}-s{seed}")
-                losses = {lr: general_val_loss(r[1].metrics.rows) for lr, r in tried.items()}
+                    losses[lr] = general_val_loss(tried[lr][1].metrics.rows)
+
+                for lr in grid:
+                    attempt(lr)
                 lr = pick_lr(losses)
+                # a pick at an edge of the grid may not be the best: step past it, a few times at most
+                while at_grid_edge(lr, list(tried)) and len(extended) < cfg.lr_grid_extend:
+                    extended.append(next_lr(lr, tried))
+                    if progress:
+                        print(f"[demo] {spec.name}: {lr:g} is the grid's edge; trying {extended[-1]:g}")
+                    attempt(extended[-1])
+                    lr = pick_lr(losses)
                 report["tuning"][spec.name] = {
                     "seed": seed, "criterion": TUNE_CRITERION, "chosen_lr": lr, "steps": cfg.steps,
-                    "at_edge": at_grid_edge(lr, grid),
-                    "grid": [{"lr": g, TUNE_CRITERION: losses[g], "train_s": tried[g][2]} for g in grid]}
+                    "at_edge": at_grid_edge(lr, list(tried)), "extended": extended,
+                    "grid": [{"lr": g, TUNE_CRITERION: losses[g], "train_s": tried[g][2]} for g in sorted(tried)]}
                 if progress:
                     print(f"[demo] {spec.name}: lr {lr:g} has the lowest general validation loss of "
                           + ", ".join(f"{g:g}: {v:.4f}" for g, v in losses.items()))
-                    if at_grid_edge(lr, grid):
-                        print(f"[demo] note: {lr:g} is at the edge of --lr-grid; a wider grid may find a better one")
+                    if at_grid_edge(lr, list(tried)):
+                        print(f"[demo] note: {lr:g} is still at the edge of the learning rates tried; a wider "
+                              "--lr-grid (or --lr-grid-extend) may find a better one")
                 dc, res, train_s = tried[lr]
             else:
                 lr = report["tuning"][spec.name]["chosen_lr"] if spec.tuned else cfg.lr
@@ -436,6 +459,8 @@ def format_table(report: dict, ks) -> str:
                      + ", ".join(f"{g['lr']:g} ({t['criterion']} {g[t['criterion']]:.4f})" for g in t["grid"])
                      + f": the lowest general validation loss after {t['steps']} steps, seed {t['seed']}; "
                        "reasoning accuracy played no part"
+                     + (f" ({', '.join(f'{x:g}' for x in t['extended'])} tried because the pick was at the grid's edge)"
+                        if t.get("extended") else "")
                      + ("; NOTE: at the edge of the grid, a wider grid may do better" if t.get("at_edge") else ""))
     lines.append(f"accuracy in % (mean±std over seeds), {cfg['n_per_k']} held-out problems per k; eRank of the last "
                  f"hidden state at step 0 and at the end; wall {report.get('wall_s', 0):.0f}s on {report['machine']}")
