@@ -245,3 +245,35 @@ def test_kl_reduction_sum_is_lrcs_scale(task_teacher, tmp_path):
         first[red] = distill(dc, progress=False).metrics.rows[0]
     assert first["sum"]["val_kl"] == pytest.approx(63 * first["mean"]["val_kl"], rel=1e-4)
     assert first["sum"]["val_lm"] == pytest.approx(first["mean"]["val_lm"])
+
+
+def test_readme_demo_tables_are_the_recorded_runs():
+    """The README's demo tables are format_table of the reports kept in benchmarks/results
+    (the measured runs, trimmed of per-step metrics), and the recorded default runs used
+    today's DemoConfig defaults and took under the 5 minutes the demo aims at."""
+    from dataclasses import asdict
+
+    from red.demo.run import format_table
+    from red.evaluation import parse_ks
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    results = root / "benchmarks" / "results"
+    for name in ("llama", "qwen3", "llama-gaussian-t1", "qwen3-gaussian-t1"):
+        report = json.loads((results / f"demo-2026-11-30-{name}.json").read_text())
+        assert format_table(report, parse_ks(report["config"]["eval_ks"])) in readme, name
+    defaults = asdict(DemoConfig())
+    for teacher in ("llama", "qwen3"):
+        report = json.loads((results / f"demo-2026-11-30-{teacher}-default.json").read_text())
+        cfg = dict(report["config"])
+        assert cfg.pop("teacher") == teacher
+        want = {k: v for k, v in defaults.items() if k not in ("teacher", "out")}
+        assert {k: cfg[k] for k in want} == want, teacher
+        assert report["wall_s"] < 300, teacher
+    # what the README concludes from the 3-seed tables
+    for name in ("llama", "qwen3"):
+        s = json.loads((results / f"demo-2026-11-30-{name}.json").read_text())["summary"]
+        assert s["red"]["reasoning"][0] > s["lrc"]["reasoning"][0] + 0.05
+        assert s["red"]["general"][0] >= s["teacher"]["general"][0] - 0.05
+        t1 = json.loads((results / f"demo-2026-11-30-{name}-gaussian-t1.json").read_text())["summary"]
+        assert t1["red-loss+lrc"]["reasoning"][0] < s["red"]["reasoning"][0]
