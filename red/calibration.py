@@ -72,6 +72,19 @@ class Calibration:
                    meta={k: v for k, v in meta.items() if k != "stat_names"})
 
 
+def _stats_forward(pi: int, module, cursor: dict):
+    """A replacement forward for the RMSNorm ``module`` (calibration point ``pi``) that also
+    adds each sequence's channel statistics into ``cursor["into"][pi, cursor["start"] + b]``."""
+    def forward(x):
+        ys = []
+        for b in range(x.shape[0]):
+            y, st = K.rmsnorm_with_stats(x[b], module.weight, module.variance_epsilon)
+            cursor["into"][pi, cursor["start"] + b] += st.float().cpu()
+            ys.append(y)
+        return torch.stack(ys)
+    return forward
+
+
 @torch.no_grad()
 def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Calibration:
     """Run the teacher on ``sequences`` [N, T] and collect channel statistics at every
@@ -82,20 +95,9 @@ def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: b
     N, T = sequences.shape
     D = teacher.config.hidden_size
     stats = torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32)
-    cursor = {"start": 0}
-
-    def make_forward(pi, module):
-        def forward(x):
-            ys = []
-            for b in range(x.shape[0]):
-                y, st = K.rmsnorm_with_stats(x[b], module.weight, module.variance_epsilon)
-                stats[pi, cursor["start"] + b] += st.float().cpu()
-                ys.append(y)
-            return torch.stack(ys)
-        return forward
-
+    cursor = {"start": 0, "into": stats}
     for pi, (name, module) in enumerate(points.items()):
-        module.forward = make_forward(pi, module)
+        module.forward = _stats_forward(pi, module, cursor)
     device = teacher.model.embed_tokens.weight.device
     try:
         for start in tqdm(range(0, N, batch_size), desc="calibrate", disable=not progress, leave=False):
@@ -141,16 +143,6 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
     scratch = torch.zeros(len(points), batch_size, len(STAT_NAMES), D, dtype=torch.float32)
     cursor = {"start": 0, "into": stats}
 
-    def make_forward(pi, module):
-        def forward(x):
-            ys = []
-            for b in range(x.shape[0]):
-                y, st = K.rmsnorm_with_stats(x[b], module.weight, module.variance_epsilon)
-                cursor["into"][pi, cursor["start"] + b] += st.float().cpu()
-                ys.append(y)
-            return torch.stack(ys)
-        return forward
-
     swapped: dict[int, list] = {}
 
     def gather(module, args):
@@ -182,7 +174,7 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
     for m in [*teacher.model.layers, teacher.model.norm]:
         hooks += [m.register_forward_pre_hook(gather), m.register_forward_hook(release)]
     for pi, (name, module) in enumerate(points.items()):
-        module.forward = make_forward(pi, module)
+        module.forward = _stats_forward(pi, module, cursor)
     embed.forward = embed_forward
     device = local_tensor(embed.weight).device
     starts = list(range(0, N, batch_size))

@@ -611,13 +611,7 @@ def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[st
                                "own settings, or start a new output folder")
             raise RedError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}; "
                            "resume with the same teacher and width, or start a new output folder")
-    problem = _files_problem(path)
-    if problem:
-        raise RedError(f"checkpoint {path} is incomplete: {problem}; pick another checkpoint or delete this one")
-    layout = _Layout(path)
-    layout.check_files()
-    if verify_hashes:
-        layout.verify_hashes()
+    layout = _open_layout(path, verify_hashes)
     if expect_shapes is not None:
         have = {k[len("student."):]: tuple(v["shape"]) for k, v in layout.tensors.items() if k.startswith("student.")}
         if set(have) != set(expect_shapes):
@@ -719,19 +713,25 @@ def _restore_rng(rng: dict[str, torch.Tensor], ctx: DistContext) -> None:
                 torch.cuda.set_rng_state(s, i)
 
 
+def _open_layout(path: Path, verify_hashes: bool) -> _Layout:
+    """The layout of checkpoint ``path`` after its file checks (and sha256 when asked)."""
+    problem = _files_problem(path)
+    if problem:
+        raise RedError(f"checkpoint {path} is incomplete: {problem}; pick another checkpoint or delete this one")
+    layout = _Layout(path)
+    layout.check_files()
+    if verify_hashes:
+        layout.verify_hashes()
+    return layout
+
+
 def _checked_layout(path: Path) -> _Layout:
     """The layout of ``path`` after every integrity check, sha256 included (for readers
     that read every tensor anyway)."""
     if not (path / SINGLE_FILE).is_file() and not (path / INDEX).is_file():
         raise RedError(f"{path} is not a red checkpoint (no {SINGLE_FILE} or {INDEX}); "
                        "pick a checkpoints/step-* folder")
-    problem = _files_problem(path)
-    if problem:
-        raise RedError(f"checkpoint {path} is incomplete: {problem}; pick another checkpoint or delete this one")
-    layout = _Layout(path)
-    layout.check_files()
-    layout.verify_hashes()
-    return layout
+    return _open_layout(path, verify_hashes=True)
 
 
 def load_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:

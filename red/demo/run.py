@@ -476,6 +476,13 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     if plt is None:
         return []
     paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
     names = list(report["summary"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in names:
@@ -489,10 +496,7 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("Accuracy vs steps k (students distilled on general data)")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_k.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "accuracy_vs_k.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(names))
@@ -509,10 +513,7 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("General vs reasoning accuracy per model")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "general_vs_reasoning.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "general_vs_reasoning.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(report["teacher"]["layer_erank"], marker="o", color="k", label="teacher")
@@ -526,10 +527,7 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("eRank")
     ax.set_title("Per-layer effective rank on held-out problems (mean over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "erank_layers.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "erank_layers.png")
 
     seed0 = [r for r in report["runs"] if r["seed"] == report["runs"][0]["seed"]]
     fig, axes = plt.subplots(1, len(seed0), figsize=(4 * len(seed0), 3.5), squeeze=False)
@@ -539,10 +537,7 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
         ax.set_title(f"{r['name']}: projection spectra")
         ax.set_xlabel("index")
         ax.set_ylabel("singular value")
-    fig.tight_layout()
-    paths.append(out / "spectra.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "spectra.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in report["runs"]:
@@ -553,8 +548,5 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("training loss (KL + LM + α·clone)")
     ax.set_title("Training loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "loss_curves.png")
     return paths
