@@ -69,6 +69,7 @@ class DistillConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon, added to the root of the second moment (transformers' adam_epsilon); a larger value bounds how far a near-zero gradient can move a weight"})
     warmup: float = field(default=0.005, metadata={"help": "warmup: fraction of steps if < 1, else a step count"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 disables)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data order and everything else"})
@@ -86,7 +87,7 @@ class DistillConfig:
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the exported student: auto (teacher's), float32, bfloat16, float16"})
     overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output folder (its contents are replaced)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT (a folder without one starts from step 0)"})
-    allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
+    allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, adam_eps, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the teacher folder's own Python code (off by default)"})
     report_to: str = field(default="jsonl", metadata={"help": "comma-separated live metrics sinks: jsonl, tensorboard (OUT/tensorboard, pip install 'red[tensorboard]'), wandb (offline unless WANDB_MODE is set, pip install 'red[wandb]'); metrics.jsonl is the record and is always written"})
     history: list = field(default_factory=list, metadata={"help": "schedule changes made on --resume, with the step each took effect (written by red into run.yaml)", "cli": False})
@@ -210,6 +211,7 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("val_fraction", OPEN_UNIT),
     ("temperature", POSITIVE),
     ("lr", POSITIVE),
+    ("adam_eps", POSITIVE),
     ("kl_weight", NON_NEGATIVE),
     ("lm_weight", NON_NEGATIVE),
     ("clone_weight", NON_NEGATIVE),

@@ -44,7 +44,7 @@ IDENTITY_KEYS = ("hidden_size", "preset", "seq_len", "val_fraction", "text_field
                  "calib_samples", "score", "init_std", "norm_eps", "temperature", "kl_weight", "kl_t2_scale",
                  "lm_weight", "clone_weight", "clone_norm", "batch_size", "grad_accum", "seed", "precision",
                  "kl_reduction", "divergence", "jsd_beta", "teacher_top_k", "loss_on", "cross_doc_attention")
-SCHEDULE_KEYS = ("steps", "lr", "warmup", "grad_clip", "log_every", "eval_every", "val_batches", "save_every",
+SCHEDULE_KEYS = ("steps", "lr", "adam_eps", "warmup", "grad_clip", "log_every", "eval_every", "val_batches", "save_every",
                  "keep_checkpoints")
 # inputs compared by content (fingerprint), not by path: a moved teacher or corpus is the same run
 INPUT_KEYS = ("teacher", "data", "calibration")

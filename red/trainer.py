@@ -126,10 +126,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[name]
 
 
-def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, device: torch.device, eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW over the fp32 masters; the fused (single-kernel) implementation on CUDA."""
     fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=0.0, fused=fused)
 
 
 def read_batch(blocks, idx, cfg: DistillConfig, device) -> dict:
@@ -320,7 +320,8 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
     student.activation_checkpointing = cfg.activation_checkpointing
     student.recompute_weights = cfg.recompute_weights
     # the scheduler's base is the lr the run started with; lr_schedule scales from it
-    optimizer = make_optimizer(student.trainable_parameters(), setting_at(cfg, "lr", 0), device)
+    optimizer = make_optimizer(student.trainable_parameters(), setting_at(cfg, "lr", 0), device,
+                               setting_at(cfg, "adam_eps", 0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup, cfg.history, cfg.lr))
     sampler = corpus.sampler(cfg.batch_size, cfg.seed) if hasattr(corpus, "sampler") else \
         BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
@@ -351,6 +352,7 @@ def _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, sc
         # run.yaml's history changed the schedule at this step)
         for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             g["lr"] = base * fn(scheduler.last_epoch)
+            g["eps"] = setting_at(cfg, "adam_eps", step)  # an --allow-change adam_eps takes effect here
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if ctx.is_main:
             run.truncate_metrics(step)

@@ -1,6 +1,5 @@
 """The `red` command: help, end-to-end runs through every subcommand, and bad input."""
 import json
-import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -13,12 +12,12 @@ from safetensors.torch import load_file
 
 from red.cli import build_parser, main
 from red.config import DistillConfig
-from tiny import make_teacher
+from compare import same_threads_env
 
 
 def run_sub(*args, cwd=None):
     """Run `python -m red` in a subprocess: exit code, stdout, stderr."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = same_threads_env()  # a rerun in this process is compared bit for bit with the child's run
     p = subprocess.run([sys.executable, "-m", "red", *map(str, args)], capture_output=True, text=True, env=env,
                        cwd=cwd, timeout=300)
     return p.returncode, p.stdout, p.stderr

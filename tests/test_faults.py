@@ -15,19 +15,19 @@ from red.cli import main
 from red.config import make_config
 from red.data import load_corpus
 from red.errors import RedError
-from red.pipeline import build_student, distill
+from red.pipeline import build_student
 from red.calibration import calibrate
 from red.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+from compare import same_threads_env
+
 ARGS = ["--hidden-size", 32, "--steps", 6, "--seq-len", 24, "--batch-size", 3, "--save-every", 2,
         "--eval-every", 0, "--val-batches", 1, "--lr", 3e-3, "--warmup", 1, "--quiet"]
 
 
 def _env(**extra):
-    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
-                **extra)
+    # the killed run is resumed in this process and compared bit for bit with one made here
+    return same_threads_env(**extra)
 
 
 def _run_and_kill(teacher, corpus, out: Path, hold: str, timeout=120):

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from red.checkpoint import list_checkpoints
 from cli_checks import one_line
+from compare import same_threads_env
 from red.cli import main
 from red.trainer import lr_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--hidden-size", "32", "--steps", "4", "--seq-len", "24", "--batch-size", "2", "--save-every", "2",
         "--eval-every", "0", "--val-batches", "1", "--log-every", "1", "--lr", "3e-3", "--warmup", "1", "--quiet"]
 
@@ -107,8 +107,7 @@ def test_overwrite_removes_only_what_red_wrote(finished, teacher_dirs, corpus_fi
 # -- a folder with no checkpoint is not a run yet --------------------------------------------
 def _start_held(teacher, corpus, out, hold, *extra):
     """`red distill` in a subprocess that stops (sleeping) at ``hold`` (tests/faults.py)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = same_threads_env()
     cmd = [sys.executable, "-m", "faults", hold, "distill", "--teacher", str(teacher), "--data", str(corpus),
            "--out", str(out), *ARGS, *extra]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
