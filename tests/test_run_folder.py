@@ -298,3 +298,19 @@ def test_a_symlinked_output_folder_is_where_the_run_goes(teacher_dirs, corpus_fi
     assert distill(teacher_dirs["llama"], corpus_file, link, "--overwrite") == 0
     assert (real / "mine.txt").read_text() == "mine" and (real / "student" / "model.safetensors").is_file()
     assert link.is_symlink()
+
+
+def test_adam_eps_reaches_adamw_and_changes_only_when_allowed(tmp_path, teacher_dirs, corpus_file, capfd):
+    run = tmp_path / "run"
+    assert distill(teacher_dirs["llama"], corpus_file, run, "--adam-eps", "0.25") == 0
+    groups = lambda step: json.loads((run / f"checkpoints/step-{step:07d}/trainer.json").read_text())[
+        "optimizer_param_groups"]
+    assert [g["eps"] for g in groups(4)] == [0.25]
+    # a schedule setting: refused on resume unless allowed, then in force from the resumed step
+    one_line(capfd, distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "6",
+                            "--allow-change", "steps", "--adam-eps", "0.5"), "adam_eps 0.25 -> 0.5")
+    assert distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "6", "--adam-eps", "0.5",
+                   "--allow-change", "steps,adam_eps") == 0
+    assert [g["eps"] for g in groups(6)] == [0.5]
+    saved = yaml.safe_load((run / "run.yaml").read_text())
+    assert saved["history"] == [{"step": 4, "changed": {"steps": [4, 6], "adam_eps": [0.25, 0.5]}}]
