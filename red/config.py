@@ -23,6 +23,7 @@ INITS = ("red", "lrc", "orthogonal", "random-select")
 SCORES = ("minitron", "rms")
 CLONE_NORMS = ("teacher-ms", "none")
 KERNELS = ("auto", "triton", "torch")
+TEACHER_SHARDING = ("auto", "replicate", "shard")
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 KL_REDUCTIONS = ("mean", "sum")
 DIVERGENCES = ("forward-kl", "reverse-kl", "jsd")
@@ -74,10 +75,10 @@ class DistillConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 disables)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data order and everything else"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer (teacher and student) in backward instead of storing its activations"})
+    teacher_sharding: str = field(default="auto", metadata={"help": "under torchrun: replicate (every process holds the whole frozen teacher: no gathers in the step), shard (each holds 1/N, each teacher layer gathered once per micro-batch), or auto (replicate when red plan's per-GPU peak with a whole teacher fits the GPU, else shard; shard on CPU)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     kernels: str = field(default="auto", metadata={"help": "auto (Triton on CUDA), triton or torch"})
     precision: str = field(default="auto", metadata={"help": "compute dtype of every matmul: bf16 (teacher in bf16, fp32 master projections) or fp32; auto is bf16 on CUDA, fp32 on CPU"})
-    recompute_weights: bool = field(default=False, metadata={"help": "re-make each student weight W_t P in backward instead of keeping it (saves 7 D x d matrices a layer, costs one GEMM each)"})
     # logging and checkpoints
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation loss + eRank (0: only at the end)"})
@@ -193,6 +194,7 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("teacher_top_k", NON_NEGATIVE),
     ("loss_on", one_of(LOSS_ON)),
     ("kernels", one_of(KERNELS)),
+    ("teacher_sharding", one_of(TEACHER_SHARDING)),
     ("precision", one_of(PRECISION_CHOICES)),
     ("txt_split", one_of(("line", "paragraph", "file"))),
     ("export_dtype", one_of(("auto", "float32", "bfloat16", "float16"))),
@@ -255,6 +257,10 @@ def validate_against_teacher(cfg: DistillConfig, teacher_config, n_sequences: in
                        f"corpus packs to at seq_len={cfg.seq_len}; lower --calib-samples or add text")
 
 
+#: Keys of earlier versions that a run.yaml may still hold; read and ignored, with why.
+RETIRED_KEYS = {"recompute_weights": "the student's weights are made once per optimizer step and kept for it"}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, with an error that names the key."""
     hints = typing.get_type_hints(DistillConfig)
@@ -311,7 +317,7 @@ def make_config(yaml_path: str | Path | None = None, **overrides) -> DistillConf
     if preset not in PRESETS:
         raise RedError(f"preset={preset!r} is not one of {', '.join(PRESETS)}; pick one of those")
     values: dict[str, Any] = dict(PRESETS[preset])
-    values.update(from_yaml)
+    values.update({k: v for k, v in from_yaml.items() if k not in RETIRED_KEYS})
     values.update(explicit)
     cfg = DistillConfig(**{k: _coerce(k, v) for k, v in values.items()})
     return cfg.validate()

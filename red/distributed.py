@@ -68,6 +68,14 @@ class DistContext:
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y / self.world_size
 
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` over ranks (a new tensor; ``x`` itself in one process)."""
+        if not self.distributed:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
     def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``x`` along dim 0, in rank order (equal shapes)."""
         if not self.distributed:
@@ -143,47 +151,34 @@ def rank_device(ctx: DistContext, device: str) -> str:
     return device
 
 
-def shard_student(student, ctx: DistContext, device: torch.device | None = None) -> None:
-    """Shard ``student`` and its frozen teacher with FSDP2, one unit per decoder layer
-    plus the root. On CUDA under bf16 precision: bf16 all-gather, fp32 reduce; else fp32.
+def shard_student(student, ctx: DistContext, device: torch.device | None = None, shard_teacher: bool = True) -> None:
+    """Shard ``student`` (and, with ``shard_teacher``, its frozen teacher) with FSDP2, one
+    unit per decoder layer plus the root.
 
     ``device``: where the shards live; by default the student's device (give it when the
     student is still on the ``meta`` device: the sharded start-up shards first and
-    materializes after, see ``sharded_student``)."""
-    wrap_student(student, ctx, device)
-    finish_sharding(student, ctx)
+    materializes after, see ``red.pipeline.build_sharded_student``)."""
+    wrap_student(student, ctx, device, shard_teacher)
 
 
-def wrap_student(student, ctx: DistContext, device: torch.device | None = None) -> None:
-    """The FSDP2 units of a student: ``fully_shard`` on every StudentLayer (teacher decoder
-    layer + its projections and gains) and on the root (teacher embedding, final norm, LM
-    head + the student's embedding/head projections and final gain). Works on a student
-    built on the ``meta`` device: its shards stay on ``meta`` until ``to_empty``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def wrap_student(student, ctx: DistContext, device: torch.device | None = None, shard_teacher: bool = True) -> None:
+    """The FSDP2 units of a student: ``fully_shard`` on every StudentLayer (its projections
+    and gains, and the teacher's decoder layer with ``shard_teacher``) and on the root (the
+    student's embedding/head projections and final gain, and the teacher's embedding,
+    final norm and LM head with ``shard_teacher``). Works on a student built on the
+    ``meta`` device: its shards stay on ``meta`` until ``to_empty``.
 
-    dev = torch.device(device) if device is not None else student.embed.device
-    on_cuda = dev.type == "cuda"
-    low = student.compute_dtype != torch.float32
-    # all-gather the fp32 master projections already cast to the compute dtype (the cast the
-    # student would make anyway); reduce gradients in fp32
-    mp = MixedPrecisionPolicy(param_dtype=student.compute_dtype, reduce_dtype=torch.float32) if on_cuda and low \
-        else MixedPrecisionPolicy()
-    student.register_teacher()
+    FSDP2 is the storage of the shards here, not the driver of the step: the student
+    gathers what it needs itself, once per optimizer step for its weights and once per
+    micro-batch for a sharded teacher's layers (``red.student``), so none of FSDP2's
+    forward or backward hooks run."""
+    from torch.distributed.fsdp import fully_shard
+
+    if shard_teacher:
+        student.register_teacher()
     for layer in student.layers:
-        fully_shard(layer, mesh=ctx.mesh, mp_policy=mp)
-    fully_shard(student, mesh=ctx.mesh, mp_policy=mp)
-
-
-def finish_sharding(student, ctx: DistContext) -> None:
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    # the root's parameters must be gathered for these methods too, not only forward()
-    for name in ("distill_losses", "hidden_states"):
-        register_fsdp_forward_method(student, name)
-    student.reduce_mean = ctx.all_reduce_mean
-    # FSDP2 replaced the teacher's parameters by DTensor shards: it can no longer be used
-    # unsharded; red.pipeline reloads it from disk where a full teacher is needed (export).
-    student.sharded = True
+        fully_shard(layer, mesh=ctx.mesh)
+    fully_shard(student, mesh=ctx.mesh)
 
 
 def shard_rows(t: torch.Tensor) -> tuple[int, int]:

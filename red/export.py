@@ -202,37 +202,3 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-@torch.no_grad()
-def pruned_state_dict(teacher, channels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The width-pruned teacher: every residual-facing tensor gathered to the channels S
-    (``red_kernels`` gathers). It equals the `red`-initialized student before training."""
-    import red_kernels as K
-
-    idx = channels.to(teacher.model.embed_tokens.weight.device).long()
-    out = {}
-    for key, w in teacher.state_dict().items():
-        if key == "lm_head.weight" and teacher.config.tie_word_embeddings:
-            continue
-        m = _LAYER_KEY.match(key)
-        name = m.group(2) if m else key
-        if name in _IN or key in ("model.embed_tokens.weight", "lm_head.weight"):
-            out[key] = K.gather_columns(w, idx)
-        elif name in _OUT:
-            out[key] = K.gather_rows(w, idx)
-        elif name in ("input_layernorm.weight", "post_attention_layernorm.weight") or key == "model.norm.weight":
-            out[key] = w[idx]
-        elif name in _KEEP:
-            out[key] = w
-        else:
-            raise RedError(f"teacher tensor {key!r} has no pruned counterpart; this architecture is not supported")
-    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
-
-
-def export_pruned(teacher, tokenizer, channels: torch.Tensor, out_dir: str | Path, dtype: str | torch.dtype = "auto",
-                  overwrite: bool = False) -> Path:
-    """Write the width-pruned teacher (no training) as a Hugging Face folder: the
-    baseline that the `red` init starts from."""
-    return _write_export(teacher, channels.numel(), teacher.config.rms_norm_eps, pruned_state_dict(teacher, channels),
-                         tokenizer, out_dir, dtype, overwrite)

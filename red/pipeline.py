@@ -373,11 +373,13 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, device)  # the teacher's dtype is the compute dtype
     probe = StartupProbe(ctx.rank, ctx.world_size)
-    if ctx.distributed and sharded_startup():
+    shard_teacher = ctx.distributed and teacher_sharding(cfg, ctx, device, dtype) == "shard"
+    if shard_teacher and sharded_startup():
         student, cal = build_sharded_student(cfg, ctx, device, dtype, corpus, cal, progress, probe,
                                              on_calibration=lambda c: _save_calibration(c, run, ctx))
     else:
-        # one process (or RED_SHARDED_STARTUP=0): the whole teacher on this device, then shard
+        # one process, a replicated teacher (or RED_SHARDED_STARTUP=0): the whole teacher on
+        # this device, then the student's tensors (and the teacher, when sharded) are sharded
         teacher, _ = load_teacher(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                   with_tokenizer=False)
         probe.watch(teacher)
@@ -391,7 +393,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
                                 cfg.seed)
         probe.sample("initialize")
         if ctx.distributed:
-            shard_student(student, ctx)
+            shard_student(student, ctx, shard_teacher=shard_teacher)
         probe.sample("sharded")
     probe.write()
     metrics = train(student, corpus, cfg, run, progress=progress, identity=identity, ctx=ctx)
@@ -418,6 +420,25 @@ def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
     cal.meta["teacher_fingerprint"] = teacher_fingerprint(cfg.teacher)
 
 
+def teacher_sharding(cfg: DistillConfig, ctx: DistContext, device, dtype) -> str:
+    """"replicate" or "shard" for ``--teacher-sharding`` under torchrun (see the option's
+    help). ``auto`` replicates on CUDA when the plan's per-GPU peak with the teacher sharded,
+    plus the rest of a whole teacher, stays under 85 % of the GPU's memory."""
+    if cfg.teacher_sharding != "auto":
+        return cfg.teacher_sharding
+    if torch.device(device).type != "cuda":
+        return "shard"
+    from .plan import DTYPE_NAMES, plan_memory
+
+    name = DTYPE_NAMES[dtype]
+    plan = plan_memory(cfg.teacher, cfg.hidden_size, cfg.seq_len, cfg.batch_size, gpus=ctx.world_size,
+                       activation_checkpointing=cfg.activation_checkpointing, teacher_dtype=name)
+    whole = plan["per_gpu"]["teacher"] * ctx.world_size  # an upper bound of the whole teacher
+    need = plan["per_gpu"]["total"] + whole - plan["per_gpu"]["teacher"]
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return "replicate" if need <= 0.85 * total else "shard"
+
+
 def sharded_startup() -> bool:
     """Whether a multi-process run starts sharded (the default); RED_SHARDED_STARTUP=0
     falls back to loading the whole teacher on every rank first."""
@@ -442,7 +463,7 @@ def build_sharded_student(cfg: DistillConfig, ctx: DistContext, device, dtype, c
     ``on_calibration(cal)`` is called once the statistics are known (the run saves them).
     """
     from .calibration import calibrate_sharded
-    from .distributed import finish_sharding, wrap_student
+    from .distributed import wrap_student
     from .teacher import load_teacher_shards, meta_teacher
 
     probe = probe or StartupProbe(ctx.rank, ctx.world_size)
@@ -471,7 +492,6 @@ def build_sharded_student(cfg: DistillConfig, ctx: DistContext, device, dtype, c
         channels = select_channels(channel_scores(cal, cfg.score), cfg.hidden_size)
     initialize(student, cfg.init, channels=channels, std=cfg.init_std, seed=cfg.seed, sharded=True)
     probe.sample("initialize")
-    finish_sharding(student, ctx)
     return student, cal
 
 

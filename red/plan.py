@@ -65,11 +65,15 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from .errors import RedError
 from .student import trainable_shapes
 from .teacher import Arch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: torch dtype -> the name plan_memory takes
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 CATEGORIES = ("teacher", "projections", "gradients", "optimizer", "gathered", "activations", "logits")
 STARTUP_CATEGORIES = ("teacher", "projections", "gathered", "calibration", "init_matrices")
 CALIBRATION_BATCH = 4  # sequences per calibration forward (red.calibration.calibrate's batch_size)

@@ -2,16 +2,26 @@
 
 For every layer there are seven projections P in R^{D x d} (q, k, v, gate, up read the
 residual: W_t P; o, down write it: P^T W_t), one for the embedding (and one for an untied
-LM head), plus new RMSNorm gains in R^d. Nothing else is trained. Teacher and student run
-layer by layer in lockstep, so each layer's teacher activations live only as long as the
-clone loss that compares against them.
+LM head), plus new RMSNorm gains in R^d. Nothing else is trained (docs/method.md §1).
+
+How a step runs (docs/method.md, "The training step"): the dense student weights
+W_s = f(W_t, P, gains) are made once per optimizer step (``make_weights``), in the compute
+dtype. Every micro-batch is then an ordinary dense forward and backward of a width-d
+model on those weights (``F.linear``, SDPA, RMSNorm: the ops an ordinary training of the
+exported student runs), in lockstep with the teacher's forward layer by layer, plus the
+clone and KL terms; the weights' gradients add up over the micro-batches. At the end of
+the step one GEMM per projected matrix turns them into the gradient of P
+(``weight_backward``). A micro-batch therefore costs ordinary training plus a teacher
+forward plus the loss terms, and the weight products are paid once per step.
+
+``distill_losses`` without ``weights`` makes the weights inside autograd instead, so that
+``loss.backward()`` reaches P directly: the plain API for one batch (and the reference the
+tests hold the step against).
 
 Precision (the README's "Precision policy"): the compute dtype is the teacher's weight
-dtype (bf16 under ``--precision bf16``, fp32 under ``fp32``). Projections and gains are
-fp32 masters, cast to the compute dtype where they enter a product, so every activation
-and every GEMM of the step, forward and backward, is in the compute dtype; losses are
-reduced in fp32. The casts are explicit, not autocast's, so the same arithmetic runs on
-CPU and GPU and inside custom autograd Functions.
+dtype. Projections and gains are fp32 masters, cast to the compute dtype once per step;
+every activation and every GEMM of the step is in the compute dtype; loss reductions are
+fp32; the weights' gradients are accumulated over micro-batches in fp32.
 """
 from __future__ import annotations
 
@@ -31,13 +41,18 @@ PROJ_IN = ("q", "k", "v", "gate", "up")
 PROJ_OUT = ("o", "down")
 PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 CLONE_TERMS = ("q", "k", "v", "attn", "gate", "up", "ffn")
+#: the teacher's linear of each projection name
+TEACHER_LINEAR = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+#: order of the entries of the vector of logged terms (see ``distill_losses``)
+TERMS = ("loss", "kl", "lm", "clone", *(f"clone/{t}" for t in CLONE_TERMS))
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm with the arithmetic of transformers' Llama/Qwen norms, in x's dtype.
 
-    The fp32 master gain is cast to x's dtype first, as the exported model stores it, so
-    the output stays in the compute dtype (an fp32 gain would silently promote it).
+    The gain is cast to x's dtype first, as the exported model stores it, so the output
+    stays in the compute dtype (an fp32 gain would silently promote it).
     """
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -49,27 +64,51 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def causal_attention(attn_module, q, k, v, cos, sin, arch: Arch, attn_mask=None) -> torch.Tensor:
+def causal_attention(q, k, v, cos, sin, arch: Arch, q_norm=None, k_norm=None, attn_mask=None) -> torch.Tensor:
     """Teacher-shaped attention (QK-norm for Qwen3, RoPE, GQA, causal); [B,T,H*h] out.
 
-    ``attn_mask`` (bool [B,1,T,T], True = may attend; see ``doc_attention``) replaces the
-    plain causal mask for packed documents; None keeps SDPA's ``is_causal`` path.
+    ``q_norm``/``k_norm`` (Qwen3) are the teacher's per-head gains, applied before RoPE.
+    ``attn_mask`` (additive, [B,1,T,T]; see ``doc_attention``) replaces the plain causal
+    mask for packed documents; None keeps SDPA's ``is_causal`` path.
+
+    On CUDA the attention never falls back to PyTorch's MATH backend (which would keep a
+    [T, T] score matrix per head for backward): the flash kernel runs bf16 causal GQA, and
+    where it cannot (a mask, fp32) the key/value heads are repeated so that the
+    memory-efficient kernel can; a layout no fused kernel takes is an error, not a slow
+    path (``sdpa_backends``).
     """
     B, T, _ = q.shape
     hd = arch.head_dim
     q = q.view(B, T, -1, hd)
     k = k.view(B, T, -1, hd)
     v = v.view(B, T, -1, hd)
-    if arch.qk_norm:
-        q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, arch.rms_norm_eps), rms_norm(k, k_norm, arch.rms_norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    # GQA inside the attention kernel: no repeated copies of k and v
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                         scale=hd ** -0.5, enable_gqa=arch.num_heads != arch.num_kv_heads)
+    gqa = arch.num_heads != arch.num_kv_heads
+    if gqa and q.is_cuda and (attn_mask is not None or q.dtype == torch.float32):
+        rep = arch.num_heads // arch.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    with sdpa_backends(q):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             scale=hd ** -0.5, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def sdpa_backends(x: torch.Tensor):
+    """The SDPA backends allowed for ``x``: on CUDA every fused one and not MATH; on the
+    CPU whatever PyTorch picks."""
+    import contextlib
+
+    if not x.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
 def doc_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +118,6 @@ def doc_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     document start, and a token attends only to earlier-or-same positions of its own
     document, so every document sees exactly what it would see alone. Built from tensor
     ops only (no host read), once per forward, and shared by every layer.
-
-    A dense SDPA mask rather than flex attention: it runs eagerly on CPU and GPU alike
-    (flex attention is only fast under torch.compile), and on CUDA SDPA's
-    memory-efficient kernel takes a mask together with GQA.
     """
     T = doc_ids.shape[1]
     idx = torch.arange(T, device=doc_ids.device)
@@ -92,6 +127,11 @@ def doc_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     seg = start.cumsum(1)
     mask = (seg[:, :, None] == seg[:, None, :]) & (idx[:, None] >= idx[None, :])
     return pos, mask.unsqueeze(1)
+
+
+def scored_targets(input_ids, doc_ids=None, loss_mask=None) -> torch.Tensor:
+    """The number of targets ``next_token_labels`` scores, as a device scalar."""
+    return (next_token_labels(input_ids, doc_ids, loss_mask) != -100).sum()
 
 
 def next_token_labels(input_ids, doc_ids=None, loss_mask=None) -> torch.Tensor:
@@ -111,107 +151,49 @@ def next_token_labels(input_ids, doc_ids=None, loss_mask=None) -> torch.Tensor:
     return labels
 
 
-class StudentLayer(nn.Module):
-    """One decoder layer of the student: its trainable tensors and its lockstep forward.
+def decoder_layer(h, w: dict, arch: Arch, eps: float, cos, sin, act, attn_mask=None, targets: dict | None = None):
+    """One Llama/Qwen decoder layer from explicit weights: ``(h_out, record)``.
 
-    Parameters: seven projections and two norm gains (``q``, ..., ``down``, ``input_norm``,
-    ``post_attention_norm``). The teacher's decoder layer is referenced as ``teacher_layer``:
-    a plain attribute in a single process (so ``state_dict()`` and ``parameters()`` hold only
-    trainable tensors), registered as a frozen submodule by ``register_teacher()`` before
-    FSDP2 shards the layer, so that one ``fully_shard(layer)`` covers the teacher layer and
-    its student tensors and their all-gather fires in this module's ``forward``.
+    ``w`` holds the layer's matrices ``q`` ... ``down`` ([out, in], y = x Wᵀ), the gains
+    ``input_norm`` and ``post_attention_norm``, and the teacher's frozen ``q_bias`` /
+    ``k_bias`` / ``v_bias`` (Qwen2), ``q_norm`` / ``k_norm`` (Qwen3). The teacher and the
+    student both run through here.
+
+    Without ``targets`` (the teacher) ``record`` holds the tensors the clone terms compare
+    (q, k, v before QK-norm and RoPE, attn before o_proj, gate, up, and the FFN output).
+    With ``targets`` (the student, given the teacher's record) every one of those tensors
+    goes through ``red_kernels.clone_mse`` on its way, and ``record`` is the list of
+    (MSE, teacher mean square) pairs in ``CLONE_TERMS`` order; the FFN output is compared
+    with the teacher's pushed through ``w["down_target"]`` (P_down in the compute dtype).
     """
+    terms = []
 
-    def __init__(self, D: int, d: int, teacher_layer: nn.Module | None = None, arch: Arch | None = None):
-        super().__init__()
-        for name in PROJ_NAMES:
-            setattr(self, name, nn.Parameter(torch.empty(D, d)))
-        self.input_norm = nn.Parameter(torch.ones(d))
-        self.post_attention_norm = nn.Parameter(torch.ones(d))
-        object.__setattr__(self, "teacher_layer", teacher_layer)
-        self.arch = arch
+    def tap(name, s):
+        if targets is None:
+            return s
+        t = targets[name]
+        if name == "ffn":
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            ms = torch.linalg.vector_norm(t, dtype=acc).square() / max(t.numel(), 1)
+            s, err, _ = K.clone_mse(s, t @ w["down_target"])
+        else:
+            s, err, ms = K.clone_mse(s, t)
+        terms.append((err, ms))
+        return s
 
-    def register_teacher(self) -> None:
-        """Make the teacher layer a (frozen) submodule, for FSDP2; idempotent."""
-        tl = self.__dict__.pop("teacher_layer", None)
-        if tl is not None:
-            self.add_module("teacher_layer", tl)
-
-    def teacher_forward(self, h, cos, sin, attn_mask=None):
-        """The teacher layer, op by op, returning every tensor a clone term compares."""
-        tl = self.teacher_layer
-        at, mlp = tl.self_attn, tl.mlp
-        x = tl.input_layernorm(h)
-        q, k, v = at.q_proj(x), at.k_proj(x), at.v_proj(x)
-        a = causal_attention(at, q, k, v, cos, sin, self.arch, attn_mask)
-        h = h + at.o_proj(a)
-        x = tl.post_attention_layernorm(h)
-        g, u = mlp.gate_proj(x), mlp.up_proj(x)
-        dn = mlp.down_proj(mlp.act_fn(g) * u)
-        return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
-
-    def student_forward(self, h, cos, sin, eps: float, recompute_weights: bool = False, attn_mask=None):
-        """The student layer: teacher weights seen through this layer's projections."""
-        tl = self.teacher_layer
-        at, mlp = tl.self_attn, tl.mlp
-        rw = recompute_weights
-        x = rms_norm(h, self.input_norm, eps)
-        q, k, v = K.projected_linear_group(
-            x, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), (self.q, self.k, self.v), side="in",
-            biases=(at.q_proj.bias, at.k_proj.bias, at.v_proj.bias), recompute_weights=rw)
-        a = causal_attention(at, q, k, v, cos, sin, self.arch, attn_mask)
-        h = h + K.projected_linear(a, at.o_proj.weight, self.o, side="out", recompute_weights=rw)
-        x = rms_norm(h, self.post_attention_norm, eps)
-        g, u = K.projected_linear_group(x, (mlp.gate_proj.weight, mlp.up_proj.weight), (self.gate, self.up),
-                                        side="in", recompute_weights=rw)
-        dn = K.projected_linear(mlp.act_fn(g) * u, mlp.down_proj.weight, self.down, side="out", recompute_weights=rw)
-        return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
-
-    def clone_terms(self, rec_s: dict, rec_t: dict, norm: str, reduce_mean=None) -> dict[str, torch.Tensor]:
-        """Every clone MSE of this layer. "ffn" compares in student space against the teacher
-        output pushed through the student's own down projection (t P_down).
-
-        With ``norm == "teacher-ms"`` each MSE is divided by the teacher activation's mean
-        square; ``reduce_mean`` (data-parallel runs) averages those scales over the ranks so
-        that every rank divides by the scale of the whole global micro-batch.
-
-        Each same-space term is one fused op (``red_kernels.mse_with_target_ms``) that reads
-        student and teacher activations once, returns the MSE and the teacher's mean square
-        in fp32, and keeps only the gradient (in the compute dtype) for backward.
-        """
-        mses, ms = {}, {}
-        for t in CLONE_TERMS:
-            s, tt = rec_s[t], rec_t[t]
-            if t == "ffn":
-                mses[t] = K.projected_mse_student_space(s, tt, self.down)
-                ms[t] = torch.linalg.vector_norm(tt, dtype=torch.float32).square() / max(tt.numel(), 1)
-            else:
-                mses[t], ms[t] = K.mse_with_target_ms(s, tt)
-        if norm != "teacher-ms":
-            return mses
-        scales = torch.stack([ms[t] for t in CLONE_TERMS])
-        if reduce_mean is not None:
-            scales = reduce_mean(scales)
-        scales = scales.clamp_min(1e-12)
-        return {t: mses[t] / scales[j] for j, t in enumerate(CLONE_TERMS)}
-
-    def forward(self, h_s, cos, sin, eps: float, h_t=None, clone_norm: str | None = None, reduce_mean=None,
-                recompute_weights: bool = False, attn_mask=None):
-        """One lockstep step: ``(h_s, h_t, clone)``.
-
-        Runs the teacher layer (no grad) when ``h_t`` is given, then the student layer, then
-        the clone terms when ``clone_norm`` is given (else ``clone`` is None). ``attn_mask``
-        (packed documents) is a tensor or None, so FSDP2 and checkpointing pass it through.
-        """
-        rec_t = None
-        if h_t is not None:
-            with torch.no_grad():
-                h_t, rec_t = self.teacher_forward(h_t, cos, sin, attn_mask)
-        h_s, rec_s = self.student_forward(h_s, cos, sin, eps, recompute_weights, attn_mask)
-        clone = None
-        if rec_t is not None and clone_norm is not None:
-            clone = self.clone_terms(rec_s, rec_t, clone_norm, reduce_mean)
-        return h_s, h_t, clone
+    x = rms_norm(h, w["input_norm"], eps)
+    q = tap("q", F.linear(x, w["q"], w.get("q_bias")))
+    k = tap("k", F.linear(x, w["k"], w.get("k_bias")))
+    v = tap("v", F.linear(x, w["v"], w.get("v_bias")))
+    a = tap("attn", causal_attention(q, k, v, cos, sin, arch, w.get("q_norm"), w.get("k_norm"), attn_mask))
+    h = h + F.linear(a, w["o"])
+    x = rms_norm(h, w["post_attention_norm"], eps)
+    g = tap("gate", F.linear(x, w["gate"]))
+    u = tap("up", F.linear(x, w["up"]))
+    dn = tap("ffn", F.linear(act(g) * u, w["down"]))
+    if targets is not None:
+        return h + dn, terms
+    return h + dn, dict(q=q, k=k, v=v, attn=a, gate=g, up=u, ffn=dn)
 
 
 @dataclass
@@ -228,6 +210,28 @@ class LossSettings:
     divergence: str = "forward-kl"   # "reverse-kl" or "jsd" (generalized JSD with jsd_beta)
     jsd_beta: float = 0.5
     teacher_top_k: int = 0           # 0: the full vocabulary
+
+
+@dataclass
+class StepShare:
+    """What one call of ``distill_losses`` (one micro-batch on one rank) is of the
+    optimizer step it belongs to, so that the step's loss is the loss of its whole
+    global batch, for any number of micro-batches and processes.
+
+    - ``scored``: the scored targets of the whole step (all micro-batches, all ranks), a
+      device scalar; the KL and LM means divide by it.
+    - ``sequences``: the sequences of the whole step (the KL's "sum" reduction).
+    - ``share``: this call's share of the step's tokens (1 / (micro-batches x ranks)); the
+      clone means, which cover every token, are weighted by it.
+    - ``mean_over_ranks``: averages the clone normalizers over the ranks of a micro-batch
+      (None in one process).
+
+    The default (None) is the call's own batch alone."""
+
+    scored: torch.Tensor
+    sequences: int
+    share: float = 1.0
+    mean_over_ranks: object = None
 
 
 def divergence_options(loss: LossSettings, n_sequences: int) -> dict:
@@ -253,20 +257,145 @@ def is_trainable_name(name: str) -> bool:
     return not any(part in FROZEN_MODULES for part in name.split("."))
 
 
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor behind a parameter FSDP2 has sharded (a collective), else itself."""
+    if t is None:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _cast_full(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p`` whole in ``dtype``; a sharded fp32 master is cast before it is gathered, so the
+    gather moves compute-dtype bytes."""
+    return _full(p.detach().to(dtype))
+
+
+def _set_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
+    """Add ``grad`` (the whole tensor's gradient, the same on every rank) to ``p.grad``; a
+    sharded parameter keeps only its own rows."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        from .distributed import shard_rows
+
+        a, b = shard_rows(p)
+        grad = DTensor.from_local(grad[a:b].contiguous(), p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+    grad = grad.to(p.dtype)
+    p.grad = grad if p.grad is None else p.grad + grad
+
+
+class StudentWeights:
+    """The dense width-d student of one optimizer step: W_s = f(W_t, P, gains).
+
+    Entries (``weights[name]``): ``layers.I.{q,k,v,o,gate,up,down}`` ([out, in], compute
+    dtype), ``layers.I.input_norm`` / ``post_attention_norm`` / ``final_norm`` (the gains
+    in the compute dtype), ``layers.I.down_target`` (P_down in the compute dtype: the FFN
+    clone target is the teacher's output times it), ``head`` (W_lm P_lm, [V, d], which is
+    also the embedding table of a tied teacher) and, untied, ``embed`` (P_e in the compute
+    dtype: the embedding is the teacher's row times it).
+
+    Made by ``ProjectedStudent.make_weights``: leaves whose gradients add up over the
+    micro-batches of a step (``accumulate`` folds each micro-batch's low-precision
+    gradients into fp32), or (``differentiable``) tensors still tied to P by autograd.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], differentiable: bool):
+        self.tensors = tensors
+        self.differentiable = differentiable
+        self._fp32: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        pre = f"layers.{i}."
+        return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre)}
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [t for t in self.tensors.values() if t.requires_grad and t.is_leaf]
+
+    def accumulate(self) -> None:
+        """Fold the gradients of the last backward into the step's fp32 sums (fp32 and fp64
+        leaves accumulate in ``.grad`` by themselves; bf16 ones would lose bits there)."""
+        low = [(k, t) for k, t in self.tensors.items()
+               if t.is_leaf and t.grad is not None and t.dtype in (torch.bfloat16, torch.float16)]
+        if not low:
+            return
+        have = [k for k, _ in low if k in self._fp32]
+        if have:
+            torch._foreach_add_([self._fp32[k] for k in have], [self.tensors[k].grad for k in have])
+        for k, t in low:
+            if k not in self._fp32:
+                self._fp32[k] = t.grad.float()
+            t.grad = None
+
+    def grad(self, name: str) -> torch.Tensor | None:
+        """The step's gradient of entry ``name`` so far (fp32, or the leaf's own dtype when
+        it is fp32), None if it got none."""
+        if name in self._fp32:
+            return self._fp32[name]
+        return self.tensors[name].grad
+
+    def reduce(self, all_reduce_sum) -> None:
+        """Sum every gradient over the ranks of a data-parallel run, in one flat collective."""
+        self.accumulate()
+        names = [k for k in self.tensors if self.grad(k) is not None]
+        if not names:
+            return
+        acc = torch.promote_types(self.tensors[names[0]].dtype, torch.float32)
+        flat = torch.cat([self.grad(k).to(acc).reshape(-1) for k in names])
+        flat = all_reduce_sum(flat)
+        off = 0
+        for k in names:
+            n = self.tensors[k].numel()
+            self._fp32[k] = flat[off: off + n].view(self.tensors[k].shape)
+            self.tensors[k].grad = None
+            off += n
+
+
+class StudentLayer(nn.Module):
+    """One decoder layer's trainable tensors: seven projections and two norm gains
+    (``q``, ..., ``down``, ``input_norm``, ``post_attention_norm``).
+
+    The teacher's decoder layer is referenced as ``teacher_layer``: a plain attribute in a
+    single process (so ``state_dict()`` and ``parameters()`` hold only trainable tensors),
+    registered as a frozen submodule by ``register_teacher()`` when FSDP2 shards the
+    teacher with the layer (``red.distributed``)."""
+
+    def __init__(self, D: int, d: int, teacher_layer: nn.Module | None = None):
+        super().__init__()
+        for name in PROJ_NAMES:
+            setattr(self, name, nn.Parameter(torch.empty(D, d)))
+        self.input_norm = nn.Parameter(torch.ones(d))
+        self.post_attention_norm = nn.Parameter(torch.ones(d))
+        object.__setattr__(self, "teacher_layer", teacher_layer)
+
+    def register_teacher(self) -> None:
+        """Make the teacher layer a (frozen) submodule, for FSDP2; idempotent."""
+        tl = self.__dict__.pop("teacher_layer", None)
+        if tl is not None:
+            self.add_module("teacher_layer", tl)
+
+
 class ProjectedStudent(nn.Module):
     """A width-d student made from a frozen width-D teacher (LRC form).
 
     The teacher is held as a plain attribute, not a submodule: ``state_dict()``,
     ``parameters()``, ``projections()`` and ``gains()`` hold only the trainable tensors
-    (projections and gains), which is what checkpoints save.
+    (projections and gains), which is what checkpoints save. ``activation_checkpointing``
+    recomputes each layer (teacher and student) in backward.
 
-    For FSDP2 (see ``red.distributed.shard_student``) ``register_teacher()`` makes the
-    teacher's pieces frozen submodules: each decoder layer under its ``StudentLayer``, the
-    embedding, final norm, LM head and rotary embedding under ``frozen`` in this root
-    module. ``state_dict()`` and the named accessors keep naming only trainable tensors.
+    For FSDP2 (see ``red.distributed``) ``register_teacher()`` makes the teacher's pieces
+    frozen submodules, so that they are sharded with the layer they belong to. The student
+    never runs through FSDP2's hooks: it gathers what it needs itself (``make_weights``,
+    ``weight_backward``, and the teacher's layers in each forward when they are sharded).
     """
 
-    def __init__(self, teacher, hidden_size: int, norm_eps: float | None = None):
+    def __init__(self, teacher, hidden_size: int, norm_eps: float | None = None,
+                 activation_checkpointing: bool = False):
         super().__init__()
         arch = Arch.from_config(teacher.config)
         D, d = arch.hidden_size, int(hidden_size)
@@ -277,14 +406,13 @@ class ProjectedStudent(nn.Module):
         self.arch = arch
         self.hidden_size = d
         self.norm_eps = float(arch.rms_norm_eps if norm_eps is None else norm_eps)
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.embed = nn.Parameter(torch.empty(D, d))
         self.lm_head = None if arch.tied else nn.Parameter(torch.empty(D, d))
         self.final_norm = nn.Parameter(torch.ones(d))
-        self.layers = nn.ModuleList(StudentLayer(D, d, teacher.model.layers[i], arch) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(StudentLayer(D, d, teacher.model.layers[i]) for i in range(arch.num_layers))
         self.channels: torch.Tensor | None = None  # the channel set S of a selection init
-        self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer's config)
-        self.recompute_weights = False  # re-make each W_t P in backward instead of keeping it (trainer's config)
-        self.reduce_mean = None  # data-parallel runs: averages the clone-norm scales over ranks
+        self.act = teacher.model.layers[0].mlp.act_fn  # a parameter-free module (SiLU)
         dev = teacher.model.embed_tokens.weight.device
         self.to(dev)
 
@@ -302,6 +430,12 @@ class ProjectedStudent(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """The dtype of every activation and GEMM of the step: the teacher's weight dtype."""
         return self.teacher.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        from .distributed import local_tensor
+
+        return local_tensor(self.embed).device
 
     @property
     def head_projection(self) -> nn.Parameter:
@@ -338,115 +472,248 @@ class ProjectedStudent(nn.Module):
                 raise RuntimeError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
-    # -- forward pieces ---------------------------------------------------------------
-    def _teacher_layers(self):
-        return self.teacher.model.layers
+    # -- the teacher's tensors, whole ---------------------------------------------------
+    def teacher_layer_weights(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i`` of the teacher as ``decoder_layer`` takes it (gathered when sharded)."""
+        tl = self.teacher.model.layers[i]
+        at = tl.self_attn
+        w = {name: _full(tl.get_submodule(path).weight) for name, path in TEACHER_LINEAR.items()}
+        w["input_norm"] = _full(tl.input_layernorm.weight)
+        w["post_attention_norm"] = _full(tl.post_attention_layernorm.weight)
+        w.update(self._frozen_extras(at))
+        return w
 
-    def _rope(self, h: torch.Tensor, position_ids: torch.Tensor | None = None):
-        pos = position_ids
-        if pos is None:
-            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-        return self.teacher.model.rotary_emb(h, pos)
+    def _frozen_extras(self, at) -> dict[str, torch.Tensor]:
+        """The teacher's attention pieces the student keeps: q/k/v biases, Q/K norms."""
+        w = {}
+        for n in ("q", "k", "v"):
+            b = getattr(at, f"{n}_proj").bias
+            if b is not None:
+                w[f"{n}_bias"] = _full(b).detach()
+        if self.arch.qk_norm:
+            w["q_norm"], w["k_norm"] = _full(at.q_norm.weight).detach(), _full(at.k_norm.weight).detach()
+        return w
 
+    def teacher_root(self) -> dict[str, torch.Tensor]:
+        """The teacher's embedding, final norm gain and LM head (gathered when sharded)."""
+        m = self.teacher.model
+        emb = _full(m.embed_tokens.weight)
+        head = emb if self.arch.tied else _full(self.teacher.lm_head.weight)
+        return {"embed": emb, "norm": _full(m.norm.weight), "head": head}
+
+    # -- the step's dense weights ---------------------------------------------------------
+    def make_weights(self, differentiable: bool = False, requires_grad: bool = True,
+                     root: dict | None = None) -> StudentWeights:
+        """W_s = f(W_t, P, gains) for every student tensor, in the compute dtype.
+
+        ``differentiable``: made inside autograd, so that a backward through them reaches P
+        and the gains (the one-batch API). Otherwise made without autograd as leaves that
+        ``requires_grad`` (the training step: ``weight_backward`` turns their gradients
+        into P's). ``root``: the teacher's ``teacher_root()`` if already gathered."""
+        cdt = self.compute_dtype
+        out: dict[str, torch.Tensor] = {}
+        root = root or self.teacher_root()
+        cast = (lambda p: p.to(cdt)) if differentiable else (lambda p: _cast_full(p, cdt))
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            for i, layer in enumerate(self.layers):
+                tw = self.teacher_layer_weights(i)
+                for name in PROJ_NAMES:
+                    P = cast(getattr(layer, name))
+                    w_t = tw[name].detach()
+                    out[f"layers.{i}.{name}"] = w_t @ P if name in PROJ_IN else P.t() @ w_t
+                    if name == "down":
+                        out[f"layers.{i}.down_target"] = P
+                out[f"layers.{i}.input_norm"] = cast(layer.input_norm)
+                out[f"layers.{i}.post_attention_norm"] = cast(layer.post_attention_norm)
+            out["final_norm"] = cast(self.final_norm)
+            out["head"] = root["head"].detach() @ cast(self.head_projection)
+            if not self.arch.tied:
+                out["embed"] = cast(self.embed)
+        if not differentiable:
+            # leaves of the step (in fp32 compute a gain's or P's cast is the master itself,
+            # shared, not copied: the step reads it before AdamW writes it)
+            out = {k: t.detach().requires_grad_(requires_grad) for k, t in out.items()}
+        return StudentWeights(out, differentiable)
+
+    @torch.no_grad()
+    def weight_backward(self, weights: StudentWeights, root: dict | None = None) -> None:
+        """Add the gradient of every projection and gain to its ``.grad`` from the step's
+        weight gradients: dP = W_tᵀ·dW_s (q, k, v, gate, up, head), W_t·dW_sᵀ (o, down), plus
+        the FFN target's and the untied embedding's own gradient; the gains' gradient is
+        their weight's. One compute-dtype GEMM per projected matrix, results in fp32."""
+        weights.accumulate()
+        cdt = self.compute_dtype
+        acc = torch.promote_types(cdt, torch.float32)  # fp32 (fp64 for fp64 runs)
+        root = root or self.teacher_root()
+        g = weights.grad
+        for i, layer in enumerate(self.layers):
+            tw = self.teacher_layer_weights(i)
+            for name in PROJ_NAMES:
+                gw = g(f"layers.{i}.{name}")
+                total = None
+                if gw is not None:
+                    gw = gw.to(cdt)
+                    total = (tw[name].t() @ gw if name in PROJ_IN else tw[name] @ gw.t()).to(acc)
+                if name == "down" and g(f"layers.{i}.down_target") is not None:
+                    gt = g(f"layers.{i}.down_target").to(acc)
+                    total = gt if total is None else total + gt
+                if total is not None:
+                    _set_grad(getattr(layer, name), total)
+            for name in ("input_norm", "post_attention_norm"):
+                if g(f"layers.{i}.{name}") is not None:
+                    _set_grad(getattr(layer, name), g(f"layers.{i}.{name}").to(acc))
+        if g("final_norm") is not None:
+            _set_grad(self.final_norm, g("final_norm").to(acc))
+        if g("head") is not None:
+            _set_grad(self.head_projection, (root["head"].t() @ g("head").to(cdt)).to(acc))
+        if not self.arch.tied and g("embed") is not None:
+            _set_grad(self.embed, g("embed").to(acc))
+
+    # -- forwards -----------------------------------------------------------------------
     def _attention_inputs(self, h: torch.Tensor, doc_ids: torch.Tensor | None):
         """(cos, sin, attn_mask) shared by every layer of one forward; attn_mask is None
         (plain causal attention, positions 0..T-1) without ``doc_ids``."""
+        B, T = h.shape[:2]
         if doc_ids is None:
-            return (*self._rope(h), None)
-        if doc_ids.shape != h.shape[:2]:
-            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must be [B, T] like input_ids {tuple(h.shape[:2])}")
+            pos = torch.arange(T, device=h.device).unsqueeze(0).expand(B, -1)
+            return (*self.teacher.model.rotary_emb(h, pos), None)
+        if doc_ids.shape != (B, T):
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must be [B, T] like input_ids {(B, T)}")
         pos, mask = doc_attention(doc_ids)
         # additive, in the compute dtype, made once: SDPA would otherwise convert a bool
         # mask in every layer (and autograd could keep one copy per layer for backward)
         bias = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
-        return (*self._rope(h, pos), bias)
+        return (*self.teacher.model.rotary_emb(h, pos), bias)
 
-    def _embed(self, input_ids):
-        e_t = F.embedding(input_ids, self.teacher.model.embed_tokens.weight)
-        return e_t, e_t @ self.embed.to(e_t.dtype)
+    def _student_embed(self, input_ids, w: StudentWeights, root: dict) -> torch.Tensor:
+        if self.arch.tied:
+            return F.embedding(input_ids, w["head"])  # E_t P_e = W_lm P_lm: the head's rows
+        return F.embedding(input_ids, root["embed"]) @ w["embed"]
 
-    def _teacher_layer(self, i, h, cos, sin, attn_mask=None):
-        return self.layers[i].teacher_forward(h, cos, sin, attn_mask)
+    def _lockstep_layer(self, i, h_s, h_t, cos, sin, mask, w: dict):
+        """Teacher layer ``i`` (no grad) then the student's, with its clone terms."""
+        with torch.no_grad():
+            h_t, rec = decoder_layer(h_t, self.teacher_layer_weights(i), self.arch, self.arch.rms_norm_eps, cos, sin,
+                                     self.act, mask)
+        return (h_t, *decoder_layer(h_s, {**w, **self._frozen_extras(self.teacher.model.layers[i].self_attn)},
+                                    self.arch, self.norm_eps, cos, sin, self.act, mask, targets=rec))
 
-    def _student_layer(self, i, h, cos, sin, attn_mask=None):
-        return self.layers[i].student_forward(h, cos, sin, self.norm_eps, self.recompute_weights, attn_mask)
-
-    def _run_layer(self, i, h_s, cos, sin, h_t=None, clone_norm=None, attn_mask=None):
-        """Call layer ``i`` (through its module call, so FSDP2's hooks fire), recomputed in
-        backward when activation checkpointing is on."""
-        layer = self.layers[i]
-        args = (h_s, cos, sin, self.norm_eps, h_t, clone_norm, self.reduce_mean, self.recompute_weights, attn_mask)
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
-
-    def head_weight(self) -> torch.Tensor:
-        """The student's LM head W_lm P_lm, [V, d]."""
-        w = self.teacher.lm_head.weight
-        return w @ self.head_projection.to(w.dtype)
-
-    def _hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-        _, h = self._embed(input_ids)
-        cos, sin, mask = self._attention_inputs(h, doc_ids)
-        out = [h]
+    def lockstep(self, input_ids: torch.Tensor, weights: StudentWeights | None = None,
+                 doc_ids: torch.Tensor | None = None, root: dict | None = None):
+        """Run teacher and student layer by layer: yields ``(i, h_t, h_s, terms)`` after each
+        layer ``i`` (``terms``: the (MSE, teacher mean square) pairs of ``CLONE_TERMS``),
+        then ``(None, h_t, h_s, None)`` after the final norms. The public seam for looking
+        inside one lockstep forward (tests, analysis)."""
+        root = root or self.teacher_root()
+        w = weights if weights is not None else self.make_weights(differentiable=True, root=root)
+        with torch.no_grad():
+            h_t = F.embedding(input_ids, root["embed"])
+        h_s = self._student_embed(input_ids, w, root)
+        cos, sin, mask = self._attention_inputs(h_t, doc_ids)
         for i in range(self.arch.num_layers):
-            h, _, _ = self._run_layer(i, h, cos, sin, attn_mask=mask)
-            out.append(h)
-        out[-1] = rms_norm(h, self.final_norm, self.norm_eps)
-        return out
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h_t, h_s, terms = torch.utils.checkpoint.checkpoint(
+                    self._lockstep_layer, i, h_s, h_t, cos, sin, mask, w.layer(i), use_reentrant=False)
+            else:
+                h_t, h_s, terms = self._lockstep_layer(i, h_s, h_t, cos, sin, mask, w.layer(i))
+            yield i, h_t, h_s, terms
+        with torch.no_grad():
+            h_t = rms_norm(h_t, root["norm"], self.arch.rms_norm_eps)
+        yield None, h_t, rms_norm(h_s, w["final_norm"], self.norm_eps), None
 
-    # -- public forwards --------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      weights: StudentWeights | None = None) -> list[torch.Tensor]:
         """Student hidden states: the embedding output, then each layer's output; the
         last entry is after the final norm (the convention of transformers). ``doc_ids``
         [B, T]: see ``distill_losses``."""
-        return self._hidden_states(input_ids, doc_ids)
+        root = self.teacher_root()
+        w = weights if weights is not None else self.make_weights(differentiable=True, root=root)
+        h = self._student_embed(input_ids, w, root)
+        cos, sin, mask = self._attention_inputs(h, doc_ids)
+        out = [h]
+        for i in range(self.arch.num_layers):
+            lw = {**w.layer(i), **self._frozen_extras(self.teacher.model.layers[i].self_attn)}
+            h, _ = decoder_layer(h, lw, self.arch, self.norm_eps, cos, sin, self.act, mask)
+            out.append(h)
+        out[-1] = rms_norm(h, w["final_norm"], self.norm_eps)
+        return out
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Student logits [B, T, V] (materialized: for evaluation and tests, not training)."""
-        h = self._hidden_states(input_ids, doc_ids)[-1]
-        return h @ self.head_weight().to(h.dtype).T
+        w = self.make_weights(differentiable=True)
+        h = self.hidden_states(input_ids, doc_ids, weights=w)[-1]
+        return h @ w["head"].to(h.dtype).T
+
+    def head_weight(self) -> torch.Tensor:
+        """The student's LM head W_lm P_lm, [V, d] (differentiable)."""
+        w = self.teacher_root()["head"]
+        return w @ self.head_projection.to(w.dtype)
 
     def distill_losses(self, input_ids: torch.Tensor, loss: LossSettings, doc_ids: torch.Tensor | None = None,
-                       loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       loss_mask: torch.Tensor | None = None, weights: StudentWeights | None = None,
+                       share: StepShare | None = None, root: dict | None = None) -> dict[str, torch.Tensor]:
         """Run teacher and student in lockstep and return every loss term.
 
         Keys: "loss" (the weighted total, differentiable), "kl", "lm", "clone" and
-        "clone/<term>" (each summed over layers; all but "loss" detached).
+        "clone/<term>" (each summed over layers; all but "loss" detached). See
+        ``distill_terms`` for the arguments.
+        """
+        total, vec = self.distill_terms(input_ids, loss, doc_ids, loss_mask, weights, share, root)
+        return {"loss": total, **{k: vec[j] for j, k in enumerate(TERMS) if k != "loss"}}
+
+    def distill_terms(self, input_ids: torch.Tensor, loss: LossSettings, doc_ids: torch.Tensor | None = None,
+                      loss_mask: torch.Tensor | None = None, weights: StudentWeights | None = None,
+                      share: StepShare | None = None, root: dict | None = None):
+        """``(loss, terms)``: the weighted total (differentiable) and every logged term in
+        ``TERMS`` order as one detached vector (fp32; fp64 in an fp64 run), so that a
+        training step adds micro-batches up with one op and reads them back once.
+
+        ``weights``: the step's ``StudentWeights`` (the trainer's path: the backward lands
+        on them); None makes them inside autograd, so that the backward reaches P.
+        ``share``: see ``StepShare``; None scores this batch alone.
 
         ``doc_ids`` [B, T] (packed rows: a document is a run of equal ids) makes attention
         block-diagonal causal and restarts rotary positions at each document, for teacher
         and student alike, and drops the prediction across each boundary. ``loss_mask``
         [B, T] (bool or 0/1) scores token t as a target only where it is true. KL and LM
         average over the scored rows only; the clone terms cover every token. A batch with
-        no scored row gives KL = LM = 0 (the fused op divides by max(n, 1)), not NaN.
+        no scored row gives KL = LM = 0, not NaN.
         """
         labels = next_token_labels(input_ids, doc_ids, loss_mask)
-        with torch.no_grad():
-            h_t, _ = self._embed(input_ids)
-        _, h_s = self._embed(input_ids)
-        cos, sin, mask = self._attention_inputs(h_t, doc_ids)
-        clone_terms = {t: h_s.new_zeros((), dtype=torch.float32) for t in CLONE_TERMS}
-        clone_norm = loss.clone_norm if loss.clone_weight else None
-        for i in range(self.arch.num_layers):
-            h_s, h_t, terms = self._run_layer(i, h_s, cos, sin, h_t, clone_norm, mask)
-            if terms is not None:
-                for t in CLONE_TERMS:
-                    clone_terms[t] = clone_terms[t] + terms[t]
-        with torch.no_grad():
-            ht_final = self.teacher.model.norm(h_t)
-        hs_final = rms_norm(h_s, self.final_norm, self.norm_eps)
+        root = root or self.teacher_root()
+        w = weights if weights is not None else self.make_weights(differentiable=True, root=root)
+        errs, mss = [], []
+        clone_on = bool(loss.clone_weight)
+        for i, h_t, h_s, terms in self.lockstep(input_ids, w, doc_ids, root):
+            if i is not None and clone_on:
+                for err, ms in terms:
+                    errs.append(err)
+                    mss.append(ms)
+        L, C = self.arch.num_layers, len(CLONE_TERMS)
+        B = input_ids.shape[0]
+        if share is None:
+            share = StepShare(scored=(labels != -100).sum(), sequences=B)
         kl_w = loss.kl_weight * (loss.temperature ** 2 if loss.kl_t2_scale else 1.0)
-        total_logit, kl, lm = K.fused_linear_kl(
-            hs_final.reshape(-1, self.hidden_size), self.head_weight(),
-            ht_final.reshape(-1, self.arch.hidden_size), self.teacher.lm_head.weight,
+        total, kl, lm = K.fused_linear_kl(
+            h_s.reshape(-1, self.hidden_size), w["head"], h_t.reshape(-1, self.arch.hidden_size), root["head"],
             labels.reshape(-1), temperature=loss.temperature, kl_weight=kl_w, ce_weight=loss.lm_weight,
-            **divergence_options(loss, n_sequences=input_ids.shape[0]))
-        clone = sum(clone_terms.values())
-        total = total_logit + loss.clone_weight * clone
-        out = {"loss": total, "kl": kl.detach(), "lm": lm.detach(), "clone": clone.detach()}
-        out.update({f"clone/{t}": v.detach() for t, v in clone_terms.items()})
-        return out
+            denominator=share.scored, **divergence_options(loss, n_sequences=share.sequences))
+        if clone_on:
+            err = torch.stack(errs).view(L, C)
+            if loss.clone_norm == "teacher-ms":
+                ms = torch.stack(mss).view(L, C)
+                if share.mean_over_ranks is not None:
+                    ms = share.mean_over_ranks(ms)
+                err = err / ms.clamp_min(1e-12)
+            per_term = err.sum(0) * share.share
+            clone = per_term.sum()
+            total = total + loss.clone_weight * clone
+        else:
+            per_term = torch.zeros(C, dtype=total.dtype, device=h_s.device)
+            clone = per_term.sum()
+        acc = torch.promote_types(total.dtype, torch.float32)  # fp32, or fp64 for fp64 runs (tests)
+        vec = torch.cat([torch.stack([total.detach(), kl, lm, clone.detach()]).to(acc), per_term.detach().to(acc)])
+        return total, vec
 
 
 def trainable_shapes(arch: Arch, d: int) -> dict[str, tuple[int, ...]]:

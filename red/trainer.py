@@ -33,7 +33,7 @@ from .errors import RedError
 from .metrics import erank
 from .metrics_sinks import open_sinks, parse_report_to, sink_folders
 from .run import CHECKPOINTS, METRICS, RunDir, RunIdentity, emit
-from .student import LossSettings, ProjectedStudent
+from .student import TERMS, LossSettings, ProjectedStudent, StepShare, scored_targets
 
 
 def loss_settings(cfg: DistillConfig) -> LossSettings:
@@ -147,46 +147,66 @@ def read_batch(blocks, idx, cfg: DistillConfig, device) -> dict:
     return out
 
 
+def step_gradients(student: ProjectedStudent, batches, loss: LossSettings, ctx: DistContext | None = None):
+    """The gradients of one optimizer step, added to every trainable tensor's ``.grad``;
+    returns the step's loss terms (``TERMS`` order, a device vector, summed over ranks).
+
+    The dense student weights are made once (``ProjectedStudent.make_weights``); each
+    micro-batch of ``batches`` (token id tensors on the student's device, or
+    ``read_batch`` dicts) is a forward and backward on them, its weight gradients added up
+    in fp32; one ``weight_backward`` turns the sums into the gradients of P and the gains.
+    The step's loss is the mean over its whole global batch: KL and LM divide by the
+    scored targets of every micro-batch on every rank, the clone terms by the step's
+    tokens (``StepShare``).
+    """
+    ctx = ctx or DistContext()
+    batches = [b if isinstance(b, dict) else {"input_ids": b} for b in batches]
+    scored = sum(scored_targets(b["input_ids"], b.get("doc_ids"), b.get("loss_mask")) for b in batches)
+    n = len(batches)
+    share = StepShare(scored=ctx.all_reduce_sum(scored), sequences=batches[0]["input_ids"].shape[0] * ctx.world_size * n,
+                      share=1.0 / (n * ctx.world_size), mean_over_ranks=ctx.all_reduce_mean if ctx.distributed else None)
+    root = student.teacher_root()  # gathered once a step when sharded
+    weights = student.make_weights(root=root)
+    terms = None
+    for b in batches:
+        total, vec = student.distill_terms(b["input_ids"], loss, doc_ids=b.get("doc_ids"),
+                                           loss_mask=b.get("loss_mask"), weights=weights, share=share, root=root)
+        total.backward()
+        weights.accumulate()
+        terms = vec if terms is None else terms + vec
+    if ctx.distributed:
+        weights.reduce(ctx.all_reduce_sum)
+        terms = ctx.all_reduce_sum(terms)
+    student.weight_backward(weights, root)
+    return terms
+
+
 def train_step(student: ProjectedStudent, optimizer: torch.optim.Optimizer, batches, loss: LossSettings,
                max_norm: float = float("inf"), ctx: DistContext | None = None) -> dict:
-    """One optimizer step over the micro-batches ``batches`` (token id tensors on the
-    student's device, or ``read_batch`` dicts): forward and backward of each, gradient
-    norm, clipping, AdamW.
+    """One optimizer step over the micro-batches ``batches``: ``step_gradients``, the
+    gradient norm, clipping and AdamW.
 
-    Returns the loss terms averaged over micro-batches (and ranks) and ``grad_norm``, read
-    back to the host in one transfer. Raises RedError without stepping when a loss term or
-    the gradient is not finite, naming the terms (or parameters).
+    Returns the loss terms of the step and ``grad_norm``, read back to the host in one
+    transfer. Raises RedError without stepping when a loss term or the gradient is not
+    finite, naming the terms (or parameters).
     """
     ctx = ctx or DistContext()
     params = [p for g in optimizer.param_groups for p in g["params"]]  # the tensors AdamW steps
-    n = len(batches)
-    sums: dict[str, torch.Tensor] = {}
-    for batch in batches:
-        if isinstance(batch, dict):  # input_ids with an optional loss_mask and doc_ids (see read_batch)
-            parts = student.distill_losses(batch["input_ids"], loss, doc_ids=batch.get("doc_ids"),
-                                           loss_mask=batch.get("loss_mask"))
-        else:
-            parts = student.distill_losses(batch, loss)
-        (parts["loss"] / n).backward()
-        for k, v in parts.items():
-            v = v.detach().float() / n
-            sums[k] = sums[k] + v if k in sums else v
+    terms = step_gradients(student, batches, loss, ctx)
     # the norm first and the clipping after (what clip_grad_norm_ does), so that a
     # non-finite gradient is found before clipping spreads the NaN to every tensor
     total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    keys = list(sums)
-    packed = torch.stack([sums[k] for k in keys])
-    if ctx.distributed:
-        packed = ctx.all_reduce_mean(packed.to(_comm_device(ctx), torch.float64))
-    norm = full_tensor(total_norm).detach().reshape(1).to(packed.device, packed.dtype)
-    values = torch.cat([packed, norm]).tolist()  # the step's one host sync
-    out = dict(zip(keys, values[:-1]))
+    norm = full_tensor(total_norm).detach().reshape(1).to(terms.device, terms.dtype)
+    values = torch.cat([terms, norm]).tolist()  # the step's one host sync
+    out = dict(zip(TERMS, values[:-1]))
     out["grad_norm"] = values[-1]
     bad = [k for k, v in out.items() if k != "grad_norm" and not math.isfinite(v)]
     if bad:
+        optimizer.zero_grad(set_to_none=True)
         raise StepError("loss", f"in term(s) {', '.join(bad)}")
     if not math.isfinite(out["grad_norm"]):
         names = _nonfinite_grads(student.named_trainable_parameters(), ctx)
+        optimizer.zero_grad(set_to_none=True)
         raise StepError("gradient", f"(loss {out['loss']:.4g} is finite) in "
                         f"{', '.join(names[:6]) or 'the gradient norm'}{' ...' if len(names) > 6 else ''}")
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
@@ -236,16 +256,18 @@ class MetricsLog:
 def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, ctx: DistContext | None = None) -> dict:
     """Mean loss terms over validation batches and the eRank of the student's last hidden state.
 
-    In a data-parallel run every rank takes its slice of each validation micro-batch and
-    the results are averaged over ranks (the eRank is taken of the gathered rows), so the
+    Each validation micro-batch is scored as a whole (its KL and LM divide by its scored
+    targets on every rank), and the batches are averaged. In a data-parallel run every
+    rank takes its slice of each batch and the eRank is taken of the gathered rows, so the
     numbers mean the same for any number of processes (rows of a validation micro-batch
     that do not divide evenly over the ranks are left out).
     """
     ctx = ctx or DistContext()
-    device = student.embed.device
+    device = student.device
     loss = loss_settings(cfg)
-    sums: dict[str, float] = {}
-    n = 0
+    root = student.teacher_root()
+    weights = student.make_weights(requires_grad=False, root=root)
+    sums, n = None, 0
     for i in range(0, min(len(corpus.val), cfg.val_batches * cfg.batch_size), cfg.batch_size):
         idx = torch.arange(i, min(i + cfg.batch_size, len(corpus.val)))
         if ctx.distributed:
@@ -253,29 +275,26 @@ def evaluate(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig
             if not len(idx):
                 continue
         b = read_batch(corpus.val, ctx.local_rows(idx), cfg, device)
-        parts = student.distill_losses(b["input_ids"], loss, doc_ids=b.get("doc_ids"), loss_mask=b.get("loss_mask"))
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        share = StepShare(scored=ctx.all_reduce_sum(scored_targets(b["input_ids"], b.get("doc_ids"),
+                                                                   b.get("loss_mask"))),
+                          sequences=len(idx), share=1.0 / ctx.world_size,
+                          mean_over_ranks=ctx.all_reduce_mean if ctx.distributed else None)
+        _, terms = student.distill_terms(b["input_ids"], loss, doc_ids=b.get("doc_ids"),
+                                         loss_mask=b.get("loss_mask"), weights=weights, share=share, root=root)
+        sums = terms if sums is None else sums + terms
         n += 1
-    sums = _mean_over_ranks(sums, ctx)
-    out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    out = {}
+    if sums is not None:
+        sums = ctx.all_reduce_sum(sums) / n
+        out = {f"val_{k}": v for k, v in zip(TERMS, sums.tolist())}
     first = torch.arange(min(cfg.batch_size, len(corpus.val)))
     split = ctx.distributed and len(first) >= ctx.world_size
     if split:
         first = first[: len(first) - len(first) % ctx.world_size]
     b = read_batch(corpus.val, ctx.local_rows(first) if split else first, cfg, device)
-    h = student.hidden_states(b["input_ids"], doc_ids=b.get("doc_ids"))[-1].float()
+    h = student.hidden_states(b["input_ids"], doc_ids=b.get("doc_ids"), weights=weights)[-1].float()
     out["erank_last"] = erank(ctx.all_gather_rows(h) if split else h)
     return out
-
-
-def _mean_over_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
-    """Average a dict of floats over ranks with one all-reduce (identity in one process)."""
-    if not ctx.distributed or not values:
-        return values
-    keys = list(values)
-    t = ctx.all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device(ctx)))
-    return dict(zip(keys, t.cpu().tolist()))
 
 
 def _comm_device(ctx: DistContext) -> torch.device:
@@ -313,12 +332,11 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
     """
     ctx = ctx or DistContext()
     run = run if isinstance(run, RunDir) else RunDir(run)
-    device = student.embed.device
+    device = student.device
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"batch_size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     student.activation_checkpointing = cfg.activation_checkpointing
-    student.recompute_weights = cfg.recompute_weights
     # the scheduler's base is the lr the run started with; lr_schedule scales from it
     optimizer = make_optimizer(student.trainable_parameters(), setting_at(cfg, "lr", 0), device,
                                setting_at(cfg, "adam_eps", 0))
@@ -344,7 +362,7 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
 
 def _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, scheduler, sampler, meta,
                 ckpt_root, log, found, report_to) -> MetricsLog:
-    device = student.embed.device
+    device = student.device
     step = 0
     if found:
         step = load_checkpoint(found[-1], student, optimizer, scheduler, sampler, expect_meta=meta, ctx=ctx)

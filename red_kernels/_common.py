@@ -94,9 +94,14 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """acc[M, N] += alpha * a[K, M]^T @ b[K, N]; one program owns one acc tile (no atomics)."""
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1).to(tl.int64)
+        """acc[M, N] += alpha * a[K, M]^T @ b[K, N]; one program owns one acc tile (no atomics).
+
+        The grid's first axis runs over N: programs launched one after another share the
+        same column block of a (for the LM head, a block of the logits, the large operand)
+        and differ in b's, which is small, so each block of a is read from memory once and
+        served from L2 to the programs beside it."""
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1).to(tl.int64)
         CDT = acc_ptr.dtype.element_ty
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +109,7 @@ if HAS_TRITON:
         mn = rn < N
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=CDT)
         for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
+            rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # rk * stride_ak passes 2**31 at long chunks
             mk = rk < K
             a = tl.load(a_ptr + rk[None, :] * stride_ak + rm[:, None] * stride_am,
                         mask=mm[:, None] & mk[None, :], other=0.0)
@@ -172,7 +177,14 @@ def launch(kernel, grid, *args, **meta) -> None:
     """
     if RECORD is not None:
         RECORD.append(launch_signature(kernel, args, meta))
-    kernel[grid](*args, **meta)
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is not None and first.is_cuda:
+        # Triton launches on the current device: pointers of cuda:1 launched from a
+        # process whose current device is cuda:0 would run on the wrong GPU
+        with torch.cuda.device(first.device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
 
 
 def check_dot_dtypes(op: str, **operands: torch.Tensor) -> None:
@@ -226,7 +238,7 @@ def acc_tn_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 
             b = b.contiguous()
         upcast, ieee = dot_flags(a, b)
         meta = acc_tn_meta(a.is_cuda)
-        grid = (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
+        grid = (cdiv(N, meta["BLOCK_N"]), cdiv(M, meta["BLOCK_M"]))
         launch(_acc_tn_kernel, grid, acc, a, b, M, N, K, a.stride(1), a.stride(0), b.stride(0), b.stride(1),
                acc.stride(0), float(alpha), UPCAST=upcast, IEEE=ieee, **meta)
         return acc

@@ -406,7 +406,7 @@ def topk_block(on_gpu: bool, K: int) -> int:
 class _FusedLinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, labels, temperature, kl_weight, ce_weight,
-                ignore_index, chunk_size, backend, div=0, beta=0.5, top_k=0, n_sequences=None):
+                ignore_index, chunk_size, backend, div=0, beta=0.5, top_k=0, n_sequences=None, denominator=None):
         N, d = h_s.shape
         V = w_s.shape[0]
         cdt = compute_dtype(h_s, w_s, h_t, w_t)
@@ -422,7 +422,8 @@ class _FusedLinearKL(torch.autograd.Function):
             valid = labels != ignore_index
         else:
             valid = torch.ones(N, dtype=torch.bool, device=dev)
-        denom = valid.sum().clamp(min=1).to(cdt)
+        count = valid.sum() if denominator is None else torch.as_tensor(denominator, device=dev)
+        denom = count.clamp(min=1).to(cdt)
         # kl_reduction="sum": the CE keeps the valid-row mean, so its weight inside the
         # gradient (which the backward divides by n_sequences) is ce_w·n_sequences/n_valid,
         # a device scalar the kernel reads (no host synchronisation)
@@ -488,7 +489,7 @@ class _FusedLinearKL(torch.autograd.Function):
         scale = go / denom if ctx.n_sequences is None else go / ctx.n_sequences
         gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * scale).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_loss_options(divergence, jsd_beta, top_k, kl_reduction, n_sequences) -> tuple[int, float, int]:
@@ -514,7 +515,7 @@ def _check_loss_options(divergence, jsd_beta, top_k, kl_reduction, n_sequences) 
 
 def fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_weight=1.0,
                     ce_weight=1.0, ignore_index=-100, chunk_size=None, *, divergence="forward-kl",
-                    jsd_beta=0.5, top_k=0, kl_reduction="mean", n_sequences=None):
+                    jsd_beta=0.5, top_k=0, kl_reduction="mean", n_sequences=None, denominator=None):
     """(loss, kl, ce): loss = kl_weight·kl + ce_weight·ce, differentiable w.r.t. h_s, w_s.
 
     h_s [N, d], w_s [V, d], h_t [N, D], w_t [V, D] (frozen), labels [N] already aligned
@@ -527,6 +528,11 @@ def fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_weight=
     averages the row divergences over valid rows; "sum" divides their sum by
     ``n_sequences`` (required then; ignored with "mean"). The CE (temperature 1, full
     vocabulary) is always a mean over valid rows. See the module docstring for formulas.
+
+    ``denominator`` (a number or a device scalar, read on the device only): the count the
+    means divide by instead of this call's valid rows, e.g. the scored rows of a whole
+    optimizer step over all micro-batches and processes, so that the step's loss is the
+    mean over its global batch (each call then returns its share of it).
     """
     div, beta, top_k = _check_loss_options(divergence, jsd_beta, top_k, kl_reduction, n_sequences)
     if h_s.dim() != 2 or h_t.dim() != 2 or h_s.shape[0] != h_t.shape[0]:
@@ -545,9 +551,9 @@ def fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_weight=
     n_seq = n_sequences if kl_reduction == "sum" else None
     args = (h_s, w_s, h_t.detach(), w_t.detach(), labels, float(temperature), float(kl_weight),
             float(ce_weight), int(ignore_index), chunk_size, backend)
-    if div == 0 and top_k == 0 and n_seq is None:
-        return _FusedLinearKL.apply(*args)  # today's call, unchanged
-    return _FusedLinearKL.apply(*args, div, beta, top_k, n_seq)
+    if div == 0 and top_k == 0 and n_seq is None and denominator is None:
+        return _FusedLinearKL.apply(*args)
+    return _FusedLinearKL.apply(*args, div, beta, top_k, n_seq, denominator)
 
 
 def _bucket_divergence(lp, lq, div, beta, top_k):
@@ -573,7 +579,7 @@ def _bucket_divergence(lp, lq, div, beta, top_k):
 
 def naive_fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_weight=1.0,
                           ce_weight=1.0, ignore_index=-100, chunk_size=None, *, divergence="forward-kl",
-                          jsd_beta=0.5, top_k=0, kl_reduction="mean", n_sequences=None):
+                          jsd_beta=0.5, top_k=0, kl_reduction="mean", n_sequences=None, denominator=None):
     """Eager composition with full [N, V] logits (fp32 softmax math, like HF + a KL), autograd
     through torch ops; same arguments and results as :func:`fused_linear_kl`."""
     div, beta, top_k = _check_loss_options(divergence, jsd_beta, top_k, kl_reduction, n_sequences)
@@ -583,7 +589,7 @@ def naive_fused_linear_kl(h_s, w_s, h_t, w_t, labels=None, temperature=1.0, kl_w
     N = h_s.shape[0]
     valid = (labels != ignore_index) if labels is not None else torch.ones(
         N, dtype=torch.bool, device=h_s.device)
-    n = valid.sum().clamp(min=1).to(cdt)
+    n = (valid.sum() if denominator is None else torch.as_tensor(denominator, device=h_s.device)).clamp(min=1).to(cdt)
     lps = torch.log_softmax(ls / temperature, -1)
     lpt = torch.log_softmax(lt / temperature, -1)
     if div == 0 and (top_k == 0 or top_k >= ls.shape[1]):

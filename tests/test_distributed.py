@@ -101,6 +101,17 @@ def test_two_processes_match_one_and_resume_in_one(arch, extra, teacher_dirs, co
     assert_close_tensors(trained(tmp_path / "one"), trained(tmp_path / "resumed"))
 
 
+def test_a_replicated_teacher_trains_the_same_model(teacher_dirs, corpus_file, tmp_path):
+    """--teacher-sharding replicate: every rank holds the whole teacher (no gathers in the
+    step), only the student's tensors are sharded; the run is the single-process run."""
+    t = teacher_dirs["qwen3"]
+    single_process(t, corpus_file, tmp_path / "one")
+    p = torchrun(2, *distill_args(t, corpus_file, tmp_path / "two", "--teacher-sharding", "replicate"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ok_result(tmp_path / "two", 2)
+    assert_close_runs(tmp_path / "one", tmp_path / "two")
+
+
 def test_one_process_checkpoint_resumes_in_two(teacher_dirs, corpus_file, tmp_path):
     t = teacher_dirs["qwen3"]
     single_process(t, corpus_file, tmp_path / "one")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from red.initialization import initialize
-from red.student import CLONE_TERMS, LossSettings, ProjectedStudent, doc_attention, rms_norm
+from red.student import CLONE_TERMS, LossSettings, ProjectedStudent, doc_attention
 
 ARCHS = ("llama", "qwen2", "qwen3")
 # two packed rows of T=24, three documents each, of different lengths; ids are arbitrary labels
@@ -53,14 +53,10 @@ def _close(got, want, tol=TOL):
 
 
 def _teacher_logits(st, ids, doc_ids=None):
-    """The lockstep teacher path of the student (``teacher_forward``), to logits."""
-    teacher = st.teacher
+    """The lockstep teacher path of the student, to logits."""
     with torch.no_grad():
-        h, _ = st._embed(ids)
-        cos, sin, mask = st._attention_inputs(h, doc_ids)
-        for i in range(teacher.config.num_hidden_layers):
-            h, _ = st._teacher_layer(i, h, cos, sin, mask)
-        return teacher.model.norm(h) @ teacher.lm_head.weight.T
+        *_, (_, h, _, _) = st.lockstep(ids, doc_ids=doc_ids)  # after the final norms
+        return h @ st.teacher.lm_head.weight.T
 
 
 def test_doc_attention_positions_and_mask():
@@ -98,37 +94,6 @@ def test_packed_teacher_path_equals_transformers_alone(setup):
                 _close(got[b, s:e], ref)
 
 
-def _legacy_distill_losses(st, input_ids, loss):
-    """distill_losses as it was before doc_ids/loss_mask (a copy of that body)."""
-    import red_kernels as K
-
-    labels = torch.full_like(input_ids, -100)
-    labels[:, :-1] = input_ids[:, 1:]
-    with torch.no_grad():
-        h_t, _ = st._embed(input_ids)
-    _, h_s = st._embed(input_ids)
-    cos, sin = st._rope(h_t)
-    clone_terms = {t: h_s.new_zeros((), dtype=torch.float32) for t in CLONE_TERMS}
-    clone_norm = loss.clone_norm if loss.clone_weight else None
-    for i in range(st.arch.num_layers):
-        h_s, h_t, terms = st._run_layer(i, h_s, cos, sin, h_t, clone_norm)
-        if terms is not None:
-            for t in CLONE_TERMS:
-                clone_terms[t] = clone_terms[t] + terms[t]
-    with torch.no_grad():
-        ht_final = st.teacher.model.norm(h_t)
-    hs_final = rms_norm(h_s, st.final_norm, st.norm_eps)
-    kl_w = loss.kl_weight * (loss.temperature ** 2 if loss.kl_t2_scale else 1.0)
-    total_logit, kl, lm = K.fused_linear_kl(
-        hs_final.reshape(-1, st.hidden_size), st.head_weight(),
-        ht_final.reshape(-1, st.arch.hidden_size), st.teacher.lm_head.weight,
-        labels.reshape(-1), temperature=loss.temperature, kl_weight=kl_w, ce_weight=loss.lm_weight)
-    clone = sum(clone_terms.values())
-    out = {"loss": total_logit + loss.clone_weight * clone, "kl": kl, "lm": lm, "clone": clone}
-    out.update({f"clone/{t}": v for t, v in clone_terms.items()})
-    return out
-
-
 def _grads(st, fn):
     st.zero_grad(set_to_none=True)
     out = fn()
@@ -138,15 +103,17 @@ def _grads(st, fn):
     return {k: v.detach() for k, v in out.items()}, grads
 
 
-def test_no_doc_ids_is_bit_identical_to_before(setup):
+def test_no_doc_ids_and_no_mask_are_the_plain_path(setup):
+    """Giving neither doc_ids nor a loss mask, or a mask that scores everything, is the plain
+    path bit for bit; one document per row through the masked path is the same to rounding."""
     teacher, st, ids, _ = setup
     loss = LossSettings(temperature=2.0)
-    want, gw = _grads(st, lambda: _legacy_distill_losses(st, ids, loss))
-    for call in (lambda: st.distill_losses(ids, loss), lambda: st.distill_losses(ids, loss, None, None)):
+    want, gw = _grads(st, lambda: st.distill_losses(ids, loss))
+    for call in (lambda: st.distill_losses(ids, loss, None, None),
+                 lambda: st.distill_losses(ids, loss, None, torch.ones_like(ids, dtype=torch.bool))):
         got, gg = _grads(st, call)
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
         assert all(torch.equal(gg[k], gw[k]) for k in gw)
-    # one document per row through the masked path: the same numbers, to rounding
     one, _ = _grads(st, lambda: st.distill_losses(ids, loss, doc_ids=torch.zeros_like(ids)))
     for k in want:
         assert torch.allclose(one[k], want[k], rtol=1e-5, atol=1e-7), k

@@ -120,14 +120,17 @@ def test_nan_gradient_names_step_and_parameter(loaded_teachers, teacher_dirs, co
     cfg.resume = True
     calls = {"n": 0}
 
-    def poison(g):  # the loss stays finite; only this gradient turns NaN, at step 3
-        calls["n"] += 1
-        return g * float("nan")
+    backward = st.weight_backward
 
-    h = st.layers[1].gate.register_hook(poison)
+    def poison(*a, **k):  # the loss stays finite; only this gradient turns NaN, at step 3
+        backward(*a, **k)
+        calls["n"] += 1
+        st.layers[1].gate.grad[0, 0] = float("nan")
+
+    st.weight_backward = poison
     with pytest.raises(RedError, match=r"non-finite gradient at step 3 .* in layers\.1\.gate;"):
         train(st, corpus, cfg, tmp_path / "r", progress=False)
-    h.remove()
+    del st.weight_backward
     assert calls["n"] == 1
     assert [c.name for c in list_checkpoints(tmp_path / "r/checkpoints")] == ["step-0000002"]
 

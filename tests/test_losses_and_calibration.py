@@ -41,26 +41,47 @@ def test_kl_and_lm_terms_match_direct_formulas(setup, T, t2):
     assert torch.allclose(out["loss"].double(), 0.7 * scale * kl + 0.3 * lm, rtol=1e-4, atol=1e-6)
 
 
-def test_clone_terms_match_manual_layer_outputs(setup):
+def _layer_activations(model, ids) -> list[dict]:
+    """Per decoder layer of a transformers model, the tensors the clone terms compare,
+    caught by hooks on its own modules: q, k, v, gate, up and FFN outputs, attention output
+    (o_proj's input)."""
+    rec = [dict() for _ in model.model.layers]
+    hooks = []
+    for r, layer in zip(rec, model.model.layers):
+        at, mlp = layer.self_attn, layer.mlp
+        for name, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj), ("gate", mlp.gate_proj),
+                          ("up", mlp.up_proj), ("ffn", mlp.down_proj)):
+            hooks.append(mod.register_forward_hook(lambda m, a, o, r=r, n=name: r.__setitem__(n, o)))
+        hooks.append(at.o_proj.register_forward_hook(lambda m, a, o, r=r: r.__setitem__("attn", a[0])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return rec
+
+
+def test_clone_terms_match_transformers_activations(setup):
+    """Each clone term against the activations of transformers' own forward of the teacher
+    and of the exported student (the same weights as a plain model)."""
+    from red.export import merged_state_dict, student_config
+
     teacher, st, ids = setup
     raw = st.distill_losses(ids, LossSettings(clone_norm="none"))
     normed = st.distill_losses(ids, LossSettings(clone_norm="teacher-ms"))
-    with torch.no_grad():
-        h_t, h_s = st._embed(ids)
-        cos, sin = st._rope(h_t)
-        want = {k: 0.0 for k in ("q", "k", "v", "attn", "gate", "up", "ffn")}
-        want_n = dict(want)
-        for i in range(teacher.config.num_hidden_layers):
-            h_t, rt = st._teacher_layer(i, h_t, cos, sin)
-            h_s, rs = st._student_layer(i, h_s, cos, sin)
-            for k in want:
-                target = rt[k] @ st.layers[i].down if k == "ffn" else rt[k]
-                mse = ((rs[k] - target) ** 2).mean()
-                want[k] += mse
-                want_n[k] += mse / (rt[k] ** 2).mean()
+    plain = type(teacher)(student_config(teacher, st.hidden_size, st.norm_eps, torch.float32)).eval()
+    plain.load_state_dict(merged_state_dict(st), strict=False)
+    rt_all, rs_all = _layer_activations(teacher, ids), _layer_activations(plain, ids)
+    want = {k: 0.0 for k in ("q", "k", "v", "attn", "gate", "up", "ffn")}
+    want_n = dict(want)
+    for i, (rt, rs) in enumerate(zip(rt_all, rs_all)):
+        for k in want:
+            target = rt[k] @ st.layers[i].down.detach() if k == "ffn" else rt[k]
+            mse = ((rs[k].double() - target.double()) ** 2).mean()
+            want[k] += mse
+            want_n[k] += mse / (rt[k].double() ** 2).mean()
     for k in want:
-        assert torch.allclose(raw[f"clone/{k}"], torch.as_tensor(want[k]), rtol=1e-4), k
-        assert torch.allclose(normed[f"clone/{k}"], torch.as_tensor(want_n[k]), rtol=1e-4), k
+        assert torch.allclose(raw[f"clone/{k}"].double(), torch.as_tensor(want[k]), rtol=1e-4), k
+        assert torch.allclose(normed[f"clone/{k}"].double(), torch.as_tensor(want_n[k]), rtol=1e-4), k
     assert torch.allclose(raw["clone"], sum(raw[f"clone/{k}"] for k in want), rtol=1e-5)
     total = raw["kl"] + raw["lm"] + 0.2 * raw["clone"]
     assert torch.allclose(raw["loss"].detach(), total, rtol=1e-5)

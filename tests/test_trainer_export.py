@@ -116,21 +116,3 @@ def test_export_loads_with_plain_transformers_and_matches(arch, loaded_teachers,
     assert gen.shape[1] == enc["input_ids"].shape[1] + 5
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
 
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_pruned_export_equals_red_init_student(arch, loaded_teachers, corpus_file, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from red.export import export_pruned, merged_state_dict, pruned_state_dict
-
-    teacher, tok = loaded_teachers[arch]
-    corpus = load_corpus(corpus_file, tok, 24)
-    st = _student(loaded_teachers, corpus, arch, init="red")
-    pruned = pruned_state_dict(teacher, st.channels)
-    merged = merged_state_dict(st)
-    assert set(pruned) == set(merged)
-    assert all(torch.equal(pruned[k], merged[k]) for k in merged)  # a 0/1 matmul is an exact gather
-    out = export_pruned(teacher, tok, st.channels, tmp_path / "pruned", dtype="float32")
-    model = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        assert (model(input_ids=corpus.val[:2]).logits - st(corpus.val[:2])).abs().max() <= 1e-4

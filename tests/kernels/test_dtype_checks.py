@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import red_kernels
-from red_kernels import _common, fused_linear_kl, projected_mse, projected_mse_student_space
-from red_kernels.projected_mse import _diff_gemm
+from red_kernels import _common, clone_mse, fused_linear_kl
 from kernel_utils import assert_close, randn
 
 bf16, fp32 = torch.bfloat16, torch.float32
@@ -59,13 +58,6 @@ def test_acc_tn_same_dtype_bf16_runs(backend, gen):
     assert_close(acc, ref, bf16)
 
 
-def test_diff_gemm_rejects_mixed_operands(backend, gen):
-    a, P, t = randn(N, d, dtype=bf16, gen=gen), randn(D, d, gen=gen), randn(N, D, dtype=bf16, gen=gen)
-    with pytest.raises(TypeError) as ei:
-        _diff_gemm(a, P, (P.stride(1), P.stride(0)), t, 1.0, 1.0, None)
-    _assert_names(ei, "projected_mse")
-
-
 @pytest.mark.parametrize("order", ["bf16_fp32", "fp32_bf16"])
 def test_fused_linear_kl_rejects_mixed_student_operands(backend, order, gen):
     hs_dt, ws_dt = (bf16, fp32) if order == "bf16_fp32" else (fp32, bf16)
@@ -79,43 +71,6 @@ def test_fused_linear_kl_rejects_mixed_student_operands(backend, order, gen):
 
 
 # ------------------------------------------------------------ the trainer's bf16 regime works
-
-def _grads_vs_ref(op, ref, inputs, grad_mask, factor=3.0):
-    """Run ``op`` (loss scaled by ``factor``) and its fp64 reference on the same values."""
-    ins = [t.requires_grad_(g) for t, g in zip(inputs, grad_mask)]
-    loss = op(*ins)
-    refs = [t.detach().double().requires_grad_(g) for t, g in zip(inputs, grad_mask)]
-    lref = ref(*refs)
-    (loss * factor).backward()
-    (lref * factor).backward()
-    return loss, lref, ins, refs
-
-
-def test_projected_mse_student_space_bf16_with_fp32_master(backend, gen):
-    y_s, y_t = randn(N, d, dtype=bf16, gen=gen), randn(N, D, dtype=bf16, gen=gen)
-    P = randn(D, d, dtype=fp32, gen=gen, scale=0.2)
-    loss, lref, (ys, _, Pg), (ysr, _, Pr) = _grads_vs_ref(
-        projected_mse_student_space, lambda a, b, p: (a - b @ p).pow(2).mean(),
-        [y_s, y_t, P], [True, False, True])
-    assert loss.dtype == fp32
-    assert_close(loss, lref, bf16, "loss")
-    assert ys.grad.dtype == bf16 and Pg.grad.dtype == fp32
-    assert_close(ys.grad, ysr.grad, bf16, "dy_s")
-    assert_close(Pg.grad, Pr.grad, bf16, "dP")
-
-
-@pytest.mark.parametrize("lead", [(N,), (3, 7)])
-def test_projected_mse_bf16_with_fp32_master(backend, lead, gen):
-    h_s, h_t = randn(*lead, d, dtype=bf16, gen=gen), randn(*lead, D, dtype=bf16, gen=gen)
-    P = randn(D, d, dtype=fp32, gen=gen, scale=0.2)
-    loss, lref, (hs, Pg, _), (hsr, Pr, _) = _grads_vs_ref(
-        projected_mse, lambda a, p, b: (a @ p.t() - b).pow(2).mean(), [h_s, P, h_t], [True, True, False])
-    assert loss.dtype == fp32
-    assert_close(loss, lref, bf16, "loss")
-    assert hs.grad.dtype == bf16 and Pg.grad.dtype == fp32
-    assert_close(hs.grad, hsr.grad, bf16, "dh_s")
-    assert_close(Pg.grad, Pr.grad, bf16, "dP")
-
 
 def test_fused_linear_kl_bf16_with_fp32_teacher_head(backend, gen):
     """Only the student GEMM is checked: a teacher head in another dtype is cast by the op."""
@@ -144,7 +99,7 @@ def _by_kernel(records):
 def test_record_lists_mse_launch(record, gen):
     s, t = randn(N, D, dtype=bf16, gen=gen, requires_grad=True), randn(N, D, dtype=bf16, gen=gen)
     with red_kernels.use_backend("triton"):
-        red_kernels.mse(s, t).backward()
+        clone_mse(s, t)[1].backward()
     recs = _by_kernel(record)
     assert set(recs) == {"_mse_kernel"}, list(recs)
     (r,) = recs["_mse_kernel"]
@@ -156,22 +111,20 @@ def test_record_lists_mse_launch(record, gen):
 
 
 def test_record_bf16_regime_has_same_dtype_gemm_operands(record, gen):
-    """projected_mse_student_space with bf16 activations and an fp32 master P: every GEMM
-    kernel launch sees bf16 x bf16 operands, sums into fp32."""
-    y_s = randn(N, d, dtype=bf16, gen=gen, requires_grad=True)
-    y_t = randn(N, D, dtype=bf16, gen=gen)
-    P = randn(D, d, dtype=fp32, gen=gen, scale=0.2, requires_grad=True)
+    """The LM head in the bf16 regime: every GEMM kernel launch sees bf16 x bf16 operands and
+    sums into fp32, and the head gradient is laid out so that the grid reads each logits
+    block once (first grid axis over the head's columns)."""
+    h_s = randn(N, d, dtype=bf16, gen=gen, requires_grad=True)
+    w_s = randn(V, d, dtype=bf16, gen=gen, scale=0.15, requires_grad=True)
+    h_t, w_t = randn(N, D, dtype=bf16, gen=gen), randn(V, D, dtype=bf16, gen=gen, scale=0.15)
+    labels = torch.randint(0, V, (N,), generator=gen, device=gen.device)
     with red_kernels.use_backend("triton"):
-        projected_mse_student_space(y_s, y_t, P).backward()
+        fused_linear_kl(h_s, w_s, h_t, w_t, labels)[0].backward()
     recs = _by_kernel(record)
-    assert {"_diff_gemm_kernel", "_acc_tn_kernel"} <= set(recs), list(recs)
-    for name in ("_diff_gemm_kernel", "_acc_tn_kernel"):
-        for r in recs[name]:
-            sig = r["signature"]
-            assert sig["a_ptr"] == sig["b_ptr"] == "*bf16", (name, sig)
-    (dg,) = recs["_diff_gemm_kernel"]
-    assert dg["signature"]["part_ptr"] == "*fp32" and dg["signature"]["e_ptr"] == "*bf16"
-    assert all(r["signature"]["acc_ptr"] == "*fp32" for r in recs["_acc_tn_kernel"])
+    assert {"_kl_ce_kernel", "_acc_tn_kernel"} <= set(recs), list(recs)
+    for r in recs["_acc_tn_kernel"]:
+        sig = r["signature"]
+        assert sig["a_ptr"] == sig["b_ptr"] == "*bf16" and sig["acc_ptr"] == "*fp32", sig
     # no kernel anywhere got an fp32 tensor next to a bf16 one among its GEMM operands
     for r in record:
         ops = {r["signature"][k] for k in ("a_ptr", "b_ptr") if k in r["signature"]}
@@ -182,5 +135,5 @@ def test_record_is_off_by_default(gen):
     assert _common.RECORD is None
     s, t = randn(5, 16, gen=gen), randn(5, 16, gen=gen)
     with red_kernels.use_backend("triton"):
-        red_kernels.mse(s, t)
+        clone_mse(s, t)
     assert _common.RECORD is None

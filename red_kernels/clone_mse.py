@@ -1,0 +1,136 @@
+"""The clone MSE of LRC/RED as a tap on the student's activation.
+
+``clone_mse(s, t) -> (s, mse, ms)``: mean((s − t)²) and the teacher's mean square
+mean(t²), both fp32, read in one pass over s and t; the first output is s itself, and the
+student keeps using it. The op sits on the activation's path instead of beside it, so its
+backward adds the clone gradient into the gradient that flows back through s in one
+fused ``addcmul`` (ds = ds_downstream + go·g), instead of handing autograd a separate
+g·go tensor to sum with it. g = 2(s − t)/n is made in the forward, in s's own dtype (the
+compute dtype), and is the only thing kept for backward: no fp32 copy of either operand.
+
+When t needs a gradient (the FFN term compares with the teacher's output pushed through
+the student's own P_down), dt = −go·g.
+
+Triton: one kernel reads s and t once per row block and writes g and the two partial
+sums. Torch: the same arithmetic in chunks of rows (fp32 temporaries of ~4 MB).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._backend import HAS_TRITON, get_backend
+from ._common import alloc, cdiv, compute_dtype, fix_bf16, flatten_rows, launch, next_pow2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._common import rne_bf16
+
+    @triton.jit
+    def _mse_kernel(
+        s_ptr, t_ptr, g_ptr, part_ptr,
+        T, W, stride_s, stride_t, stride_g, scale,
+        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, STORE_G: tl.constexpr,
+        FIX_BF16: tl.constexpr,
+    ):
+        """One row block: part[pid] = (Σ (s − t)², Σ t²); g = scale·(s − t) if STORE_G."""
+        pid = tl.program_id(0).to(tl.int64)
+        CDT = part_ptr.dtype.element_ty
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        tot = tl.zeros((BLOCK_T,), dtype=CDT)
+        tsq = tl.zeros((BLOCK_T,), dtype=CDT)
+        for c0 in range(0, W, BLOCK_W):
+            cols = c0 + tl.arange(0, BLOCK_W)
+            m = rmask[:, None] & (cols < W)[None, :]
+            s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(CDT)
+            t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(CDT)
+            e = s - t
+            tot += tl.sum(e * e, axis=1)
+            tsq += tl.sum(t * t, axis=1)
+            if STORE_G:
+                g = rne_bf16(e * scale, FIX_BF16)
+                tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=m)
+        tl.store(part_ptr + 2 * pid, tl.sum(tot, axis=0))
+        tl.store(part_ptr + 2 * pid + 1, tl.sum(tsq, axis=0))
+
+
+def rowwise_meta(on_gpu: bool, W: int) -> dict:
+    """Row block, column block and warps of ``_mse_kernel``."""
+    if on_gpu:
+        return dict(BLOCK_T=16, BLOCK_W=min(1024, next_pow2(W)), num_warps=8)
+    return dict(BLOCK_T=16, BLOCK_W=32, num_warps=4)
+
+
+def _sums(s2, t2, g, scale, backend):
+    """(Σ (s − t)², Σ t²) in fp32 (fp64 for fp64 inputs), writing g = scale·(s − t) when given."""
+    T, W = s2.shape
+    cdt = compute_dtype(s2, t2)
+    if T * W == 0:
+        z = torch.zeros((), dtype=cdt, device=s2.device)
+        return z, z
+    if backend == "triton":
+        meta = rowwise_meta(s2.is_cuda, W)
+        grid = cdiv(T, meta["BLOCK_T"])
+        part = alloc((grid, 2), cdt, s2.device)
+        store = g is not None
+        launch(_mse_kernel, (grid,), s2, t2, g if store else part, part, T, W, s2.stride(0), t2.stride(0),
+               g.stride(0) if store else 0, float(scale), STORE_G=store, FIX_BF16=store and fix_bf16(g), **meta)
+        return part.sum(0).unbind()
+    err = torch.zeros((), dtype=cdt, device=s2.device)
+    tsq = torch.zeros((), dtype=cdt, device=s2.device)
+    C = max(1, min(T, max(16, (1 << 20) // max(W, 1))))
+    for r0 in range(0, T, C):
+        a, b = s2[r0:r0 + C].to(cdt), t2[r0:r0 + C].to(cdt)
+        e = a - b
+        err = err + e.square().sum()
+        tsq = tsq + b.square().sum()
+        if g is not None:
+            g[r0:r0 + C] = e.mul_(scale)
+    return err, tsq
+
+
+class _CloneMSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, backend):
+        s2, t2 = flatten_rows(s), flatten_rows(t)
+        n = max(s2.numel(), 1)
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g = alloc(s2.shape, s.dtype, s.device) if need else None
+        err, tsq = _sums(s2, t2, g, 2.0 / n, backend)
+        ctx.save_for_backward(g)
+        ctx.s_shape = s.shape
+        ctx.set_materialize_grads(False)  # no zero tensors made for the gradients nobody sent
+        mse, ms = err / n, tsq / n
+        ctx.mark_non_differentiable(ms)
+        return s.view_as(s), mse, ms
+
+    @staticmethod
+    def backward(ctx, ds, go, _gms):
+        (g,) = ctx.saved_tensors
+        if g is None or go is None:
+            return ds, None, None
+        g = g.view(ctx.s_shape)
+        go = go.to(g.dtype)
+        if ds is None:
+            grad_s = g * go
+        else:
+            grad_s = torch.addcmul(ds, g, go)
+        grad_t = g * (-go) if ctx.needs_input_grad[1] else None
+        return grad_s if ctx.needs_input_grad[0] else None, grad_t, None
+
+
+def clone_mse(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, mean((s − t)²), mean(t²))``: use the returned s in place of the input.
+
+    The MSE is differentiable w.r.t. s (and t, when t requires grad); the mean square (the
+    clone loss's normalizer) is not. Both are fp32 (fp64 for fp64 inputs)."""
+    if s.shape[-1] != t.shape[-1] or s.numel() != t.numel():
+        raise ValueError(f"s and t must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    return _CloneMSE.apply(s, t, get_backend(s, t))
+
+
+def naive_clone_mse(s, t):
+    """Eager composition: fp32 copies of both operands, kept by autograd until backward."""
+    return s, torch.nn.functional.mse_loss(s.float(), t.float()), t.float().square().mean()
