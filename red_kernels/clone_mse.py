@@ -6,7 +6,8 @@ student keeps using it. The op sits on the activation's path instead of beside i
 backward adds the clone gradient into the gradient that flows back through s in one
 fused ``addcmul`` (ds = ds_downstream + go·g), instead of handing autograd a separate
 g·go tensor to sum with it. g = 2(s − t)/n is made in the forward, in s's own dtype (the
-compute dtype), and is the only thing kept for backward: no fp32 copy of either operand.
+compute dtype; the torch path keeps s − t and applies 2/n with go), and is the only thing
+kept for backward: no fp32 copy of either operand.
 
 When t needs a gradient (the FFN term compares with the teacher's output pushed through
 the student's own P_down), dt = −go·g.
@@ -64,7 +65,9 @@ def rowwise_meta(on_gpu: bool, W: int) -> dict:
 
 
 def _sums(s2, t2, g, scale, backend):
-    """(Σ (s − t)², Σ t²) in fp32 (fp64 for fp64 inputs), writing g = scale·(s − t) when given."""
+    """(Σ (s − t)², Σ t²) in fp32 (fp64 for fp64 inputs), writing g = scale·(s − t) when g is
+    given (s − t itself when ``scale`` is None: the torch path for inputs already in the
+    accumulation dtype)."""
     T, W = s2.shape
     cdt = compute_dtype(s2, t2)
     if T * W == 0:
@@ -78,9 +81,16 @@ def _sums(s2, t2, g, scale, backend):
         launch(_mse_kernel, (grid,), s2, t2, g if store else part, part, T, W, s2.stride(0), t2.stride(0),
                g.stride(0) if store else 0, float(scale), STORE_G=store, FIX_BF16=store and fix_bf16(g), **meta)
         return part.sum(0).unbind()
+    if s2.dtype == cdt and t2.dtype == cdt and scale is None:
+        # already the accumulation dtype: three passes, no temporaries; g is left unscaled
+        # and the backward applies the scale with the incoming gradient (a scalar)
+        e = torch.sub(s2, t2, out=g) if g is not None else s2 - t2
+        ev, tv = e.reshape(-1), t2.reshape(-1)
+        return torch.dot(ev, ev), torch.dot(tv, tv)
+    scale = 2.0 / max(T * W, 1) if scale is None else scale
     err = torch.zeros((), dtype=cdt, device=s2.device)
     tsq = torch.zeros((), dtype=cdt, device=s2.device)
-    C = max(1, min(T, max(16, (1 << 20) // max(W, 1))))
+    C = max(1, min(T, max(16, (1 << 20) // max(W, 1))))  # ~4 MB fp32 temporaries a chunk
     for r0 in range(0, T, C):
         a, b = s2[r0:r0 + C].to(cdt), t2[r0:r0 + C].to(cdt)
         e = a - b
@@ -98,7 +108,10 @@ class _CloneMSE(torch.autograd.Function):
         n = max(s2.numel(), 1)
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         g = alloc(s2.shape, s.dtype, s.device) if need else None
-        err, tsq = _sums(s2, t2, g, 2.0 / n, backend)
+        # the torch path keeps s − t and scales in backward (one pass fewer); Triton writes 2(s − t)/n
+        unscaled = backend != "triton" and s2.dtype == t2.dtype == compute_dtype(s2, t2)
+        err, tsq = _sums(s2, t2, g, None if unscaled else 2.0 / n, backend)
+        ctx.scale = 2.0 / n if unscaled else 1.0
         ctx.save_for_backward(g)
         ctx.s_shape = s.shape
         ctx.set_materialize_grads(False)  # no zero tensors made for the gradients nobody sent
@@ -112,7 +125,7 @@ class _CloneMSE(torch.autograd.Function):
         if g is None or go is None:
             return ds, None, None
         g = g.view(ctx.s_shape)
-        go = go.to(g.dtype)
+        go = (go * ctx.scale).to(g.dtype)
         if ds is None:
             grad_s = g * go
         else:

@@ -290,21 +290,36 @@ if HAS_TRITON:
 
 
 def _kl_ce_torch(ls, lt, lab, valid, inv_temp, kl_w, ce_w, has_ce, write_grad, cdt):
-    """Same math as the kernel, in torch ops on one chunk (fp32)."""
+    """Same math as the kernel, in torch ops on one chunk (fp32), with as few passes over
+    the [rows, V] block as torch allows: the student's softmax is made once and reused by
+    the KL gradient and (at T = 1) the CE, and the gradient is built in place of it."""
     s, t = ls.to(cdt), lt.to(cdt)
-    lps = torch.log_softmax(s * inv_temp, -1)
-    lpt = torch.log_softmax(t * inv_temp, -1)
-    kl = F.kl_div(lps, lpt, log_target=True, reduction="none").sum(-1) * valid
+    if inv_temp != 1.0:
+        s_t, t_t = s * inv_temp, t * inv_temp
+    else:
+        s_t, t_t = s, t
+    lps = torch.log_softmax(s_t, -1)
+    lpt = torch.log_softmax(t_t, -1)
+    del s_t, t_t
+    pt = lpt.exp()
+    kl = torch.sub(lpt, lps, out=lpt).mul_(pt).sum(-1) * valid  # Σ p (log p − log q)
     ce = None
+    lab_c = lab.clamp(0, s.shape[1] - 1)[:, None] if has_ce else None
     if has_ce:
         lpc = lps if inv_temp == 1.0 else torch.log_softmax(s, -1)
-        ce = -lpc.gather(1, lab.clamp(0, s.shape[1] - 1)[:, None])[:, 0] * valid
+        ce = -lpc.gather(1, lab_c)[:, 0] * valid
     if write_grad:
-        g = (kl_w * inv_temp) * (lps.exp() - lpt.exp())
+        a = kl_w * inv_temp
+        g = lps.exp_()  # q; lps is not needed any more (ce already read)
+        if has_ce and inv_temp == 1.0:
+            g.mul_(a + ce_w).sub_(pt, alpha=a)  # a (q − p) + ce_w q
+        else:
+            g.sub_(pt).mul_(a)
+            if has_ce:
+                g.add_(lpc.exp_(), alpha=ce_w)
         if has_ce:
-            g += ce_w * lpc.exp()
-            g.scatter_add_(1, lab.clamp(0, s.shape[1] - 1)[:, None], -ce_w * valid[:, None])
-        g *= valid[:, None]
+            g.scatter_add_(1, lab_c, -ce_w * valid[:, None])
+        g.mul_(valid[:, None])
         ls.copy_(g)
     return kl, ce
 
