@@ -141,11 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch of both benchmarks (default: 200 problems for the synthetic one, 8 for lm-eval)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
 
-    p = sub.add_parser("plan", help="memory and communication of a distillation run, from the teacher's config alone",
+    p = sub.add_parser("plan", help="memory, communication and speed of a distillation run, from the teacher's config alone",
                        formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
                        "optimizer state, the step's dense weights and their gradient sums, gathered teacher layers, "
                        "activations, logits) and moves per optimizer step, for --teacher-sharding shard and replicate "
-                       "side by side, so a run can be sized before it starts. Reads config.json only.")
+                       "side by side, so a run can be sized before it starts; --speed adds the step's FLOPs, bytes and "
+                       "modelled time by part on an H100 and an H200 beside ordinary training. Reads config.json only.")
     p.add_argument("--teacher", required=True, help="teacher folder (or its config.json)")
     p.add_argument("--hidden-size", type=int, required=True, help="student width d")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GiB per GPU; a plan whose training or start-up peak is above it is refused (exit 2)")
     p.add_argument("--disk-gb-per-s", type=float, default=1.0,
                    help="write bandwidth of the --out file system, GB/s shared by all ranks, for the checkpoint time")
+    p.add_argument("--speed", action="store_true",
+                   help="also print the step's FLOPs, bytes and modelled ms by part (H100, H200) and the ratio to "
+                        "ordinary training")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,

@@ -2,8 +2,9 @@
 takes, from the teacher's config.json alone (no weights are loaded).
 
 ``plan_memory(...)`` returns bytes per GPU by category, the start-up peak, the checkpoint
-write and the communication of one optimizer step; ``choose_teacher_sharding(...)`` is
-``--teacher-sharding auto``.
+write and the communication of one optimizer step; ``plan_speed(...)`` the FLOPs, bytes
+and modelled time of one optimizer step by part, beside ordinary training of a model of
+the student's size; ``choose_teacher_sharding(...)`` is ``--teacher-sharding auto``.
 
 Memory model (per GPU; N = number of GPUs; FSDP2 stores every sharded tensor as
 ceil(rows / N) rows of its first dimension; one GPU: N = 1). The step it describes
@@ -98,6 +99,8 @@ a network file system).
 
 Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB per GPU),
 NCCL buffers, and the data loader. Leave headroom.
+
+Speed model: see ``plan_speed``.
 """
 from __future__ import annotations
 
@@ -299,8 +302,8 @@ def activation_bytes(arch: Arch, d: int, batch: int, seq_len: int, cb: int,
     n = batch * seq_len
     embed = 8 if arch.tied else cb * D  # token ids for the embedding's backward, or the rows times P_e
     outside = n * (embed + 2 * cb * arch.head_dim + (4 + cb) * d + 4)  # + rotary cos/sin, final norm
-    layer = n * layer_saved_bytes(arch, d, cb, gpu)
     outside += 4 * (7 * L + 1)  # the clone terms' normalizers [L, 7] and the KL's denominator (fp32)
+    layer = n * layer_saved_bytes(arch, d, cb, gpu)
     if activation_checkpointing:
         saved = outside + L * n * cb * (d + D) + layer
     else:
@@ -502,8 +505,8 @@ def choose_teacher_sharding(teacher: str | Path | dict, hidden_size: int, seq_le
 
 def plan_command(args) -> str:
     """What `red plan` prints for its parsed arguments (``red.cli``): the memory plan of each
-    ``--teacher-sharding`` choice (one column on one GPU, where there is nothing to shard).
-    RedError when no choice fits ``--gpu-memory``."""
+    ``--teacher-sharding`` choice (one column on one GPU, where there is nothing to shard),
+    and with ``--speed`` the speed model. RedError when no choice fits ``--gpu-memory``."""
     common = dict(activation_checkpointing=args.activation_checkpointing, teacher_dtype=args.teacher_dtype,
                   logits_chunk=args.logits_chunk, calib_samples=args.calib_samples,
                   disk_gb_per_s=args.disk_gb_per_s, grad_accum=args.grad_accum)
@@ -516,13 +519,19 @@ def plan_command(args) -> str:
     auto = None
     if args.gpus > 1:
         auto = choose_teacher_sharding(*shape, args.gpu_memory * 2 ** 30, **common)
+    speed = None
+    if args.speed:
+        speed = plan_speed(*shape, grad_accum=args.grad_accum, compute_dtype=args.teacher_dtype,
+                           activation_checkpointing=args.activation_checkpointing, logits_chunk=args.logits_chunk)
     if args.json:
         out = dict(plans[0]) if len(plans) == 1 else {p["inputs"]["teacher_sharding"]: p for p in plans}
         if auto is not None:
             out["auto"] = auto
+        if speed is not None:
+            out["speed"] = speed
         return json.dumps(out, indent=1)
     text = format_plan(*plans, gpu_memory_gib=args.gpu_memory, auto=auto)
-    return text
+    return text + ("\n" + format_speed(speed) if speed is not None else "")
 
 
 def _read_config(teacher) -> dict:
@@ -606,4 +615,294 @@ def format_plan(*plans: dict, gpu_memory_gib: float | None = None, auto: str | N
     if c is not None:
         lines.append(f"checkpoint write: {_gib(c['bytes_per_rank']).strip()} per rank ({i['gpus']} rank(s) each write "
                      f"their shard), ~{c['seconds']:.1f} s at {c['disk_gb_per_s']:g} GB/s")
+    return "\n".join(lines)
+
+
+# -- speed ----------------------------------------------------------------------------------
+#: Peak dense tensor-core FLOP/s by compute dtype (no 2:4 sparsity) and HBM bandwidth, from
+#: NVIDIA's data sheets: H100 SXM5 80 GB: bf16/fp16 989.4 TFLOP/s dense (1979 with
+#: sparsity), fp32 67 TFLOP/s (PyTorch's default fp32 matmul does not use TF32), HBM3
+#: 3.35 TB/s; H200 SXM 141 GB: the same compute, HBM3e 4.8 TB/s.
+DEVICES = {
+    "H100": {"flops": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}, "bandwidth": 3.35e12},
+    "H200": {"flops": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}, "bandwidth": 4.8e12},
+}
+#: causal attention: the flash kernels skip the masked half of the score tiles, so half of
+#: the FLOPs FlopCounterMode counts for SDPA (it counts the full T x T square) are executed
+CAUSAL_FRACTION = 0.5
+#: the parts of a RED step and of ordinary training, in print order
+RED_PARTS = ("teacher_forward", "student_gemms", "attention", "student_elementwise", "weight_products",
+             "clone_terms", "lm_head", "optimizer")
+ORDINARY_PARTS = ("student_gemms", "attention", "student_elementwise", "lm_head", "optimizer")
+
+
+def _norm_bytes(cb: int) -> int:
+    """Bytes per element of red's (and transformers') eager RMSNorm forward: x.float(),
+    pow(2), mean, x·rsqrt, .to(dtype), gain·x (the casts are no-ops in fp32)."""
+    return (cb + 4 if cb < 4 else 0) + 8 + 4 + 8 + (4 + cb if cb < 4 else 0) + 2 * cb
+
+
+#: bytes per element (in units of the compute dtype) of the eager rotary embedding of q or k:
+#: x·cos, rotate_half (negated half, cat), ·sin, the sum
+ROPE_PASSES = 10
+
+
+class _Work:
+    """FLOPs and bytes of one part of a step, kept op group by op group so that the time is
+    the sum of each group's roofline (GEMMs and the elementwise passes between them run one
+    after the other in eager PyTorch; neither hides the other)."""
+
+    def __init__(self):
+        self.ops: list[tuple[int, int, float]] = []  # (flops, bytes, fraction of the flops executed)
+
+    def gemm(self, M: int, K: int, N: int, cb: int, count: int = 1, out_bytes: int | None = None,
+             b_reads: int = 1, c_rw: int = 1) -> None:
+        """``count`` products [M, K] x [K, N]: 2MKN FLOPs; A and B read (B ``b_reads``
+        times), C written in ``out_bytes`` (default the compute dtype; ``c_rw`` 2: read
+        and written, an accumulation)."""
+        ob = cb if out_bytes is None else out_bytes
+        self.ops.append((count * 2 * M * K * N, count * (M * K * cb + b_reads * K * N * cb + c_rw * M * N * ob), 1.0))
+
+    def move(self, nbytes: int, count: int = 1) -> None:
+        self.ops.append((0, count * nbytes, 1.0))
+
+    def attention(self, flops: int, nbytes: int, count: int = 1) -> None:
+        self.ops.append((count * flops, count * nbytes, CAUSAL_FRACTION))
+
+    @property
+    def flops(self) -> int:
+        return sum(f for f, _, _ in self.ops)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b, _ in self.ops)
+
+    def seconds(self, peak: float, bandwidth: float) -> float:
+        return sum(max(f * frac / peak, b / bandwidth) for f, b, frac in self.ops)
+
+
+def _layer_ops(arch: Arch, h: int, B: int, T: int, cb: int, gemm: _Work, attn: _Work, ew: _Work, count: int,
+               forward: bool = True, backward: bool = False) -> None:
+    """One decoder layer of residual width ``h`` (``red.student.decoder_layer``, or a
+    transformers layer: the same ops), ``count`` times: forward and/or backward."""
+    n, I, H, hd = B * T, arch.intermediate_size, arch.num_heads, arch.head_dim
+    q, kv = _attention_dims(arch)
+    linears = ((h, q), (h, kv), (h, kv), (q, h), (h, I), (h, I), (I, h))  # (in, out): q k v o gate up down
+    ew_fwd = (2 * n * h * _norm_bytes(cb) + n * (q + kv) * ROPE_PASSES * cb + 2 * 3 * n * h * cb + 5 * n * I * cb
+              + (n * (q + kv) * _norm_bytes(cb) if arch.qk_norm else 0))
+    square = B * H * T * T * hd
+    if forward:
+        for k, o in linears:
+            gemm.gemm(n, k, o, cb, count)
+        attn.attention(4 * square, cb * n * (2 * q + 2 * kv) + 4 * n * H, count)
+        ew.move(ew_fwd, count)
+    if backward:
+        for k, o in linears:
+            gemm.gemm(n, o, k, cb, count)  # dX
+            gemm.gemm(o, n, k, cb, count)  # dW
+        attn.attention(10 * square, cb * n * (4 * q + 4 * kv) + 4 * n * H, count)  # recomputes the scores
+        ew.move(2 * ew_fwd, count)
+
+
+def _optimizer(nparams: int, pb: int, grad_accum: int, accumulate: bool) -> _Work:
+    """Gradient norm (read), clipping (read + write) and fused AdamW (read p, g, m, v; write
+    p, m, v) over ``nparams`` elements of ``pb`` bytes; ``accumulate``: autograd adds each
+    later micro-batch's gradient into ``.grad`` (read both, write one)."""
+    w = _Work()
+    w.move(10 * pb * nparams)
+    if accumulate:
+        w.move(3 * pb * nparams, grad_accum - 1)
+    return w
+
+
+def step_work(arch: Arch, d: int, batch: int, seq_len: int, grad_accum: int = 1, cb: int = 2, gpus: int = 1,
+              activation_checkpointing: bool = False, logits_chunk: int = 0) -> dict:
+    """The work of one optimizer step on one GPU: ``{"red": {part: _Work}, "ordinary":
+    {part: _Work}, "teacher_logits": _Work}`` (see ``plan_speed``)."""
+    D, V, L, I = arch.hidden_size, arch.vocab_size, arch.num_layers, arch.intermediate_size
+    q, kv = _attention_dims(arch)
+    B, T, ga = batch, seq_len, grad_accum
+    n = B * T
+    ac = 2 if activation_checkpointing else 1  # forwards per micro-batch
+    chunk = min(n, int(logits_chunk)) if logits_chunk else default_logits_chunk(n, V, d)
+    chunks = math.ceil(n / chunk)
+    acc = max(cb, 4)
+    red = {p: _Work() for p in RED_PARTS}
+    # the teacher: embedding rows, every layer (again in the recompute), the final norm
+    t = red["teacher_forward"]
+    t.move(2 * n * D * cb, ga)
+    _layer_ops(arch, D, B, T, cb, t, t, t, ga * L * ac)
+    t.move(n * D * _norm_bytes(cb), ga)
+    # the student: its layers forward (twice with checkpointing) and backward, its embedding
+    g, a, e = red["student_gemms"], red["attention"], red["student_elementwise"]
+    _layer_ops(arch, d, B, T, cb, g, a, e, ga * L * ac)
+    _layer_ops(arch, d, B, T, cb, g, a, e, ga * L, forward=False, backward=True)
+    e.move(3 * n * d * _norm_bytes(cb), ga)  # final norm, forward and backward
+    if arch.tied:  # rows of W_s's head; backward: a dense [V, d] gradient added to the head's
+        e.move(2 * n * d * cb + 4 * V * d * cb + 3 * n * d * cb, ga)
+    else:  # the teacher's rows times P_e, and P_e's gradient
+        e.move(2 * n * D * cb, ga)
+        g.gemm(n, D, d, cb, ga)
+        g.gemm(D, n, d, cb, ga)
+    # clone terms: the six same-space taps (s, t read, g written; backward: one addcmul),
+    # the FFN target t·P_down, its tap, its mean square, and P_down's gradient
+    c = red["clone_terms"]
+    tapped = 2 * q + 2 * kv + 2 * I + d
+    c.move(3 * n * tapped * cb + n * D * cb, ga * L * ac)
+    c.gemm(n, D, d, cb, ga * L * ac)
+    c.move(3 * n * tapped * cb + 2 * n * d * cb, ga * L)
+    c.gemm(D, n, d, cb, ga * L)
+    # LM head (fused linear-KL): per chunk the student and teacher logits (the head weights
+    # read again each chunk), the KL/CE kernel (two passes over both, the gradient written
+    # in place), dh, dW accumulated in fp32; backward scales both gradients
+    h = red["lm_head"]
+    h.gemm(n, d, V, cb, ga, b_reads=chunks)
+    h.gemm(n, D, V, cb, ga, b_reads=chunks)
+    h.move(5 * n * V * cb, ga)
+    h.gemm(n, V, d, cb, ga, b_reads=chunks)
+    h.gemm(V, n, d, cb, ga, out_bytes=acc, c_rw=2 * chunks)
+    h.move(2 * n * d * cb + (3 * V * d * acc + V * d * cb if cb < 4 else 2 * V * d * acc), ga)
+    # weight products, once per step: make W_s (P cast, one GEMM per matrix), fold each
+    # micro-batch's gradients into fp32 sums, all-reduce them (N > 1), weight_backward
+    wp = red["weight_products"]
+    products, casts = step_weight_elements(arch, d)
+    E = products + casts
+    low = cb < 4
+    layer_in = ((q, D), (kv, D), (kv, D), (I, D), (I, D))  # W_t [out, D] · P [D, d]
+    layer_out = ((D, q), (D, I))  # Pᵀ [d, D] · W_t [D, in]
+    for out_rows, _ in layer_in:
+        wp.gemm(out_rows, D, d, cb, L)
+        wp.gemm(D, out_rows, d, cb, L)  # dP = W_tᵀ · dW_s
+    for _, in_cols in layer_out:
+        wp.gemm(d, D, in_cols, cb, L)
+        wp.gemm(D, in_cols, d, cb, L)  # dP = W_t · dW_sᵀ
+    wp.gemm(V, D, d, cb)
+    wp.gemm(D, V, d, cb)
+    trainable = sum(_numel(s) for s in trainable_shapes(arch, d).values())
+    if low:
+        wp.move((4 + cb) * trainable)  # P and the gains cast down to make W_s
+        # weight_backward: each gradient sum cast down for its GEMM, each dP cast up
+        wp.move((4 + cb) * products + (cb + 4) * (7 * L + 1) * D * d)
+        wp.move((cb + 4) * E + (ga - 1) * (cb + 8) * E)  # fold each micro-batch into the fp32 sums
+    else:
+        wp.move(12 * E, ga - 1)  # autograd adds each later micro-batch into .grad
+    wp.move(12 * L * D * d)  # P_down: the GEMM's dP plus the target's own gradient
+    if gpus > 1:
+        wp.move(16 * E)  # concatenated and copied for the all-reduce
+    red["optimizer"] = _optimizer(trainable, 4, ga, False)
+    # ordinary training of the same student as a transformers model, in the compute dtype
+    ordinary = {p: _Work() for p in ORDINARY_PARTS}
+    og, oa, oe = ordinary["student_gemms"], ordinary["attention"], ordinary["student_elementwise"]
+    _layer_ops(arch, d, B, T, cb, og, oa, oe, ga * L * ac)
+    _layer_ops(arch, d, B, T, cb, og, oa, oe, ga * L, forward=False, backward=True)
+    oe.move(3 * n * d * _norm_bytes(cb), ga)
+    oe.move(2 * n * d * cb + 3 * n * d * cb + (4 if arch.tied else 1) * V * d * cb, ga)
+    oh = ordinary["lm_head"]
+    oh.gemm(n, d, V, cb, ga)
+    ce = (cb + 4 if cb < 4 else 0) + 8 + 4 + 12 + (4 + cb if cb < 4 else 0)  # logits.float(), log_softmax, fwd + bwd
+    oh.move(n * V * ce, ga)
+    oh.gemm(n, V, d, cb, ga)
+    oh.gemm(V, n, d, cb, ga)
+    nparams = L * (student_weight_elements(arch, d) + 2 * d) + d + V * d * (1 if arch.tied else 2)
+    ordinary["optimizer"] = _optimizer(nparams, cb, ga, True)
+    tl = _Work()  # the teacher's own logits, which its forward alone would make (the floor)
+    tl.gemm(n, D, V, cb, ga)
+    return {"red": red, "ordinary": ordinary, "teacher_logits": tl}
+
+
+def plan_speed(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
+               grad_accum: int = 1, compute_dtype: str = "bfloat16", activation_checkpointing: bool = False,
+               logits_chunk: int = 0) -> dict:
+    """FLOPs, bytes and modelled time of one optimizer step per GPU, by part, for RED and for
+    ordinary training of a model of the student's size.
+
+    RED's parts: ``teacher_forward`` (the teacher's layers in lockstep, no grad; its logits
+    are in ``lm_head``), ``student_gemms`` (the student's seven linears per layer, forward
+    and backward, and an untied teacher's embedding rows times P_e), ``attention`` (the
+    student's SDPA, forward and backward), ``student_elementwise`` (norms, rotary, SiLU and
+    product, residual adds, the embedding and its gradient), ``weight_products`` (make W_s
+    and ``weight_backward``: one GEMM each per matrix, once per step; the fp32 gradient
+    sums), ``clone_terms`` (the taps, the FFN target t·P_down and its gradient), ``lm_head``
+    (fused linear-KL: student and teacher logits, dh, dW) and ``optimizer`` (gradient norm,
+    clipping, AdamW over the fp32 projections). Ordinary training: the same student as a
+    ``transformers`` model in the compute dtype (as ``red bench`` measures it): its layers
+    forward and backward, full [T, V] logits with its own cross-entropy, and AdamW over its
+    own weights, gradients added over the micro-batches in ``.grad``.
+
+    FLOPs count matrix products the way ``torch.utils.flop_counter.FlopCounterMode`` does
+    (2MKN per GEMM; SDPA as its flash formulas: 4BHT²h forward, 10BHT²h backward,
+    recomputing the scores); the tests hold every part equal to FlopCounterMode's count of
+    the real step. Elementwise work has no FLOPs here. Bytes are a model of HBM traffic:
+    every op reads its inputs and writes its output once (eager PyTorch; a Triton kernel
+    as written), GEMM weights re-read once per chunk where an op is chunked, and the
+    backward of the elementwise ops (norms, rotary, SiLU, residual adds) moves twice their
+    forward's bytes.
+
+    Time per part on each of ``DEVICES``: the sum over its op groups of the roofline
+    max(FLOPs / peak, bytes / bandwidth), with causal attention at ``CAUSAL_FRACTION`` of its
+    FLOPs; launch overheads and communication are not modelled (``plan_memory`` reports
+    the bytes moved). ``ratio`` is RED's modelled throughput over ordinary training's
+    (same tokens), ``floor_ratio`` ordinary / (ordinary + the teacher's own forward,
+    logits included): the best a distillation step can do.
+    """
+    from .config import validate_plan_inputs
+
+    validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)
+    if int(grad_accum) < 1:
+        raise RedError(f"--grad-accum {grad_accum} must be at least 1")
+    raw, config, arch = _teacher_arch(teacher)
+    d, N = int(hidden_size), int(gpus)
+    _check_shapes(config, arch, d, micro_batch, N, {"compute dtype": compute_dtype})
+    cb = DTYPE_BYTES[compute_dtype]
+    work = step_work(arch, d, micro_batch // N, seq_len, int(grad_accum), cb, N, activation_checkpointing, logits_chunk)
+
+    def summary(parts: dict) -> dict:
+        out = {}
+        for name, w in parts.items():
+            out[name] = {"flops": w.flops, "bytes": w.bytes,
+                         "ms": {dev: 1e3 * w.seconds(spec["flops"][compute_dtype], spec["bandwidth"])
+                                for dev, spec in DEVICES.items()}}
+        out["total"] = {"flops": sum(v["flops"] for v in out.values()), "bytes": sum(v["bytes"] for v in out.values()),
+                        "ms": {dev: sum(v["ms"][dev] for v in out.values()) for dev in DEVICES}}
+        return out
+
+    red, ordinary = summary(work["red"]), summary(work["ordinary"])
+    teacher_forward = summary({"teacher_forward": work["red"]["teacher_forward"],
+                               "teacher_logits": work["teacher_logits"]})["total"]
+    ratio, floor = {}, {}
+    for dev in DEVICES:
+        o, r, t = ordinary["total"]["ms"][dev], red["total"]["ms"][dev], teacher_forward["ms"][dev]
+        ratio[dev], floor[dev] = o / r, o / (o + t)
+    return {"red": red, "ordinary": ordinary, "teacher_forward": teacher_forward, "ratio": ratio,
+            "floor_ratio": floor, "devices": DEVICES, "inputs": {
+                "model_type": raw.get("model_type"), "num_layers": arch.num_layers,
+                "teacher_hidden_size": arch.hidden_size, "hidden_size": d, "vocab_size": arch.vocab_size,
+                "seq_len": seq_len, "micro_batch": micro_batch, "micro_batch_per_gpu": micro_batch // N, "gpus": N,
+                "grad_accum": int(grad_accum), "compute_dtype": compute_dtype,
+                "activation_checkpointing": activation_checkpointing, "logits_chunk": logits_chunk}}
+
+
+def format_speed(speed: dict) -> str:
+    """The speed section `red plan --speed` prints."""
+    i = speed["inputs"]
+    devs = list(speed["devices"])
+    tokens = i["micro_batch_per_gpu"] * i["seq_len"] * i["grad_accum"]
+    lines = [f"speed model, one optimizer step per GPU ({i['micro_batch_per_gpu']} x {i['seq_len']} tokens x "
+             f"grad-accum {i['grad_accum']}, {i['compute_dtype']}; roofline per op group at "
+             + ", ".join(f"{d} {s['flops'][i['compute_dtype']] / 1e12:g} TFLOP/s, {s['bandwidth'] / 1e12:g} TB/s"
+                         for d, s in speed["devices"].items()) + "):",
+             f"  {'part':<22}{'TFLOP':>9}{'GB':>9}" + "".join(f"{d + ' ms':>11}" for d in devs)]
+
+    def rows(title, parts):
+        lines.append(f" {title}")
+        for name, v in parts.items():
+            lines.append(f"  {name:<22}{v['flops'] / 1e12:9.2f}{v['bytes'] / 1e9:9.2f}"
+                         + "".join(f"{v['ms'][d]:11.2f}" for d in devs))
+    rows("RED step", speed["red"])
+    rows("ordinary training of a model of the student's size", speed["ordinary"])
+    rows("teacher forward alone (layers + logits)", {"teacher_forward": speed["teacher_forward"]})
+    for d in devs:
+        r, o = speed["red"]["total"]["ms"][d], speed["ordinary"]["total"]["ms"][d]
+        lines.append(f"  {d}: RED/ordinary {speed['ratio'][d]:.3f} (RED {tokens / r * 1e3:,.0f} tokens/s, ordinary "
+                     f"{tokens / o * 1e3:,.0f}); floor ordinary/(ordinary+teacher forward) {speed['floor_ratio'][d]:.3f}")
     return "\n".join(lines)

@@ -7,18 +7,30 @@ Activations and the kept part of the logits are a model of the step: they must b
 bound of the tensors autograd really saves, at most 30% above them, with and without
 activation checkpointing. Communication: the gathers and the all-reduce the real step
 issues (recorded in one process) are the plan's.
+
+Speed: every part's FLOPs equal ``FlopCounterMode``'s count of the real step
+(``red.trainer.train_step``) and of ordinary training of the exported student, op by op
+attributed to the part that issued it (forward by the function running, backward by the
+autograd node being run).
 """
+import contextlib
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torch.utils.flop_counter as fc
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import red.student as student_module
+import red_kernels
 from red.cli import main
 from red.initialization import initialize
-from red.plan import (COMM_CATEGORIES, MICRO_BATCH_PHASE, PERSISTENT, REPLICATE_MEMORY_FRACTION,
-                      activation_bytes, choose_teacher_sharding, plan_memory, step_weight_elements)
+from red.plan import (COMM_CATEGORIES, MICRO_BATCH_PHASE, ORDINARY_PARTS, PERSISTENT, RED_PARTS,
+                      REPLICATE_MEMORY_FRACTION, activation_bytes, choose_teacher_sharding, plan_memory, plan_speed,
+                      step_weight_elements)
 from red.student import LossSettings, ProjectedStudent
 from red.teacher import Arch, load_teacher
 
@@ -301,9 +313,9 @@ def test_plan_command_prints_every_category(teacher_dirs, capsys):
     one = json.loads(capsys.readouterr().out)
     assert one["inputs"]["teacher_sharding"] == "replicate" and one["inputs"]["grad_accum"] == 3
     assert one["communication"]["teacher_gathers"] == 0 and one["auto"] == "replicate"
-    assert main(base + ["--json"]) == 0
+    assert main(base + ["--json", "--speed"]) == 0
     both = json.loads(capsys.readouterr().out)
-    assert set(both) == {"shard", "replicate", "auto"}
+    assert set(both) == {"shard", "replicate", "auto", "speed"}
     assert both["shard"]["communication"]["teacher_gathers"] > 0
     assert main(["plan", "--teacher", str(teacher_dirs["qwen2"]), "--hidden-size", "32", "--gpus", "3",
                  "--micro-batch", "4"]) == 2
@@ -385,3 +397,216 @@ def test_readme_one_gpu_refusal_is_what_plan_computes():
     text = (f"A 70B teacher on one 80 GB GPU is refused (training {plan['per_gpu']['total'] / 2 ** 30:.1f} GiB, "
             f"start-up {plan['startup']['total'] / 2 ** 30:.1f} GiB).")
     assert text in README.read_text(), text
+
+
+# -- speed ------------------------------------------------------------------------------------
+aten = torch.ops.aten
+#: FlopCounterMode has formulas for the CUDA SDPA kernels and for addmm, not for the CPU's
+#: flash kernel nor the in-place addmm_ (the fused KL's fp32 head-gradient accumulation on
+#: the CPU): the same formulas are given to them here
+CPU_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda go, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(go, q, k, v),
+    aten.addmm_: lambda c, a, b, *x, out_shape=None, **kw: 2 * a[0] * a[1] * b[1],
+}
+
+
+class _Parts(TorchFunctionMode):
+    """The part running (a stack of names), and a label on every autograd node made while
+    it runs (its output's node and the new nodes behind it), so that the backward op a
+    node runs is the part's too. Inside the student's decoder layer ``student_functional``
+    names F.linear a student GEMM and SDPA attention; the one other product there (t·P_down)
+    is a clone term."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = ["other"]
+
+    @property
+    def top(self) -> str:
+        return {"student": "clone_terms"}.get(self.stack[-1], self.stack[-1])
+
+    @contextlib.contextmanager
+    def part(self, name):
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        todo = [t.grad_fn for t in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or "part" in node.metadata:
+                continue
+            node.metadata["part"] = self.top
+            todo.extend(n for n, _ in node.next_functions)
+        return out
+
+
+def student_functional(parts: _Parts):
+    """``torch.nn.functional`` for red.student, with F.linear and SDPA named as parts when
+    the student's layer calls them (also in a recompute, which runs in backward)."""
+    import types
+
+    ns = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+
+    def sub(fn, name):
+        def run(*a, **k):
+            with parts.part(name if parts.stack[-1] == "student" else parts.stack[-1]):
+                return fn(*a, **k)
+        return run
+    ns.linear = sub(F.linear, "student_gemms")
+    ns.scaled_dot_product_attention = sub(F.scaled_dot_product_attention, "attention")
+    return ns
+
+
+class _Count(TorchDispatchMode):
+    """FlopCounterMode's formulas, op by op, attributed to the running part (forward, or a
+    recompute inside backward) or else to the part of the autograd node being run."""
+
+    def __init__(self, parts: _Parts):
+        super().__init__()
+        self.parts, self.flops = parts, {}
+        self.formulas = {**fc.flop_registry, **{k: fc.shape_wrapper(v) for k, v in CPU_FORMULAS.items()}}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            part = self.parts.top
+            node = torch._C._current_autograd_node()
+            if part == "other" and node is not None:
+                part = node.metadata.get("part", "unlabelled")
+            self.flops[part] = self.flops.get(part, 0) + formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def _labelled(parts, fn, name):
+    def run(*a, **k):
+        with parts.part(name(*a, **k) if callable(name) else name):
+            return fn(*a, **k)
+    return run
+
+
+def red_step_flops(st, batches, monkeypatch) -> tuple[dict, int]:
+    """(FLOPs by part, FlopCounterMode's total) of one ``train_step`` of ``st``."""
+    from red.trainer import make_optimizer, train_step
+
+    opt = make_optimizer(st.trainable_parameters(), 1e-4, torch.device("cpu"))
+    parts = _Parts()
+    monkeypatch.setattr(student_module, "decoder_layer", _labelled(
+        parts, student_module.decoder_layer, lambda *a, targets=None, **k: "teacher_forward" if targets is None
+        else "student"))
+    monkeypatch.setattr(student_module, "F", student_functional(parts))
+    monkeypatch.setattr(red_kernels, "fused_linear_kl", _labelled(parts, red_kernels.fused_linear_kl, "lm_head"))
+    for method, name in (("make_weights", "weight_products"), ("weight_backward", "weight_products"),
+                         ("_student_embed", "student_gemms")):
+        monkeypatch.setattr(ProjectedStudent, method, _labelled(parts, getattr(ProjectedStudent, method), name))
+    monkeypatch.setattr(opt, "step", _labelled(parts, opt.step, "optimizer"))
+    count = _Count(parts)
+    with fc.FlopCounterMode(display=False, custom_mapping=CPU_FORMULAS) as total, parts, count:
+        train_step(st, opt, batches, LossSettings())
+    return count.flops, total.get_total_flops()
+
+
+@pytest.mark.parametrize("arch,grad_accum,ac", [("llama", 2, False), ("qwen2", 1, False), ("qwen3", 3, False),
+                                                 ("llama", 2, True), ("qwen2", 2, True)])
+def test_speed_flops_are_flop_counter_modes_of_the_real_step(arch, grad_accum, ac, teacher_dirs, monkeypatch):
+    _, st = tiny_student(teacher_dirs[arch])
+    st.activation_checkpointing = ac
+    B, T = 2, 16
+    batches = [torch.randint(0, st.arch.vocab_size, (B, T)) for _ in range(grad_accum)]
+    by_part, total = red_step_flops(st, batches, monkeypatch)
+    speed = plan_speed(teacher_dirs[arch], 32, T, B, grad_accum=grad_accum, compute_dtype="float32",
+                       activation_checkpointing=ac)
+    model = {p: speed["red"][p]["flops"] for p in RED_PARTS if speed["red"][p]["flops"]}
+    assert by_part == model, (by_part, model)  # every counted op in a part, every part exact
+    assert total == speed["red"]["total"]["flops"] == sum(by_part.values())
+    assert speed["red"]["optimizer"]["flops"] == 0 and speed["red"]["student_elementwise"]["flops"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_speed_ordinary_flops_are_flop_counter_modes(arch, teacher_dirs):
+    """Ordinary training of the exported student (``red.bench.ordinary_model``): its
+    lm_head module is the LM head, SDPA the attention, every other product the GEMMs."""
+    from red.bench import ordinary_model
+
+    _, st = tiny_student(teacher_dirs[arch])
+    model = ordinary_model(st, torch.float32)
+    grad_accum, B, T = 2, 2, 16
+    with fc.FlopCounterMode(display=False, custom_mapping=CPU_FORMULAS) as counter:
+        for _ in range(grad_accum):
+            ids = torch.randint(0, st.arch.vocab_size, (B, T))
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    counts = counter.get_flop_counts()
+    head = sum(v for k, c in counts.items() if k.endswith(".lm_head") for v in c.values())
+    attention = sum(v for op, v in counts["Global"].items() if "attention" in str(op))
+    speed = plan_speed(teacher_dirs[arch], 32, T, B, grad_accum=grad_accum, compute_dtype="float32")["ordinary"]
+    assert (speed["lm_head"]["flops"], speed["attention"]["flops"]) == (head, attention)
+    assert speed["student_gemms"]["flops"] == counter.get_total_flops() - head - attention
+    assert speed["total"]["flops"] == counter.get_total_flops()
+    assert set(speed) == {*ORDINARY_PARTS, "total"}
+
+
+def test_speed_model_arithmetic(teacher_dirs):
+    """ms is the roofline of the part's op groups on each device (never below either
+    bound of the part as a whole), totals add up, the ratios are what they say, and the
+    teacher's share and the weight products shrink per token as the micro-batch grows."""
+    from red.plan import CAUSAL_FRACTION, DEVICES
+
+    s = plan_speed(teacher_dirs["llama"], 32, 64, 4, grad_accum=4)
+    for side in ("red", "ordinary"):
+        for name, v in s[side].items():
+            for dev, spec in DEVICES.items():
+                floor = max(v["flops"] * CAUSAL_FRACTION / spec["flops"]["bfloat16"], v["bytes"] / spec["bandwidth"])
+                assert v["ms"][dev] >= 1e3 * floor * (1 - 1e-9), (side, name, dev)
+        for dev in DEVICES:
+            assert s[side]["total"]["ms"][dev] == pytest.approx(
+                sum(v["ms"][dev] for k, v in s[side].items() if k != "total"))
+    for dev in DEVICES:
+        o, r, t = (s["ordinary"]["total"]["ms"][dev], s["red"]["total"]["ms"][dev], s["teacher_forward"]["ms"][dev])
+        assert s["ratio"][dev] == pytest.approx(o / r) and s["floor_ratio"][dev] == pytest.approx(o / (o + t))
+        assert s["ratio"][dev] < s["floor_ratio"][dev] < 1
+    small, large = (plan_speed(teacher_dirs["llama"], 32, 64, b, grad_accum=1) for b in (1, 16))
+    per_token = lambda sp, part: sp["red"][part]["ms"]["H100"] / (sp["inputs"]["micro_batch"])
+    assert per_token(large, "weight_products") < per_token(small, "weight_products") / 8
+    assert s["ordinary"]["student_gemms"]["flops"] == s["red"]["student_gemms"]["flops"]  # tied: same products
+
+
+def test_plan_speed_command(teacher_dirs, capsys):
+    assert main(["plan", "--teacher", str(teacher_dirs["llama"]), "--hidden-size", "32", "--seq-len", "64",
+                 "--micro-batch", "2", "--grad-accum", "4", "--speed"]) == 0
+    out = capsys.readouterr().out
+    speed = out.split("speed model", 1)[1]
+    for part in RED_PARTS:
+        assert f"  {part} " in speed, part
+    s = plan_speed(teacher_dirs["llama"], 32, 64, 2, grad_accum=4)
+    for dev in ("H100", "H200"):
+        assert f"{dev}: RED/ordinary {s['ratio'][dev]:.3f}" in speed
+        assert f"floor ordinary/(ordinary+teacher forward) {s['floor_ratio'][dev]:.3f}" in speed
+    assert "989 TFLOP/s, 3.35 TB/s" in speed and "989 TFLOP/s, 4.8 TB/s" in speed
+
+
+def test_readme_speed_figures_are_what_plan_speed_computes():
+    """The README's modelled Llama-3.2-3B -> 1536 figures (seq 4096, 1 x grad-accum 4, 1 GPU, bf16)."""
+    s = plan_speed(RECIPES / "configs" / "llama-3.2-3b" / "config.json", 1536, 4096, 1, grad_accum=4)
+    section = README.read_text().split("### Sizing a run: `red plan`", 1)[1].split("\n## ", 1)[0]
+    for dev in ("H100", "H200"):
+        row = (f"| {dev} | {s['red']['total']['ms'][dev]:.0f} | {s['ordinary']['total']['ms'][dev]:.0f} | "
+               f"{s['teacher_forward']['ms'][dev]:.0f} | {s['ratio'][dev]:.2f} | {s['floor_ratio'][dev]:.2f} |")
+        assert row in section, row
+    for part in RED_PARTS:
+        r, o = s["red"][part], s["ordinary"].get(part)
+        ordinary = f"{o['ms']['H100']:.1f} | {o['ms']['H200']:.1f}" if o else "- | -"
+        row = (f"| {part} | {r['flops'] / 1e12:.1f} | {r['bytes'] / 1e9:.0f} | {r['ms']['H100']:.1f} | "
+               f"{r['ms']['H200']:.1f} | {ordinary} |")
+        assert row in section, row
+    need = s["red"]["total"]["ms"]["H100"] - s["ordinary"]["total"]["ms"]["H100"] / 0.65
+    assert f"RED would need {need:.0f} ms less per step ({s['red']['total']['ms']['H100'] - need:.0f} ms)" in section
