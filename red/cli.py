@@ -141,24 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch of both benchmarks (default: 200 problems for the synthetic one, 8 for lm-eval)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
 
-    p = sub.add_parser("plan", help="memory per GPU of a distillation run, from the teacher's config alone",
+    p = sub.add_parser("plan", help="memory, communication and speed of a distillation run, from the teacher's config alone",
                        formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
-                       "optimizer state, FSDP2 working copies, activations, logits) so a run can be sized before "
-                       "it starts. Reads config.json only.")
+                       "optimizer state, the step's dense weights and their gradient sums, gathered teacher layers, "
+                       "activations, logits) and moves per optimizer step, for --teacher-sharding shard and replicate "
+                       "side by side, so a run can be sized before it starts; --speed adds the step's FLOPs, bytes and "
+                       "modelled time by part on an H100 and an H200 beside ordinary training. Reads config.json only.")
     p.add_argument("--teacher", required=True, help="teacher folder (or its config.json)")
     p.add_argument("--hidden-size", type=int, required=True, help="student width d")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, default=8, help="global micro-batch (--batch-size of red distill), split over the GPUs")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (--grad-accum of red distill)")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (torchrun processes)")
+    p.add_argument("--teacher-sharding", default="both", choices=("shard", "replicate", "both"),
+                   help="plan the teacher sharded over the GPUs, replicated on each, or both side by side")
     p.add_argument("--activation-checkpointing", action="store_true", help="plan with per-layer activation checkpointing")
-    p.add_argument("--recompute-weights", action="store_true", help="plan with W_t P re-made in backward instead of kept")
-    p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="teacher weight dtype")
+    p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="teacher weight dtype, which is the step's compute dtype")
     p.add_argument("--logits-chunk", type=int, default=0, help="rows per logits chunk of the fused KL kernel (0: its default)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (--calib-samples of red distill)")
     p.add_argument("--gpu-memory", type=float, default=80.0,
                    help="GiB per GPU; a plan whose training or start-up peak is above it is refused (exit 2)")
     p.add_argument("--disk-gb-per-s", type=float, default=1.0,
                    help="write bandwidth of the --out file system, GB/s shared by all ranks, for the checkpoint time")
+    p.add_argument("--speed", action="store_true",
+                   help="also print the step's FLOPs, bytes and modelled ms by part (H100, H200) and the ratio to "
+                        "ordinary training")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,
@@ -332,23 +340,17 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    import json
-
-    from .config import validate_plan_inputs
+    from .config import at_least, check_values, validate_plan_inputs
 
     validate_plan_inputs(args.hidden_size, args.seq_len, args.micro_batch, args.gpus, args.logits_chunk)
+    check_values({"--grad-accum": args.grad_accum}, (("--grad-accum", at_least(1, "pass 1 or more micro-batches")),))
     for flag, v in (("--gpu-memory", args.gpu_memory), ("--disk-gb-per-s", args.disk_gb_per_s),
                     ("--calib-samples", args.calib_samples)):
         if not v > 0 or v != v or v == float("inf"):
             raise RedError(f"{flag} {v} must be a positive number")
-    from .plan import check_fits, format_plan, plan_memory
+    from .plan import plan_command
 
-    plan = plan_memory(args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus,
-                       args.activation_checkpointing, args.teacher_dtype, recompute_weights=args.recompute_weights,
-                       logits_chunk=args.logits_chunk, calib_samples=args.calib_samples,
-                       disk_gb_per_s=args.disk_gb_per_s)
-    check_fits(plan, args.gpu_memory)
-    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    print(plan_command(args))
     return 0
 
 

@@ -422,21 +422,20 @@ def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
 
 def teacher_sharding(cfg: DistillConfig, ctx: DistContext, device, dtype) -> str:
     """"replicate" or "shard" for ``--teacher-sharding`` under torchrun (see the option's
-    help). ``auto`` replicates on CUDA when the plan's per-GPU peak with the teacher sharded,
-    plus the rest of a whole teacher, stays under 85 % of the GPU's memory."""
+    help). ``auto`` is ``red.plan.choose_teacher_sharding`` on this GPU's memory (red plan's
+    own rule: replicate when the replicated plan fits); on the CPU it shards (the host's
+    memory is not the plan's GPU memory)."""
     if cfg.teacher_sharding != "auto":
         return cfg.teacher_sharding
     if torch.device(device).type != "cuda":
         return "shard"
-    from .plan import DTYPE_NAMES, plan_memory
+    from .plan import DTYPE_NAMES, choose_teacher_sharding
 
-    name = DTYPE_NAMES[dtype]
-    plan = plan_memory(cfg.teacher, cfg.hidden_size, cfg.seq_len, cfg.batch_size, gpus=ctx.world_size,
-                       activation_checkpointing=cfg.activation_checkpointing, teacher_dtype=name)
-    whole = plan["per_gpu"]["teacher"] * ctx.world_size  # an upper bound of the whole teacher
-    need = plan["per_gpu"]["total"] + whole - plan["per_gpu"]["teacher"]
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return "replicate" if need <= 0.85 * total else "shard"
+    return choose_teacher_sharding(cfg.teacher, cfg.hidden_size, cfg.seq_len, cfg.batch_size, ctx.world_size, total,
+                                   activation_checkpointing=cfg.activation_checkpointing,
+                                   teacher_dtype=DTYPE_NAMES[dtype], calib_samples=cfg.calib_samples,
+                                   grad_accum=cfg.grad_accum)
 
 
 def sharded_startup() -> bool:

@@ -25,7 +25,8 @@ PAPER = {
     "qwen2.5-3b-lrc-1024.yaml": ("qwen2.5-3b", 1024, "lrc", "lrc", 40.0, 0.5),
 }
 TEACHERS = {"llama-3.2-3b": (3072, 28, 128256), "qwen2.5-3b": (2048, 36, 151936)}
-COLUMNS = ("total", "activations", "teacher", "optimizer", "projections", "gradients", "gathered", "logits")
+COLUMNS = ("total", "activations", "teacher", "optimizer", "projections", "gradients", "weights", "weight_grads",
+           "gathered", "logits", "step_buffers")
 
 
 def _load(path: Path, tmp_path: Path):
@@ -72,19 +73,22 @@ def test_teacher_configs_are_the_public_ones(cfg_dir):
     assert raw["tie_word_embeddings"] is True
 
 
-def _plan(cfg, gpus: int, checkpointing: bool) -> dict:
+def _plan(cfg, gpus: int, checkpointing: bool, sharding: str = "shard") -> dict:
     cfg_dir = PAPER[Path(cfg).name][0]
     c = make_config(cfg)
     return plan_memory(RECIPES / "configs" / cfg_dir / "config.json", c.hidden_size, c.seq_len, c.batch_size,
-                       gpus, activation_checkpointing=checkpointing)["per_gpu"]
+                       gpus, activation_checkpointing=checkpointing, teacher_sharding=sharding,
+                       grad_accum=c.grad_accum)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_plan_runs_and_shrinks_on_8_gpus(name):
     for ckpt in (False, True):
-        one, eight = _plan(RECIPES / name, 1, ckpt), _plan(RECIPES / name, 8, ckpt)
-        assert 0 < eight["total"] < one["total"]
-        assert eight["gathered"] > 0 == one["gathered"]
+        one = _plan(RECIPES / name, 1, ckpt)
+        shard, rep = _plan(RECIPES / name, 8, ckpt)["per_gpu"], _plan(RECIPES / name, 8, ckpt, "replicate")["per_gpu"]
+        assert 0 < shard["total"] < one["per_gpu"]["total"] and 0 < rep["total"] < one["per_gpu"]["total"]
+        assert shard["gathered"] > 0 == one["per_gpu"]["gathered"] == rep["gathered"]
+        assert rep["teacher"] == one["per_gpu"]["teacher"] > shard["teacher"]
 
 
 def _readme_rows() -> dict:
@@ -92,24 +96,27 @@ def _readme_rows() -> dict:
     section = text.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
-        m = re.fullmatch(r"\| `(\S+)-\{red,lrc\}-(\d+)` \| (\d+) \| (\d+) \| (on|off) \|(.*)\|", line)
+        m = re.fullmatch(r"\| `(\S+)-\{red,lrc\}-(\d+)` \| (\d+) \| (\d+) \| (shard|replicate|-) \| (on|off) \|(.*)\|",
+                         line)
         if m:
-            rows[(m[1], int(m[2]), int(m[3]), m[5] == "on")] = (int(m[4]), [c.strip() for c in m[6].split("|")])
+            rows[(m[1], int(m[2]), int(m[3]), m[5], m[6] == "on")] = (int(m[4]), [c.strip() for c in m[7].split("|")])
     return rows
 
 
 def test_readme_table_is_what_plan_computes():
     rows = _readme_rows()
-    assert len(rows) == 2 * 2 * 2  # 2 teachers x {1, 8} GPUs x checkpointing off/on
+    assert len(rows) == 2 * (2 + 2 * 2)  # 2 teachers x (1 GPU + 8 GPUs x {shard, replicate}) x checkpointing off/on
     for name in PAPER:  # both recipes of a teacher share the row
         stem, d = re.fullmatch(r"(\S+)-(?:red|lrc)-(\d+)\.yaml", name).groups()
-        for gpus in (1, 8):
+        for gpus, sharding in ((1, "-"), (8, "shard"), (8, "replicate")):
             for ckpt in (False, True):
-                per_gpu_seqs, cells = rows[(stem, int(d), gpus, ckpt)]
+                per_gpu_seqs, cells = rows[(stem, int(d), gpus, sharding, ckpt)]
                 cfg = make_config(RECIPES / name)
                 assert per_gpu_seqs == cfg.batch_size // gpus
-                plan = _plan(RECIPES / name, gpus, ckpt)
-                assert cells == [f"{plan[c] / GIB:.2f}" for c in COLUMNS], (name, gpus, ckpt)
+                plan = _plan(RECIPES / name, gpus, ckpt, "shard" if sharding == "-" else sharding)
+                expect = [f"{plan['per_gpu'][c] / GIB:.2f}" for c in COLUMNS] + \
+                    [f"{plan['communication']['total'] / GIB:.2f}"]
+                assert cells == expect, (name, gpus, sharding, ckpt)
 
 
 def test_readme_drops_untested_vllm_claim():
