@@ -111,7 +111,7 @@ from pathlib import Path
 import torch
 
 from .errors import RedError
-from .student import trainable_shapes
+from .student import step_layer_shapes, trainable_shapes
 from .teacher import Arch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -123,7 +123,8 @@ CATEGORIES = ("teacher", "projections", "gradients", "optimizer", "weights", "we
 PERSISTENT = ("teacher", "projections", "gradients", "optimizer", "weights", "weight_grads")
 MICRO_BATCH_PHASE = ("gathered", "activations", "logits")
 STARTUP_CATEGORIES = ("teacher", "projections", "gathered", "calibration", "init_matrices")
-COMM_CATEGORIES = ("teacher_gathers", "projection_gather", "weight_grad_all_reduce")
+COMM_CATEGORIES = ("teacher_gathers", "projection_gather", "step_weight_gathers", "step_weight_reduce_scatter",
+                   "weight_grad_gather", "weight_grad_all_reduce")
 TEACHER_SHARDINGS = ("shard", "replicate")
 CALIBRATION_BATCH = 4  # sequences per calibration forward (red.calibration.calibrate's batch_size)
 DEFAULT_GPU_MEMORY_GIB = 80.0
@@ -270,6 +271,18 @@ def step_weight_elements(arch: Arch, d: int) -> tuple[int, int]:
     return products, casts
 
 
+def step_layer_elements(arch: Arch, d: int) -> int:
+    """Elements of one layer's step weights (``red.student.step_layer_shapes``): what a
+    multi-process run shards over its GPUs."""
+    return sum(math.prod(s) for s in step_layer_shapes(arch, d).values())
+
+
+def step_root_elements(arch: Arch, d: int) -> int:
+    """Elements of the step weights outside the layers (the head, the final gain and an
+    untied P_e): whole on every GPU."""
+    return arch.vocab_size * d + d + (0 if arch.tied else arch.hidden_size * d)
+
+
 def _attention_dims(arch: Arch) -> tuple[int, int]:
     return arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
 
@@ -331,11 +344,10 @@ def step_buffer_bytes(arch: Arch, d: int, t_shapes: dict, N: int, cb: int, tb: i
     gather = layer_t if sharded_teacher else 0
     low = cb < 4  # a cast is a copy (else the fp32 tensor itself)
     cast_p = cb * D * d * (1 if low or N > 1 else 0) + (cb * math.ceil(D / N) * d if N > 1 else 0)
-    make = gather + cast_p
-    products, casts = step_weight_elements(arch, d)
-    # the flat copy and the collective's copy of the fp32 sums; the compute-dtype gradients
-    # that ``weight_grads`` also holds have been folded in by then
-    reduce = (2 * 4 - (cb if low else 0)) * (products + casts) if N > 1 else 0
+    make = gather + cast_p + (cb * step_layer_elements(arch, d) if N > 1 else 0)  # + one layer whole, N > 1
+    # the flat copy and the collective's copy of the fp32 sums of the root (the layers' are
+    # FSDP2's); the compute-dtype gradients that ``weight_grads`` also holds are folded in by then
+    reduce = (2 * 4 - (cb if low else 0)) * step_root_elements(arch, d) if N > 1 else 0
     widest = max(V, I, _attention_dims(arch)[0])
     # one matrix: its gradient sum cast down, the GEMM's result, that in fp32, + P_down's own term
     backward = gather + (cb * widest * d if low else 0) + cb * D * d + (4 * D * d if low else 0) + 2 * 4 * D * d
@@ -359,8 +371,13 @@ def communication(arch: Arch, d: int, t_shapes: dict, s_shapes: dict, N: int, cb
             out["teacher_gathers"] = (L * (per_micro + 2) * gather(layer, tb) + L * per_micro * gather(extras, tb)
                                       + gather(root, tb))
         out["projection_gather"] = gather(s_shapes, cb)
-        products, casts = step_weight_elements(arch, d)
-        out["weight_grad_all_reduce"] = 2 * (N - 1) * 4 * (products + casts) // N
+        L, layer = arch.num_layers, step_layer_shapes(arch, d)
+        # FSDP2 gathers each layer's step weights for its forward and again for its backward
+        # (a recompute reuses the backward's), and reduce-scatters their fp32 gradients
+        out["step_weight_gathers"] = 2 * grad_accum * L * gather(layer, cb)
+        out["step_weight_reduce_scatter"] = grad_accum * L * gather(layer, 4)
+        out["weight_grad_gather"] = L * gather(layer, 4)  # weight_backward reads each sum whole
+        out["weight_grad_all_reduce"] = 2 * (N - 1) * 4 * step_root_elements(arch, d) // N
     out["total"] = sum(out[c] for c in COMM_CATEGORIES)
     return out
 
@@ -455,12 +472,16 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
         "weights": cb * (products + (0 if in_place else casts)),
         "weight_grads": (4 + (cb if cb < 4 else 0)) * (products + casts),
     }
+    if N > 1:  # the layers' step weights and their sums: fp32 rows on each GPU (FSDP2); the root whole
+        layer_rows = arch.num_layers * shard(step_layer_shapes(arch, d))
+        root = step_root_elements(arch, d)
+        out["weights"] = 4 * layer_rows + cb * root
+        out["weight_grads"] = 4 * layer_rows + (4 + (cb if cb < 4 else 0)) * root
+    out["gathered"] = 2 * cb * step_layer_elements(arch, d) if N > 1 else 0  # a layer's weights + the prefetched
     if sharded_teacher:
         layer_t = sum(_numel(s) for k, s in t_shapes.items() if k.startswith("model.layers.0."))
         root_t = sum(_numel(s) for k, s in t_shapes.items() if not k.startswith("model.layers."))
-        out["gathered"] = tb * (root_t + layer_t)
-    else:
-        out["gathered"] = 0
+        out["gathered"] += tb * (root_t + layer_t)
     batch = micro_batch // N
     tokens = batch * seq_len
     saved, live = activation_bytes(arch, d, batch, seq_len, cb, activation_checkpointing)
@@ -574,7 +595,7 @@ def format_plan(*plans: dict, gpu_memory_gib: float | None = None, auto: str | N
              "projections": "trainable, fp32" + (", sharded" if multi else ""),
              "gradients": "fp32" + (", sharded" if multi else ""),
              "optimizer": "AdamW moments, fp32" + (", sharded" if multi else ""),
-             "weights": f"the step's W_s, {i['compute_dtype']}" + (", whole on every GPU" if multi else ""),
+             "weights": f"the step's W_s, {i['compute_dtype']}" + (": layers as fp32 rows, root whole" if multi else ""),
              "weight_grads": "their fp32 sums over the micro-batches",
              "gathered": "sharded teacher: root + one layer at a time", "activations": "kept for backward",
              "logits": "fused KL + cross-entropy over the vocabulary",
@@ -604,7 +625,10 @@ def format_plan(*plans: dict, gpu_memory_gib: float | None = None, auto: str | N
     if multi:
         lines.append("communication per optimizer step, received per GPU:")
         cnotes = {"teacher_gathers": "teacher layers: each micro-batch, make, weight_backward; root once",
-                  "projection_gather": f"P in {i['compute_dtype']}, once", "weight_grad_all_reduce": "fp32, once"}
+                  "projection_gather": f"P in {i['compute_dtype']}, once",
+                  "step_weight_gathers": f"each layer's W_s in {i['compute_dtype']}, forward and backward of every micro-batch",
+                  "step_weight_reduce_scatter": "their fp32 gradients, every micro-batch",
+                  "weight_grad_gather": "the layers' fp32 sums, once", "weight_grad_all_reduce": "the root's fp32 sums, once"}
         for c in COMM_CATEGORIES:
             lines.append(row(c, [p["communication"][c] for p in plans], cnotes[c]))
         lines.append(row("total", [p["communication"]["total"] for p in plans]))

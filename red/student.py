@@ -287,24 +287,71 @@ def _set_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
     p.grad = grad if p.grad is None else p.grad + grad
 
 
+LAYER_WEIGHTS = (*PROJ_NAMES, "input_norm", "post_attention_norm", "down_target")
+
+
+class LayerWeights(nn.Module):
+    """One decoder layer's dense student weights for a step, held as parameters so that
+    FSDP2 can shard them over the processes of a run (``StudentWeights`` with units): each
+    process keeps its rows in fp32, FSDP2 gathers them in the compute dtype for the layer's
+    forward and again for its backward, and reduce-scatters the gradients in fp32 into
+    each process's rows, where they add up over the micro-batches. So the step's weights
+    and their sums take 8 bytes per weight divided by the number of processes, as the
+    ordinary FSDP training of a model of the student's size would."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, device=device)))
+
+    def forward(self, h, extras, arch, eps, cos, sin, act, mask, targets):
+        w = {name: getattr(self, name) for name in LAYER_WEIGHTS}
+        return decoder_layer(h, {**w, **extras}, arch, eps, cos, sin, act, attn_mask=mask, targets=targets)
+
+
+class StepUnits(nn.Module):
+    """The FSDP2 root over the ``LayerWeights`` units: ``forward(fn, *args)`` runs ``fn``
+    (the layer stack) inside the root, so that FSDP2 treats the units as the layers of one
+    model (gathered one at a time, freed after use, gradients reduced at the end)."""
+
+    def __init__(self, layers: list[LayerWeights]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+def step_layer_shapes(arch: Arch, d: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each of one layer's step weights (``LAYER_WEIGHTS``): [out, d] for q, k, v,
+    gate, up, [d, in] for o and down, [d] for the gains, [D, d] for P_down."""
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    I, D = arch.intermediate_size, arch.hidden_size
+    out = {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (I, d), "up": (I, d), "down": (d, I)}
+    return {**out, "input_norm": (d,), "post_attention_norm": (d,), "down_target": (D, d)}
+
+
 class StudentWeights:
     """The dense width-d student of one optimizer step: W_s = f(W_t, P, gains).
 
-    Entries (``weights[name]``): ``layers.I.{q,k,v,o,gate,up,down}`` ([out, in], compute
-    dtype), ``layers.I.input_norm`` / ``post_attention_norm`` / ``final_norm`` (the gains
-    in the compute dtype), ``layers.I.down_target`` (P_down in the compute dtype: the FFN
-    clone target is the teacher's output times it), ``head`` (W_lm P_lm, [V, d], which is
-    also the embedding table of a tied teacher) and, untied, ``embed`` (P_e in the compute
+    Entries: ``layers.I.{q,k,v,o,gate,up,down}`` ([out, in], compute dtype),
+    ``layers.I.input_norm`` / ``post_attention_norm`` / ``final_norm`` (the gains in the
+    compute dtype), ``layers.I.down_target`` (P_down in the compute dtype: the FFN clone
+    target is the teacher's output times it), ``head`` (W_lm P_lm, [V, d], which is also
+    the embedding table of a tied teacher) and, untied, ``embed`` (P_e in the compute
     dtype: the embedding is the teacher's row times it).
 
     Made by ``ProjectedStudent.make_weights``: leaves whose gradients add up over the
     micro-batches of a step (``accumulate`` folds each micro-batch's low-precision
-    gradients into fp32), or (``differentiable``) tensors still tied to P by autograd.
+    gradients into fp32), or (``differentiable``) tensors still tied to P by autograd. In
+    a multi-process run the layers' entries live in ``units`` (FSDP2-sharded
+    ``LayerWeights``) and only the root's entries are tensors here, whole on every rank.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], differentiable: bool):
+    def __init__(self, tensors: dict[str, torch.Tensor], differentiable: bool, units: StepUnits | None = None):
         self.tensors = tensors
         self.differentiable = differentiable
+        self.units = units
         self._fp32: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -315,7 +362,19 @@ class StudentWeights:
         return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre)}
 
     def leaves(self) -> list[torch.Tensor]:
+        """The whole entries that collect gradients (the layers' too in one process)."""
         return [t for t in self.tensors.values() if t.requires_grad and t.is_leaf]
+
+    def run(self, fn, *args):
+        """``fn(*args)``, inside the FSDP2 root when the layers are sharded."""
+        return fn(*args) if self.units is None else self.units(fn, *args)
+
+    def layer_forward(self, i, h, extras, arch, eps, cos, sin, act, mask=None, targets=None):
+        """``decoder_layer`` of student layer ``i`` on these weights (plus the teacher's
+        frozen ``extras``)."""
+        if self.units is None:
+            return decoder_layer(h, {**self.layer(i), **extras}, arch, eps, cos, sin, act, attn_mask=mask, targets=targets)
+        return self.units.layers[i](h, extras, arch, eps, cos, sin, act, mask, targets)
 
     def accumulate(self) -> None:
         """Fold the gradients of the last backward into the step's fp32 sums (fp32 and fp64
@@ -334,20 +393,27 @@ class StudentWeights:
 
     def grad(self, name: str) -> torch.Tensor | None:
         """The step's gradient of entry ``name`` so far (fp32, or the leaf's own dtype when
-        it is fp32), None if it got none."""
+        it is fp32), None if it got none; a sharded layer's entry is gathered whole (a
+        collective, fp32)."""
+        if self.units is not None and name.startswith("layers."):
+            _, i, n = name.split(".")
+            g = getattr(self.units.layers[int(i)], n).grad
+            # FSDP2 averaged over the ranks; each rank's loss is its share of the global
+            # mean (StepShare), so the step's gradient is the sum
+            return None if g is None else _full(g) * g.device_mesh.size()
         if name in self._fp32:
             return self._fp32[name]
         return self.tensors[name].grad
 
     def reduce(self, all_reduce_sum) -> None:
-        """Sum every gradient over the ranks of a data-parallel run, in one flat collective."""
+        """Sum the gradients of the whole (unsharded) entries over the ranks of a
+        data-parallel run, in one flat collective (FSDP2 has reduced the layers' already)."""
         self.accumulate()
         names = [k for k in self.tensors if self.grad(k) is not None]
         if not names:
             return
         acc = torch.promote_types(self.tensors[names[0]].dtype, torch.float32)
-        flat = torch.cat([self.grad(k).to(acc).reshape(-1) for k in names])
-        flat = all_reduce_sum(flat)
+        flat = all_reduce_sum(torch.cat([self.grad(k).to(acc).reshape(-1) for k in names]))
         off = 0
         for k in names:
             n = self.tensors[k].numel()
@@ -514,17 +580,29 @@ class ProjectedStudent(nn.Module):
         out: dict[str, torch.Tensor] = {}
         root = root or self.teacher_root()
         cast = (lambda p: p.to(cdt)) if differentiable else (lambda p: _cast_full(p, cdt))
+        units = None if differentiable else self._step_units()
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             for i, layer in enumerate(self.layers):
                 tw = self.teacher_layer_weights(i)
+                lw = {}
                 for name in PROJ_NAMES:
                     P = cast(getattr(layer, name))
                     w_t = tw[name].detach()
-                    out[f"layers.{i}.{name}"] = w_t @ P if name in PROJ_IN else P.t() @ w_t
+                    lw[name] = w_t @ P if name in PROJ_IN else P.t() @ w_t
                     if name == "down":
-                        out[f"layers.{i}.down_target"] = P
-                out[f"layers.{i}.input_norm"] = cast(layer.input_norm)
-                out[f"layers.{i}.post_attention_norm"] = cast(layer.post_attention_norm)
+                        lw["down_target"] = P
+                lw["input_norm"] = cast(layer.input_norm)
+                lw["post_attention_norm"] = cast(layer.post_attention_norm)
+                if units is None:
+                    out.update({f"layers.{i}.{k}": v for k, v in lw.items()})
+                else:  # each rank keeps its rows of this layer; the whole layer is freed here
+                    from .distributed import write_shard
+
+                    for k, v in lw.items():
+                        p = getattr(units.layers[i], k)
+                        write_shard(p, v)
+                        p.grad = None
+                del lw, tw
             out["final_norm"] = cast(self.final_norm)
             out["head"] = root["head"].detach() @ cast(self.head_projection)
             if not self.arch.tied:
@@ -533,7 +611,32 @@ class ProjectedStudent(nn.Module):
             # leaves of the step (in fp32 compute a gain's or P's cast is the master itself,
             # shared, not copied: the step reads it before AdamW writes it)
             out = {k: t.detach().requires_grad_(requires_grad) for k, t in out.items()}
-        return StudentWeights(out, differentiable)
+        return StudentWeights(out, differentiable, units)
+
+    def _step_units(self) -> StepUnits | None:
+        """The FSDP2-sharded holders of the layers' step weights in a multi-process run
+        (made once, on the first step; None in one process)."""
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(self.embed, DTensor):
+            return None
+        units = self.__dict__.get("_units")
+        if units is None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            a = self.arch
+            shapes = step_layer_shapes(a, self.hidden_size)
+            cdt = self.compute_dtype
+            units = StepUnits([LayerWeights(shapes, self.device) for _ in range(a.num_layers)])
+            # fp32 rows on each rank, gathered in the compute dtype, gradients reduced in fp32
+            mp = MixedPrecisionPolicy(param_dtype=cdt, reduce_dtype=torch.float32, cast_forward_inputs=False)
+            mesh = self.embed.device_mesh
+            for unit in units.layers:
+                fully_shard(unit, mesh=mesh, mp_policy=mp)
+            fully_shard(units, mesh=mesh, mp_policy=mp)
+
+            object.__setattr__(self, "_units", units)  # not a submodule: never in state_dict
+        return units
 
     @torch.no_grad()
     def weight_backward(self, weights: StudentWeights, root: dict | None = None) -> None:
@@ -590,36 +693,53 @@ class ProjectedStudent(nn.Module):
             return F.embedding(input_ids, w["head"])  # E_t P_e = W_lm P_lm: the head's rows
         return F.embedding(input_ids, root["embed"]) @ w["embed"]
 
-    def _lockstep_layer(self, i, h_s, h_t, cos, sin, mask, w: dict):
+    def _lockstep_layer(self, i, h_s, h_t, cos, sin, mask, w: StudentWeights):
         """Teacher layer ``i`` (no grad) then the student's, with its clone terms."""
         with torch.no_grad():
             h_t, rec = decoder_layer(h_t, self.teacher_layer_weights(i), self.arch, self.arch.rms_norm_eps, cos, sin,
                                      self.act, mask)
-        return (h_t, *decoder_layer(h_s, {**w, **self._frozen_extras(self.teacher.model.layers[i].self_attn)},
-                                    self.arch, self.norm_eps, cos, sin, self.act, mask, targets=rec))
+        extras = self._frozen_extras(self.teacher.model.layers[i].self_attn)
+        return (h_t, *w.layer_forward(i, h_s, extras, self.arch, self.norm_eps, cos, sin, self.act, mask, rec))
+
+    def _lockstep_layers(self, h_s, h_t, cos, sin, mask, w: StudentWeights):
+        for i in range(self.arch.num_layers):
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h_t, h_s, terms = torch.utils.checkpoint.checkpoint(
+                    self._lockstep_layer, i, h_s, h_t, cos, sin, mask, w, use_reentrant=False)
+            else:
+                h_t, h_s, terms = self._lockstep_layer(i, h_s, h_t, cos, sin, mask, w)
+            yield i, h_t, h_s, terms
 
     def lockstep(self, input_ids: torch.Tensor, weights: StudentWeights | None = None,
                  doc_ids: torch.Tensor | None = None, root: dict | None = None):
         """Run teacher and student layer by layer: yields ``(i, h_t, h_s, terms)`` after each
-        layer ``i`` (``terms``: the (MSE, teacher mean square) pairs of ``CLONE_TERMS``),
-        then ``(None, h_t, h_s, None)`` after the final norms. The public seam for looking
-        inside one lockstep forward (tests, analysis)."""
+        layer ``i`` (``terms``: the (MSE, teacher mean square) pairs of ``CLONE_TERMS``), then
+        ``(None, h_t, h_s, None)`` after the final norms. The public seam for looking inside
+        one lockstep forward (tests, analysis). With sharded step weights the layers run
+        inside the FSDP2 root first, and their results are yielded after."""
         root = root or self.teacher_root()
         w = weights if weights is not None else self.make_weights(differentiable=True, root=root)
         with torch.no_grad():
             h_t = F.embedding(input_ids, root["embed"])
         h_s = self._student_embed(input_ids, w, root)
         cos, sin, mask = self._attention_inputs(h_t, doc_ids)
-        for i in range(self.arch.num_layers):
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                h_t, h_s, terms = torch.utils.checkpoint.checkpoint(
-                    self._lockstep_layer, i, h_s, h_t, cos, sin, mask, w.layer(i), use_reentrant=False)
-            else:
-                h_t, h_s, terms = self._lockstep_layer(i, h_s, h_t, cos, sin, mask, w.layer(i))
-            yield i, h_t, h_s, terms
+        args = (h_s, h_t, cos, sin, mask, w)
+        layers = self._lockstep_layers(*args) if w.units is None else \
+            w.run(lambda *a: list(self._lockstep_layers(*a)), *args)
+        for item in layers:
+            yield item
+        _, h_t, h_s, _ = item
         with torch.no_grad():
             h_t = rms_norm(h_t, root["norm"], self.arch.rms_norm_eps)
         yield None, h_t, rms_norm(h_s, w["final_norm"], self.norm_eps), None
+
+    def _student_layers(self, h, cos, sin, mask, w: StudentWeights) -> list:
+        out = []
+        for i in range(self.arch.num_layers):
+            extras = self._frozen_extras(self.teacher.model.layers[i].self_attn)
+            h, _ = w.layer_forward(i, h, extras, self.arch, self.norm_eps, cos, sin, self.act, mask)
+            out.append(h)
+        return out
 
     def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       weights: StudentWeights | None = None) -> list[torch.Tensor]:
@@ -630,12 +750,8 @@ class ProjectedStudent(nn.Module):
         w = weights if weights is not None else self.make_weights(differentiable=True, root=root)
         h = self._student_embed(input_ids, w, root)
         cos, sin, mask = self._attention_inputs(h, doc_ids)
-        out = [h]
-        for i in range(self.arch.num_layers):
-            lw = {**w.layer(i), **self._frozen_extras(self.teacher.model.layers[i].self_attn)}
-            h, _ = decoder_layer(h, lw, self.arch, self.norm_eps, cos, sin, self.act, mask)
-            out.append(h)
-        out[-1] = rms_norm(h, w["final_norm"], self.norm_eps)
+        out = [h, *w.run(self._student_layers, h, cos, sin, mask, w)]
+        out[-1] = rms_norm(out[-1], w["final_norm"], self.norm_eps)
         return out
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
