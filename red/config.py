@@ -105,6 +105,9 @@ class DistillConfig:
         if self.kl_weight == self.lm_weight == self.clone_weight == 0:
             raise RedError("kl_weight, lm_weight and clone_weight are all 0, so nothing would be trained; "
                            "give at least one of them a positive weight")
+        if self.resume and self.overwrite:
+            raise RedError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                           "--overwrite replaces it; pick one")
         if self.warmup >= 1 and self.warmup > self.steps:
             raise RedError(f"warmup={self.warmup:g} steps is longer than steps={self.steps}; lower --warmup "
                            "(a value below 1 is a fraction of --steps)")

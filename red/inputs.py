@@ -60,20 +60,63 @@ def check_corpus_path(path: str | Path) -> Path:
     return p
 
 
+def data_inputs(data) -> list[tuple[str, Path]]:
+    """Every path the ``--data`` entries read, each checked to exist and be of a known kind
+    (contents are read later), globs expanded: ("token store", folder), ("saved dataset",
+    folder) or ("data file", file) pairs."""
+    from .sources import expand_source, is_hf_dataset, is_store, split_data
+
+    out = []
+    for spec in split_data(data):
+        if is_store(spec.path):
+            out.append(("token store", Path(spec.path)))
+            continue
+        for f in expand_source(spec.path):
+            for one in getattr(f, "files", (f,)):
+                out.append(("saved dataset" if is_hf_dataset(one) else "data file", Path(one)))
+    return out
+
+
 def check_data_paths(data) -> None:
     """Every ``--data`` entry names something that exists: a file of a supported format, a
     glob matching such files, a token store or a saved dataset (contents read later)."""
-    from .sources import expand_source, is_store, split_data
+    data_inputs(data)
 
-    for spec in split_data(data):
-        if not is_store(spec.path):
-            expand_source(spec.path)
+
+def distill_inputs(cfg) -> list[tuple[str, Path]]:
+    """What a `red distill` run reads (teacher, every data path after glob expansion,
+    calibration): its output folder must stay apart from each."""
+    found = [("teacher folder", Path(cfg.teacher))] + data_inputs(cfg.data)
+    if cfg.calibration:
+        found.append(("calibration file", Path(cfg.calibration)))
+    return found
+
+
+def check_run_folder(cfg) -> None:
+    """The output folder can take this run: a usable path, apart from every input, no
+    symbolic link where red writes, not locked by another process, and in a state these
+    flags allow (``red.run.RunDir.check_usable``). Reads only; needs no torch."""
+    from .metrics_sinks import parse_report_to, sink_folders
+    from .run import RUN_WRITES, RunDir, check_out_path, check_separate
+
+    check_out_path(cfg.out)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise RedError(f"output path {cfg.out} is a file; pass a folder to --out")
+    check_separate(cfg.out, distill_inputs(cfg))
+    run = RunDir(cfg.out)
+    run.check_links()
+    if run._lock_fd is None:
+        holder = run.holder()
+        if holder is not None:
+            raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish or "
+                           "pick another --out")
+    run.check_usable(cfg.overwrite, cfg.resume, (*RUN_WRITES, *sink_folders(parse_report_to(cfg.report_to))))
 
 
 def check_distill_inputs(cfg) -> None:
     """What `red distill` can check from paths and config.json alone, before any heavy import:
     the teacher folder and its architecture, the width against the teacher's, the corpus
-    path, a given calibration file, and an output path that is not a file."""
+    paths, a given calibration file, and the output folder (``check_run_folder``)."""
     raw = read_teacher_json(cfg.teacher)
     D = raw.get("hidden_size")
     if isinstance(D, int) and not 0 < cfg.hidden_size < D:
@@ -81,5 +124,4 @@ def check_distill_inputs(cfg) -> None:
     check_data_paths(cfg.data)
     if cfg.calibration and not Path(cfg.calibration).is_file():
         raise RedError(f"calibration file {cfg.calibration} does not exist; run `red calibrate` or drop --calibration")
-    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise RedError(f"output path {cfg.out} is a file; pass a folder to --out")
+    check_run_folder(cfg)

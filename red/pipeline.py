@@ -22,9 +22,11 @@ from .distributed import DistContext, StartupProbe, full_tensor, init_distribute
 from .errors import RedError
 from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
-from .inputs import check_distill_inputs
+from .inputs import check_distill_inputs, distill_inputs
+from .metrics_sinks import parse_report_to, sink_folders
 from .plan import run_disk_bytes
-from .run import CALIBRATION, DATA, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
+from .run import (CALIBRATION, DATA, RESULT, RUN_WRITES, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate,
+                  resume_changes)
 from .sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
 from .store import MANIFEST as STORE_MANIFEST
 from .store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
@@ -131,11 +133,14 @@ class RunResult:
     metrics: MetricsLog
 
 
-def run_inputs(cfg: DistillConfig) -> dict:
-    """The paths a run reads, which its output folder must stay apart from."""
-    data = {("data file" if i == 0 else f"data file {i + 1}"): s.path
-            for i, s in enumerate(split_data(cfg.data)) if not any(c in s.path for c in "*?[")}
-    return {"teacher folder": cfg.teacher, **data, "calibration file": cfg.calibration}
+def run_inputs(cfg: DistillConfig) -> list:
+    """The paths a run reads (globs expanded), which its output folder must stay apart from."""
+    return distill_inputs(cfg)
+
+
+def run_writes(cfg: DistillConfig) -> tuple:
+    """The top-level names a run writes in its folder."""
+    return (*RUN_WRITES, *sink_folders(parse_report_to(cfg.report_to)))
 
 
 def disk_need(cfg: DistillConfig, arch: Arch) -> int:
@@ -249,14 +254,12 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     inputs, writable and has room. Raises RedError naming the first problem.
     """
     ctx = ctx or DistContext()
-    check_distill_inputs(cfg)  # paths, architecture and width range: the cheapest errors
+    check_distill_inputs(cfg)  # paths, architecture, width range, the output folder: the cheapest errors
     arch = Arch.from_config(tcfg)
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     check_student_width(tcfg, cfg.hidden_size)
-    check_separate(cfg.out, run_inputs(cfg))
-    run.check_links()
     check_teacher_files(cfg.teacher)
     check_teacher_weights(cfg.teacher, tcfg)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
@@ -298,7 +301,7 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
             if holder is not None and run._lock_fd is None:
                 raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish "
                                "or pick another --out")
-            run.check_usable(cfg.overwrite, cfg.resume)
+            run.check_usable(cfg.overwrite, cfg.resume, run_writes(cfg))
             check_writable(cfg.out, need_bytes=disk_need(cfg, arch))
         except RedError as e:
             err = str(e)
@@ -348,7 +351,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
         if ctx.is_main:
             run.lock()  # one writer; a second red on this folder is refused from here on
             reused = {DATA} if any(e.store is not None and e.target for e in entries) else set()
-            state = run.prepare(cfg.overwrite, cfg.resume, keep=reused)
+            state = run.prepare(cfg.overwrite, cfg.resume, keep=reused, writes=run_writes(cfg))
             # run.yaml repeats the run; overwrite/resume/allow_change are per-invocation
             run.write_text(RUN_YAML, config_yaml(dataclasses.replace(cfg, overwrite=False, resume=False,
                                                                      allow_change="")))
@@ -409,8 +412,8 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
 
 def _save_calibration(cal: Calibration, run: RunDir, ctx: DistContext) -> None:
     if ctx.is_main and not run.calibration.exists():
-        cal.save(run.calibration)
         run.own(CALIBRATION)
+        cal.save(run.calibration)
 
 
 def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
