@@ -221,7 +221,7 @@ def _cmd_distill(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from .config import OPEN_UNIT, SEED, at_least, check_values
-    from .run import check_separate
+    from .run import check_out_path, check_separate
     from .sources import expand_source, parse_data_spec
 
     check_values({"--val-fraction": args.val_fraction, "--seed": args.seed, "--workers": args.workers},
@@ -230,6 +230,7 @@ def _cmd_prepare(args) -> int:
         raise RedError("--append and --overwrite exclude each other; pick one")
     if not Path(args.tokenizer).is_dir():
         raise RedError(f"tokenizer folder {args.tokenizer} does not exist; pass the teacher folder")
+    check_out_path(args.out)
     sources = []
     for s in args.data:
         spec = parse_data_spec(s)

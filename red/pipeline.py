@@ -173,7 +173,8 @@ def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
     fp = tokenizer_fingerprint(tokenizer)
     for i, spec in enumerate(split_data(cfg.data)):
         if is_store(spec.path):
-            entries.append(DataEntry(spec, TokenStore(spec.path, tokenizer), [], []))
+            # every byte read once: the store's fingerprint then stands for what is trained on
+            entries.append(DataEntry(spec, TokenStore(spec.path, tokenizer, verify=True), [], []))
             continue
         files = expand_source(spec.path)
         _check_first_rows(files, cfg, tokenizer)
@@ -185,7 +186,7 @@ def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
 
 
 def _check_first_rows(files, cfg: DistillConfig, tokenizer, n: int = 64) -> None:
-    from .store import encode_rows
+    from .store import check_unknown_share, encode_rows
 
     for f in files:
         rows = []
@@ -195,6 +196,10 @@ def _check_first_rows(files, cfg: DistillConfig, tokenizer, n: int = 64) -> None
                 break
         if not rows:
             raise RedError(f"corpus {f} holds no text; give a corpus with at least a few documents")
+        texts = [r for r in rows if isinstance(r, str)]
+        if texts and tokenizer.unk_token_id is not None:  # the whole file is checked again while tokenized
+            ids = [i for t in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in t]
+            check_unknown_share(f, sum(i == tokenizer.unk_token_id for i in ids), len(ids), tokenizer)
         chat = [r for r in rows if not isinstance(r, str)]
         if chat:
             render_chat(chat[0], tokenizer)
@@ -206,9 +211,9 @@ def _matching_store(root: Path, records: list, cfg: DistillConfig, fp: str, toke
     if not (root / STORE_MANIFEST).is_file():
         return None
     try:
-        store = TokenStore(root)
+        store = TokenStore(root, verify=True)
     except RedError:
-        return None
+        return None  # damaged or changed: tokenized again
     m = store.manifest
     part = m["parts"][0] if len(m["parts"]) == 1 else {}
     same = (m["tokenizer"]["fingerprint"] == fp

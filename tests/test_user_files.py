@@ -132,3 +132,159 @@ def test_run_folder_without_manifest_is_refused_not_adopted(finished, teacher_di
         one_line(capfd, distill(teacher_dirs["llama"], corpus_file, run, "--seed", "1", *flags),
                  "no .red-run.json", "cp -a")
     assert tree(run) == before
+
+
+# -- case 4: a store's part names are never followed out of the store -------------------------------
+def _store(tmp_path, corpus_file, teacher, name="st") -> Path:
+    from red.store import prepare_store
+    from red.teacher import load_tokenizer
+
+    prepare_store([str(corpus_file)], tmp_path / name, load_tokenizer(teacher), workers=1, progress=False)
+    return tmp_path / name
+
+
+def _edit_manifest(store: Path, change) -> None:
+    m = json.loads((store / "store.json").read_text())
+    change(m)
+    (store / "store.json").write_text(json.dumps(m))
+
+
+def test_store_part_names_outside_the_store_are_refused(teacher_dirs, corpus_file, tmp_path, capfd):
+    t = teacher_dirs["llama"]
+    store = _store(tmp_path / "o", corpus_file, t)
+    victim = tmp_path / "victim3.txt"
+    victim.write_text("precious")
+    shutil.copy(store / "part-00000.tokens", tmp_path / "outside.tokens")
+
+    def rename(m):
+        m["parts"][0]["files"]["tokens"]["name"] = "../../victim3.txt"
+    _edit_manifest(store, rename)
+    before = tree(tmp_path)
+    rc = main(["prepare", "--tokenizer", str(t), "--data", str(corpus_file), "--out", str(store), "--overwrite",
+               "--quiet"])
+    one_line(capfd, rc, "store.json is damaged", "not part-00000.tokens")
+    assert tree(tmp_path) == before
+    # an absolute name: not read (the run would train on the outside file)
+    _edit_manifest(store, lambda m: m["parts"][0]["files"]["tokens"].update(name=str(tmp_path / "outside.tokens")))
+    one_line(capfd, distill(t, store, tmp_path / "run"), "store.json is damaged")
+    assert not (tmp_path / "run").exists()
+
+
+# -- case 6: two `red prepare --append` at once ------------------------------------------------------
+def test_concurrent_appends_are_refused_not_lost(teacher_dirs, corpus_file, tmp_path, capfd):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tiny import write_corpus
+
+    t = teacher_dirs["llama"]
+    store = _store(tmp_path, corpus_file, t)
+    a, b = write_corpus(tmp_path / "a.txt", seed=1), write_corpus(tmp_path / "b.txt", seed=2)
+    marker = tmp_path / "holding"
+    root = Path(__file__).resolve().parents[1]
+    # a real `red prepare --append`, stopped while it encodes (it holds the store's lock)
+    code = ("import sys, time\nimport red.store as S\n"
+            f"def slow(*a, **k):\n    open({str(marker)!r}, 'w').write('x')\n    time.sleep(600)\n"
+            "S._encode_sources = slow\nfrom red.cli import main\n"
+            f"sys.exit(main(['prepare', '--tokenizer', {str(t)!r}, '--data', {str(a)!r}, '--out', {str(store)!r}, "
+            "'--append', '--quiet', '--workers', '1']))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    try:
+        t0 = time.time()
+        while not marker.exists():
+            assert p.poll() is None, p.stderr.read().decode()[-2000:]
+            assert time.time() - t0 < 120
+            time.sleep(0.05)
+        before = tree(store)
+        rc = main(["prepare", "--tokenizer", str(t), "--data", str(b), "--out", str(store), "--append", "--quiet",
+                   "--workers", "1"])
+        line = one_line(capfd, rc, "token store", "is in use by process")
+        assert str(p.pid) in line
+        assert tree(store) == before
+    finally:
+        p.kill()
+        p.wait()
+    # the killed append left its lock behind unheld: the next one goes through
+    assert main(["prepare", "--tokenizer", str(t), "--data", str(b), "--out", str(store), "--append", "--quiet",
+                 "--workers", "1"]) == 0
+    assert len(json.loads((store / "store.json").read_text())["parts"]) == 2
+
+
+# -- tampered store files: one line, never a traceback ---------------------------------------------
+def _rehash(store: Path, m: dict) -> None:
+    import hashlib
+
+    from red.store import _content_fingerprint
+
+    for i, p in enumerate(m["parts"]):
+        for kind, f in p["files"].items():
+            f["sha256"] = hashlib.sha256((store / f["name"]).read_bytes()).hexdigest()
+    m["fingerprint"] = _content_fingerprint(m)
+
+
+def _set_bytes(f: Path, at: int, data: bytes) -> None:
+    b = bytearray(f.read_bytes())
+    b[at: at + len(data)] = data
+    f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    ("name is a number", "store.json is damaged"),
+    ("reversed validation range", "validation range"),
+    ("no document", "damaged"),
+    ("a byte changed mid-file", "differ from its manifest's sha256"),
+    ("ends rewritten, sha256 updated", "content fingerprint"),
+    ("ids beyond the vocabulary, manifest redone", "beyond the vocabulary"),
+    ("ends not rising, manifest redone", "do not rise"),
+])
+def test_tampered_store_is_one_line(tamper, needle, teacher_dirs, corpus_file, tmp_path, capfd):
+    import numpy as np
+
+    t = teacher_dirs["llama"]
+    store = _store(tmp_path, corpus_file, t)
+    tok, ends = store / "part-00000.tokens", store / "part-00000.ends"
+    m = json.loads((store / "store.json").read_text())
+    p = m["parts"][0]
+    if tamper == "name is a number":
+        p["files"]["tokens"]["name"] = 5
+    elif tamper == "reversed validation range":
+        p["val"] = [[3, 1]]
+    elif tamper == "no document":
+        p["documents"] = p["tokens"] = 0
+    elif tamper == "a byte changed mid-file":
+        _set_bytes(tok, tok.stat().st_size // 2, b"\x07\x00")
+    elif tamper == "ends rewritten, sha256 updated":
+        _set_bytes(ends, 8, np.asarray([1], np.uint64).tobytes())
+        p["files"]["ends"]["sha256"] = __import__("hashlib").sha256(ends.read_bytes()).hexdigest()
+    elif tamper == "ids beyond the vocabulary, manifest redone":
+        _set_bytes(tok, 2 * 10, np.asarray([60000], np.uint16).tobytes())
+        _rehash(store, m)
+    elif tamper == "ends not rising, manifest redone":
+        e = np.fromfile(ends, np.uint64)
+        e[1], e[2] = e[2], e[1]
+        e.tofile(ends)
+        _rehash(store, m)
+    (store / "store.json").write_text(json.dumps(m))
+    before = tree(store)
+    one_line(capfd, distill(t, store, tmp_path / "run"), needle)
+    assert not (tmp_path / "run").exists() and tree(store) == before
+
+
+# -- case 12: text the tokenizer cannot represent -------------------------------------------------
+def test_a_corpus_of_unknown_tokens_is_refused(teacher_dirs, tmp_path, capfd):
+    t = teacher_dirs["llama"]
+    greek = tmp_path / "greek.txt"
+    greek.write_text("".join("αβγδ εζηθ ικλμ νξοπ ρστυ φχψω\n" for _ in range(300)))
+    one_line(capfd, distill(t, greek, tmp_path / "run"), "unknown token", "over 50%")
+    assert not (tmp_path / "run").exists()
+    rc = main(["prepare", "--tokenizer", str(t), "--data", str(greek), "--out", str(tmp_path / "st"), "--quiet",
+               "--workers", "1"])
+    one_line(capfd, rc, "unknown token")
+    assert not (tmp_path / "st").exists()
+    # a little unknown text among known text is fine
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("".join(f"alpha beta gamma {i} is the sum δ\n" for i in range(300)))
+    assert distill(t, mixed, tmp_path / "ok") == 0
