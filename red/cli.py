@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch of both benchmarks (default: 200 problems for the synthetic one, 8 for lm-eval)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report red wrote at --out")
 
     p = sub.add_parser("plan", help="memory per GPU of a distillation run, from the teacher's config alone",
                        formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
@@ -259,6 +260,9 @@ def _cmd_calibrate(args) -> int:
 
     check_values({"--calib-samples": args.calib_samples, "--seq-len": args.seq_len, "--device": args.device},
                  (("--calib-samples", at_least(1)), ("--seq-len", at_least(2)), ("--device", DEVICE)))
+    from .inputs import check_calibrate_inputs
+
+    check_calibrate_inputs(args.teacher, args.data, args.out, args.overwrite)  # paths answer before torch
     from .calibration import channel_scores
     from .pipeline import run_calibration
 
@@ -271,6 +275,9 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from .inputs import check_export_inputs
+
+    check_export_inputs(args.run, args.out, args.checkpoint, args.overwrite)  # paths answer before torch
     from .pipeline import export_run
 
     out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
@@ -320,7 +327,7 @@ def _cmd_eval(args) -> int:
 
     report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
                             args.max_gen_toks, args.apply_chat_template, args.limit, args.out,
-                            device=args.device, batch_size=args.batch_size)
+                            device=args.device, batch_size=args.batch_size, overwrite=args.overwrite)
     syn = report.get("synthetic")
     if syn:
         ks = [k for k in syn if k.startswith("k")]

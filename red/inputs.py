@@ -125,3 +125,65 @@ def check_distill_inputs(cfg) -> None:
     if cfg.calibration and not Path(cfg.calibration).is_file():
         raise RedError(f"calibration file {cfg.calibration} does not exist; run `red calibrate` or drop --calibration")
     check_run_folder(cfg)
+
+
+def safetensors_metadata(path: str | Path) -> dict | None:
+    """The ``__metadata__`` of a safetensors file's header (None when it is not one),
+    read with the standard library."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_red_calibration(path: str | Path) -> bool:
+    """Whether ``path`` is a calibration file red wrote (safetensors with red's metadata)."""
+    meta = safetensors_metadata(path)
+    return bool(meta) and "red" in meta
+
+
+def check_calibrate_inputs(teacher: str | Path, data: str | Path, out: str | Path, overwrite: bool = False) -> None:
+    """`red calibrate`'s paths, before any heavy import: the teacher and corpus exist, and
+    the output is a new .safetensors file apart from them (or, with ``overwrite``, a
+    calibration file red wrote)."""
+    from .run import check_output_file
+
+    read_teacher_json(teacher)
+    check_corpus_path(data)
+    if Path(out).suffix != ".safetensors":
+        raise RedError(f"calibration output {out} must end in .safetensors")
+    check_output_file(out, overwrite, is_red_calibration, "calibration file",
+                      {"teacher folder": teacher, "data file": data})
+
+
+def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+                        overwrite: bool = False) -> None:
+    """`red export`'s paths, before any heavy import: a run folder with its run.yaml, a
+    checkpoint folder when one is named, and an export folder apart from the run folder and
+    the run's teacher, empty unless ``overwrite``."""
+    from .run import RUN_YAML, check_out_path, check_separate
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RedError(f"{run} is not a red run folder (it does not exist); pass the --out folder of `red distill` "
+                       "to --run")
+    if not (run / RUN_YAML).is_file():
+        raise RedError(f"{run} is not a red run folder (no run.yaml); pass the --out folder of `red distill`")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise RedError(f"checkpoint {checkpoint} does not exist; pass a checkpoints/step-* folder")
+    check_out_path(out)
+    o = Path(out)
+    check_separate(o, {"run folder": run})
+    if o.exists() and not o.is_dir():
+        raise RedError(f"export path {o} is a file; pass a folder to --out")
+    from .config import make_config
+
+    check_separate(o, {"run's teacher folder": make_config(run / RUN_YAML).teacher})
+    if o.exists() and any(o.iterdir()) and not overwrite:
+        raise RedError(f"export folder {o} is not empty; choose another --out or pass --overwrite")

@@ -22,11 +22,11 @@ from .distributed import DistContext, StartupProbe, full_tensor, init_distribute
 from .errors import RedError
 from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
-from .inputs import check_distill_inputs, distill_inputs
+from .inputs import check_calibrate_inputs, check_distill_inputs, check_export_inputs, distill_inputs
 from .metrics_sinks import parse_report_to, sink_folders
 from .plan import run_disk_bytes
-from .run import (CALIBRATION, DATA, RESULT, RUN_WRITES, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate,
-                  resume_changes)
+from .run import (CALIBRATION, DATA, RESULT, RUN_WRITES, RUN_YAML, STUDENT, RunDir, RunIdentity, resume_changes,
+                  write_file_atomic)
 from .sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
 from .store import MANIFEST as STORE_MANIFEST
 from .store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
@@ -407,7 +407,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
     if ctx.is_main:
         run.own(STUDENT)
-        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True)
+        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True, owned=True)
         last = {k: v for r in metrics.rows for k, v in r.items()}
         run.write_json(RESULT, {"status": "ok", "steps": cfg.steps, "world_size": ctx.world_size, "last": last})
     ctx.barrier()
@@ -506,16 +506,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     """Export a checkpoint of a `red distill` run folder (default: its last) as a
     Hugging Face model folder."""
     from .analyze import load_run_student
-    from .config import make_config
 
     out = Path(out)
-    check_separate(out, {"run folder": run_dir})
-    if out.exists() and not out.is_dir():
-        raise RedError(f"export path {out} is a file; pass a folder to --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RedError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
-    if Path(run_dir, RUN_YAML).is_file():
-        check_separate(out, {"run's teacher folder": make_config(Path(run_dir, RUN_YAML)).teacher})
+    check_export_inputs(run_dir, out, checkpoint, overwrite)
     check_run_width(run_dir)
     student, tok, _ = load_run_student(run_dir, checkpoint)
     return export_student(student, tok, out, dtype=dtype, overwrite=overwrite)
@@ -526,15 +519,7 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
                     device: str = "auto", overwrite: bool = False, progress: bool = True) -> Calibration:
     """What `red calibrate` does: statistics of ``samples`` packed sequences saved to ``out_file``."""
     out_file = Path(out_file)
-    check_separate(out_file, {"teacher folder": teacher_dir, "data file": data})
-    if out_file.is_symlink():
-        raise RedError(f"{out_file} is a symbolic link; red does not write through links: pick another --out")
-    if out_file.exists() and not out_file.is_file():
-        raise RedError(f"{out_file} is not a file; pass a .safetensors file path to --out")
-    if out_file.exists() and not overwrite:
-        raise RedError(f"{out_file} already exists; choose another --out or pass --overwrite")
-    if out_file.suffix != ".safetensors":
-        raise RedError(f"calibration output {out_file} must end in .safetensors")
+    check_calibrate_inputs(teacher_dir, data, out_file, overwrite)
     dev = resolve_device(device)
     teacher, tok = load_teacher(teacher_dir, dtype=resolve_precision("auto", dev), device=dev)
     corpus = load_corpus(data, tok, seq_len, 0.05, text_field, txt_split)
@@ -542,10 +527,6 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
     cal.meta["teacher"] = str(teacher_dir)
     cal.meta["teacher_fingerprint"] = teacher_fingerprint(teacher_dir)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    try:
-        cal.save(tmp)
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_calibrate_inputs(teacher_dir, data, out_file, overwrite)  # again: it may have appeared meanwhile
+    write_file_atomic(out_file, cal.save)
     return cal

@@ -147,6 +147,62 @@ def check_out_path(out: str | Path, flag: str = "--out") -> None:
                        f"system takes at most {path_max - 1}: pick a shorter path")
 
 
+def check_output_file(out: str | Path, overwrite: bool, written_by_red, kind: str, inputs=(),
+                      flag: str = "--out") -> Path:
+    """A single file a command writes (a calibration, an eval report): a usable path, not a
+    link or a folder, apart from the command's ``inputs``; an existing file is replaced only
+    with ``overwrite`` and only when ``written_by_red(path)`` says red wrote it. Reads only."""
+    check_out_path(out, flag)
+    p = Path(out)
+    if p.is_symlink():
+        raise RedError(f"{flag} {p} is a symbolic link; red does not write through links: pick another {flag}")
+    if p.exists() and not p.is_file():
+        raise RedError(f"{flag} {p} is not a file; pass the path of the {kind} to write")
+    check_separate(p, inputs)
+    if p.exists():
+        if not overwrite:
+            raise RedError(f"{p} already exists; choose another {flag} or pass --overwrite")
+        if not written_by_red(p):
+            raise RedError(f"{p} exists and is not a {kind} red wrote; --overwrite replaces only red's own files: "
+                           f"pick another {flag}")
+    return p
+
+
+def write_file_atomic(path: str | Path, write) -> None:
+    """``write(tmp)`` into a temporary name next to ``path``, then one rename: ``path`` is
+    never half written, and on any error (a full disk) the temporary goes and ``path`` is as
+    it was; an OSError or a safetensors error becomes one line."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        raise RedError(f"could not write {p} ({write_error_text(e)}); free space or fix permissions") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An error of the disk under a write: OSError (full, read-only, I/O), or safetensors'
+    own error type, which is what ``save_file`` raises on a full disk."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def write_error_text(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    text = " ".join(str(e).split())
+    return text[:200] or type(e).__name__
+
+
+_RED_TEMP = re.compile(r"^\.(.+\.tmp-\d+|staging-\d+)$")
+
+
 # -- what red wrote in a folder ---------------------------------------------------------------
 
 def is_entry_name(name) -> bool:
@@ -347,7 +403,8 @@ class OwnedFolder:
                 raise RedError(f"{n!r} is not a name inside {self.root}; red writes only inside its folders")
         m = self._read()
         if m is None:  # red's first write here: what is already there stays the folder's own
-            entries, foreign = set(), {n for n in self.entries() if n not in (self.manifest_name, LOCK)}
+            entries = set()
+            foreign = {n for n in self.entries() if n not in (self.manifest_name, LOCK) and not _RED_TEMP.match(n)}
         else:
             entries, foreign = m
         new = [n for n in dict.fromkeys(names) if n not in entries]

@@ -288,3 +288,76 @@ def test_a_corpus_of_unknown_tokens_is_refused(teacher_dirs, tmp_path, capfd):
     mixed = tmp_path / "mixed.txt"
     mixed.write_text("".join(f"alpha beta gamma {i} is the sum δ\n" for i in range(300)))
     assert distill(t, mixed, tmp_path / "ok") == 0
+
+
+# -- case 5: `red eval --out`, `red calibrate --out` and exports replace only red's own files ---------
+DEMO_TEACHER = Path(__file__).resolve().parents[1] / "red" / "assets" / "demo-teacher"
+
+
+def test_eval_out_never_overwrites_a_file_red_did_not_write(teacher_dirs, tmp_path, capfd):
+    teacher = tmp_path / "TEACHER"
+    shutil.copytree(teacher_dirs["llama"], teacher)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": true}')
+    before = tree(tmp_path)
+    ev = lambda out, *a: main(["eval", "--model", str(DEMO_TEACHER), "--ks", "1", "--n-per-k", "1", "--out",
+                               str(out), *a])
+    one_line(capfd, ev(teacher / "config.json"), "already exists")
+    one_line(capfd, ev(teacher / "config.json", "--overwrite"), "is not a report red wrote")
+    one_line(capfd, ev(mine, "--overwrite"), "is not a report red wrote")
+    one_line(capfd, main(["eval", "--model", str(teacher), "--out", str(teacher / "eval.json")]),
+             "lies inside the model folder")
+    assert tree(tmp_path) == before
+    # its own report: refused without --overwrite, replaced with it
+    report = tmp_path / "r" / "eval.json"
+    assert ev(report) == 0 and json.loads(report.read_text())["written_by"] == "red eval"
+    one_line(capfd, ev(report), "already exists", "--overwrite")
+    assert ev(report, "--overwrite") == 0
+
+
+def test_calibrate_overwrite_replaces_only_a_calibration_file(teacher_dirs, corpus_file, tmp_path, capfd):
+    from safetensors.torch import save_file
+    import torch
+
+    t = teacher_dirs["llama"]
+    mine = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(2)}, str(mine))
+    before = mine.read_bytes()
+    cal = lambda out, *a: main(["calibrate", "--teacher", str(t), "--data", str(corpus_file), "--out", str(out),
+                                "--seq-len", "24", "--calib-samples", "2", "--quiet", *a])
+    one_line(capfd, cal(mine, "--overwrite"), "is not a calibration file red wrote")
+    assert mine.read_bytes() == before
+    own = tmp_path / "cal.safetensors"
+    assert cal(own) == 0 and cal(own, "--overwrite") == 0
+
+
+def test_export_never_replaces_the_users_files(finished, tmp_path, capfd):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.json").write_text('{"my": "config"}')
+    (exp / "README.md").write_text("my card")
+    before = tree(exp)
+    one_line(capfd, main(["export", "--run", str(finished), "--out", str(exp), "--overwrite"]),
+             "already holds config.json", "red did not write")
+    assert tree(exp) == before
+    (exp / "config.json").unlink()
+    assert main(["export", "--run", str(finished), "--out", str(exp), "--overwrite"]) == 0
+    assert main(["export", "--run", str(finished), "--out", str(exp), "--overwrite"]) == 0  # its own: replaced
+    assert (exp / "README.md").read_text() == "my card" and (exp / "model.safetensors").is_file()
+    m = json.loads((exp / ".red-export.json").read_text())
+    assert "README.md" in m["foreign"] and "README.md" not in m["entries"]
+
+
+# -- case 12: the export names no code it does not copy ------------------------------------------------
+def test_export_drops_auto_map(teacher_dirs, corpus_file, tmp_path):
+    t = tmp_path / "teacher"
+    shutil.copytree(teacher_dirs["llama"], t)
+    cfg = json.loads((t / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.MyModel", "AutoConfig": "configuration_x.MyConfig"}
+    (t / "config.json").write_text(json.dumps(cfg))
+    assert distill(t, corpus_file, tmp_path / "run") == 0
+    exported = json.loads((tmp_path / "run" / "student" / "config.json").read_text())
+    assert "auto_map" not in exported and not list((tmp_path / "run" / "student").glob("*.py"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")  # loads without remote code
