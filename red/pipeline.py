@@ -25,8 +25,8 @@ from .initialization import initialize, select_channels
 from .inputs import check_calibrate_inputs, check_distill_inputs, check_export_inputs, distill_inputs
 from .metrics_sinks import parse_report_to, sink_folders
 from .plan import run_disk_bytes
-from .run import (CALIBRATION, DATA, RESULT, RUN_WRITES, RUN_YAML, STUDENT, RunDir, RunIdentity, resume_changes,
-                  write_file_atomic)
+from .run import (CALIBRATION, DATA, LOCK, MANIFEST, RESULT, RUN_WRITES, RUN_YAML, STUDENT, OwnedFolder, RunDir,
+                  RunIdentity, check_out_path, resume_changes, write_file_atomic)
 from .sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
 from .store import MANIFEST as STORE_MANIFEST
 from .store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
@@ -45,19 +45,32 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def prepare_output(out: str | Path, overwrite: bool = False) -> Path:
-    """Make ``out`` ready for a command that owns a whole folder (``red demo``): it must be
-    new or empty, or ``overwrite`` removes what `red` wrote there before (and nothing else).
-    Returns the folder."""
-    run = RunDir(out)
-    check_writable(run.root, 0)
-    state = run.state()
-    if state in ("run", "foreign", "unfinished") and not overwrite:
-        raise RedError(f"output folder {out} is not empty; choose a new --out or pass --overwrite")
-    run.clear_own()
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.own()
-    return run.root
+def prepare_output(out: str | Path, overwrite: bool = False, entries=()) -> OwnedFolder:
+    """Make ``out`` ready for a command that writes the top-level ``entries`` in a folder
+    (``red demo``), and lock it: the folder must be new or empty, or ``overwrite`` removes
+    what `red` wrote there before (nothing else); an entry the folder already holds that red
+    did not write is refused, whatever the flags. Returns the folder, locked (``unlock``
+    it when done); ``own`` each entry before writing it."""
+    check_out_path(out)
+    folder = OwnedFolder(out)
+    check_writable(folder.root, 0)
+
+    def check() -> None:
+        if [n for n in folder.entries() if n not in (LOCK, MANIFEST)] and not overwrite:
+            raise RedError(f"output folder {out} is not empty; choose a new --out or pass --overwrite")
+        clash = folder.conflicts(entries)
+        if clash:
+            raise RedError(folder.clash_message(clash))
+
+    check()  # before anything is written (the lock itself is a file)
+    folder.lock()
+    try:
+        check()  # again, now that no other red can change the folder
+        folder.clear_own()
+    except RedError:
+        folder.unlock()
+        raise
+    return folder
 
 
 def free_disk_bytes(path: str | Path) -> int:

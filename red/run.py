@@ -452,7 +452,8 @@ class OwnedFolder:
         entries, foreign = m
         kept = entries & set(keep)
         for name in sorted(entries - {LOCK, self.manifest_name} - kept):
-            remove_owned(self.path(name))  # path() refuses links
+            if not remove_owned(self.path(name)):  # path() refuses links
+                kept.add(name)  # a folder of red's that still holds others' files stays red's
         for stale in self.root.iterdir():
             hit = _STALE_TMP.match(stale.name)
             if hit and hit.group("name") in entries | KNOWN_TEMP_OWNERS and not stale.is_symlink():
@@ -471,22 +472,31 @@ class OwnedFolder:
             self.root.rmdir()
 
 
-def remove_owned(p: Path) -> None:
-    """Remove ``p``, an entry red wrote: a folder with a manifest of its own through that
-    manifest (the names it lists; the folder only once empty), any other folder whole."""
+def remove_owned(p: Path) -> bool:
+    """Remove ``p``, an entry red wrote: a folder with a run manifest of its own only through
+    that manifest (what it lists; the folder itself once nothing else is left in it), any
+    other folder whole. Returns whether ``p`` is gone (False: files red did not write are
+    still in it, and it stays red's)."""
     if p.is_symlink():
         raise RedError(f"{p} is a symbolic link; red deletes nothing through links: remove the link yourself")
     if p.is_dir():
-        if (p / MANIFEST).is_file():
-            inner = OwnedFolder(p)
-            holder = inner.holder()
-            if holder is not None:
-                raise RedError(f"folder {p} is in use by process {holder}; wait for it to finish")
-            inner.discard(remove_root=True)
-        else:
+        if not (p / MANIFEST).is_file():
             shutil.rmtree(p)
-    elif p.exists():
+            return True
+        inner = OwnedFolder(p)
+        holder = inner.holder()
+        if holder is not None:
+            raise RedError(f"folder {p} is in use by process {holder}; wait for it to finish")
+        inner.clear_own()
+        if any(n not in (MANIFEST, LOCK) for n in inner.entries()):
+            return False
+        for name in (MANIFEST, LOCK):
+            (p / name).unlink(missing_ok=True)
+        p.rmdir()
+        return True
+    if os.path.lexists(p):
         p.unlink()
+    return True
 
 
 class RunDir(OwnedFolder):

@@ -361,3 +361,26 @@ def test_export_drops_auto_map(teacher_dirs, corpus_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")  # loads without remote code
+
+
+# -- case 2: `red demo --overwrite` keeps the user's files in its folder -----------------------------
+@pytest.mark.parametrize("name", ["general.txt", "table.txt", "runs"])
+def test_demo_overwrite_refuses_the_users_names(name, tmp_path, capfd):
+    out = tmp_path / "demo"
+    out.mkdir()
+    target = out / name
+    if name == "runs":
+        (target / "my-old-run").mkdir(parents=True)
+        (target / "my-old-run" / "notes.txt").write_text("mine")
+    else:
+        target.write_text("mine")
+    before = tree(out)
+    rc = main(["demo", "--out", str(out), "--overwrite", "--steps", "1", "--quiet"])
+    one_line(capfd, rc, f"already holds {name}", "red did not write")
+    assert tree(out) == before and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_demo_n_per_k_0_is_one_line(tmp_path, capfd):
+    one_line(capfd, main(["demo", "--out", str(tmp_path / "d"), "--n-per-k", "0", "--quiet"]),
+             "--n-per-k must be at least 1")
+    assert not (tmp_path / "d").exists()
