@@ -480,7 +480,7 @@ class _Reader:
 
 
 # meta keys that older checkpoints may lack; compared only when the checkpoint has them
-_OPTIONAL_META = ("teacher_fingerprint", "data_fingerprint", "identity")
+_OPTIONAL_META = ("teacher_fingerprint", "data_fingerprint", "identity", "teacher_fingerprint_v1")
 
 
 def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[str, tuple] | None = None,
@@ -506,6 +506,9 @@ def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[st
         if key in _OPTIONAL_META and key not in saved_meta:
             continue
         have = saved_meta.get(key)
+        if key == "teacher_fingerprint" and have != want and "teacher_fingerprint_v1" in expect_meta \
+                and isinstance(have, str) and len(have) == 16:
+            want = expect_meta["teacher_fingerprint_v1"]  # written before whole-file fingerprints
         if have != want:
             if key == "teacher_fingerprint":
                 raise RedError(f"checkpoint {path} belongs to another teacher (its weights fingerprint differs); "

@@ -665,9 +665,9 @@ class RunIdentity:
     @classmethod
     def from_config(cls, cfg, arch, data_fingerprint: str = "") -> "RunIdentity":
         """``data_fingerprint``: of the tokens trained on (``PackedCorpus.fingerprint``)."""
-        from .teacher import teacher_fingerprint
+        from .teacher import legacy_teacher_fingerprint, teacher_fingerprint
 
-        fps = {"teacher": teacher_fingerprint(cfg.teacher),
+        fps = {"teacher": teacher_fingerprint(cfg.teacher), "teacher_v1": legacy_teacher_fingerprint(cfg.teacher),
                "data": data_fingerprint,
                "calibration": file_fingerprint(cfg.calibration) if cfg.calibration else ""}
         return cls(settings={k: getattr(cfg, k) for k in IDENTITY_KEYS}, fingerprints=fps,
@@ -678,6 +678,7 @@ class RunIdentity:
         """What every checkpoint of the run records and a resume must match."""
         return {**self.arch, "hidden_size": self.settings["hidden_size"], "init": self.settings["init"],
                 "teacher_fingerprint": self.fingerprints["teacher"], "data_fingerprint": self.fingerprints["data"],
+                "teacher_fingerprint_v1": self.fingerprints["teacher_v1"],
                 "identity": self.settings}
 
 

@@ -384,3 +384,42 @@ def test_demo_n_per_k_0_is_one_line(tmp_path, capfd):
     one_line(capfd, main(["demo", "--out", str(tmp_path / "d"), "--n-per-k", "0", "--quiet"]),
              "--n-per-k must be at least 1")
     assert not (tmp_path / "d").exists()
+
+
+# -- case 10: a teacher edited in the middle of its weights --------------------------------------------
+def test_a_teacher_edited_mid_file_is_another_teacher(teacher_dirs, corpus_file, tmp_path, capfd):
+    import struct
+
+    t = tmp_path / "teacher"
+    shutil.copytree(teacher_dirs["llama"], t)
+    run = tmp_path / "run"
+    assert distill(t, corpus_file, run) == 0
+    cal = tmp_path / "cal.safetensors"
+    assert main(["calibrate", "--teacher", str(t), "--data", str(corpus_file), "--out", str(cal), "--seq-len", "24",
+                 "--calib-samples", "2", "--quiet"]) == 0
+    w = t / "model.safetensors"
+    b = bytearray(w.read_bytes())
+    mid = len(b) // 2 // 4 * 4  # a float in the middle of the tensor data, far from both ends
+    (x,) = struct.unpack_from("<f", b, mid)
+    struct.pack_into("<f", b, mid, 3 * x + 1.0)
+    w.write_bytes(bytes(b))
+    before = tree(run)
+    one_line(capfd, distill(t, corpus_file, run, "--resume", "--steps", "3", "--allow-change", "steps"),
+             "belongs to another teacher")
+    one_line(capfd, main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]), "belongs to another teacher")
+    one_line(capfd, distill(t, corpus_file, tmp_path / "run2", "--calibration", cal), "was made on another teacher")
+    assert tree(run) == before and not (tmp_path / "exp").exists()
+
+
+def test_checkpoints_with_the_old_sampled_fingerprint_still_resume(finished, teacher_dirs, corpus_file, tmp_path):
+    """Checkpoints written before whole-file fingerprints hold the sampled digest: the same
+    teacher is still recognized by it (the only digest they can be checked with)."""
+    from red.teacher import legacy_teacher_fingerprint
+
+    run = copy_run(finished, tmp_path / "old")
+    for info in run.glob("checkpoints/*/trainer.json"):
+        d = json.loads(info.read_text())
+        d["meta"]["teacher_fingerprint"] = legacy_teacher_fingerprint(teacher_dirs["llama"])
+        d["meta"].pop("teacher_fingerprint_v1")
+        info.write_text(json.dumps(d))
+    assert distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "3", "--allow-change", "steps") == 0
