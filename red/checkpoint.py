@@ -38,6 +38,7 @@ trainer.json), so this changes nothing a run computes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -54,7 +55,7 @@ from .checkpoint_files import (INDEX, INDEX_FORMAT, SINGLE_FILE, _files_problem,
                                list_checkpoints, shard_file_name)
 from .distributed import DistContext, full_tensor, local_tensor
 from .errors import RedError
-from .run import file_sha256
+from .run import file_sha256, is_write_error, write_error_text
 from .teacher import check_safetensors_file
 
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -226,9 +227,11 @@ def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, 
     try:
         _write_checkpoint(tmp, final, tensors, _trainer_info(step, meta, 1, opt_info, scheduler, sampler),
                           step, root)
-    except OSError as e:  # disk full, I/O error, read-only: keep what was complete
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RedError(_not_written(root, final, e.strerror or type(e).__name__)) from None
+    except Exception as e:  # disk full (safetensors raises its own error type), I/O error, read-only
+        if not is_write_error(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete checkpoint stays, nothing blocks a resume
+        raise RedError(_not_written(root, final, write_error_text(e))) from None
     _prune(root, tmp, keep)
     return final
 
@@ -314,7 +317,8 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
         size, digest = f.stat().st_size, file_sha256(f)
     except Exception as e:  # reported to rank 0 first, so that no rank waits forever
         own_error = e
-        errno_ = e.errno if isinstance(e, OSError) and e.errno else -1
+        errno_ = e.errno if isinstance(e, OSError) and e.errno else (errno.ENOSPC if is_write_error(e) and
+                                                                      "No space" in str(e) else -1)
     status = _gather_status(ctx, own_error is None, errno_, size, digest)
     # 3. rank 0: the index, trainer.json, a check of the set, the rename
     err = None
@@ -346,7 +350,7 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
         else:
             _prune(root, tmp, keep)
     err = ctx.broadcast_error(err)
-    if own_error is not None and not isinstance(own_error, OSError):
+    if own_error is not None and not is_write_error(own_error):
         raise own_error
     if err:
         raise RedError(err)

@@ -404,6 +404,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"red {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130
+    except Exception as e:
+        # the last line of defence for a disk that fills up or fails under a write no
+        # writer turned into a RedError itself: one line, and what was saved stays
+        if not _is_disk_error(e):
+            raise
+        if not quiet:
+            print(f"red {args.command}: error: a write failed ({' '.join(str(e).split())[:200]}); free space or "
+                  "fix the disk, then run again (a run continues with --resume from its last complete checkpoint)",
+                  file=sys.stderr)
+        return 2
+
+
+def _is_disk_error(e: BaseException) -> bool:
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+    return type(e).__name__ == "SafetensorError" and "I/O error" in str(e)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -320,7 +320,9 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
                 raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish "
                                "or pick another --out")
             run.check_usable(cfg.overwrite, cfg.resume, run_writes(cfg))
-            check_writable(cfg.out, need_bytes=disk_need(cfg, arch))
+            # what the folder already holds of the run (its checkpoints on --resume) counts toward the need
+            need = disk_need(cfg, arch) - run.reusable_bytes(cfg.resume, cfg.overwrite)
+            check_writable(cfg.out, need_bytes=max(need, 1))
         except RedError as e:
             err = str(e)
     err = ctx.broadcast_error(err)
@@ -431,7 +433,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
 def _save_calibration(cal: Calibration, run: RunDir, ctx: DistContext) -> None:
     if ctx.is_main and not run.calibration.exists():
         run.own(CALIBRATION)
-        cal.save(run.calibration)
+        write_file_atomic(run.calibration, cal.save)  # a full disk: one line, no half-written file
 
 
 def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:

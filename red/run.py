@@ -472,6 +472,15 @@ class OwnedFolder:
             self.root.rmdir()
 
 
+def _tree_bytes(p: Path) -> int:
+    """Bytes of the files under ``p`` (links not followed)."""
+    if p.is_symlink() or not p.exists():
+        return 0
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def remove_owned(p: Path) -> bool:
     """Remove ``p``, an entry red wrote: a folder with a run manifest of its own only through
     that manifest (what it lists; the folder itself once nothing else is left in it), any
@@ -614,7 +623,29 @@ class RunDir(OwnedFolder):
             self.clear_own(keep)  # an unfinished folder is not a run yet: start it again
             state = "new" if state != "foreign" else state
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.stale_checkpoint_temps():  # a killed or failed save's: no writer is left (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         return state
+
+    def stale_checkpoint_temps(self) -> list[Path]:
+        """Temporary checkpoint folders (``checkpoints/.step-N.tmp-PID``) red left behind."""
+        if CHECKPOINTS not in self.manifest() or not (self.root / CHECKPOINTS).is_dir():
+            return []
+        return [p for p in self.checkpoints.iterdir()
+                if re.fullmatch(r"\.step-\d+\.tmp-\d+", p.name) and p.is_dir() and not p.is_symlink()]
+
+    def reusable_bytes(self, resume: bool, overwrite: bool) -> int:
+        """Bytes already in the folder that count toward a run's peak use of the disk: the
+        stale checkpoint temporaries (removed once the lock is held) and, when resuming or
+        overwriting, red's checkpoints and export (kept among the run's own, or replaced)."""
+        total = sum(_tree_bytes(p) for p in self.stale_checkpoint_temps())
+        own = self.manifest()
+        if resume or overwrite:
+            if CHECKPOINTS in own:
+                total += sum(_tree_bytes(p) for p in self.complete_checkpoints())
+            if STUDENT in own:
+                total += _tree_bytes(self.root / STUDENT)
+        return total
 
     # -- safe writes ----------------------------------------------------------------------
     def write_text(self, name: str, text: str, record: bool = True) -> Path:

@@ -423,3 +423,94 @@ def test_checkpoints_with_the_old_sampled_fingerprint_still_resume(finished, tea
         d["meta"].pop("teacher_fingerprint_v1")
         info.write_text(json.dumps(d))
     assert distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "3", "--allow-change", "steps") == 0
+
+
+# -- case 8: a full disk ---------------------------------------------------------------------------------
+def _disk_full_error():
+    from safetensors import SafetensorError
+
+    # what safetensors' save_file raises when the disk fills up (not an OSError)
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_resumes(teacher_dirs, corpus_file, tmp_path,
+                                                                   monkeypatch, capfd):
+    import red.checkpoint as C
+    import red.pipeline as P
+    from red.checkpoint import list_checkpoints
+    from red.config import make_config
+    from red.teacher import Arch, read_teacher_config
+
+    real = C.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(path).write_bytes(b"\x00" * 100)  # a partial file, then the disk is full
+            raise _disk_full_error()
+        return real(tensors, path, *a, **k)
+
+    t = teacher_dirs["llama"]
+    out = tmp_path / "run"
+    monkeypatch.setattr(C, "save_file", full_disk)
+    one_line(capfd, distill(t, corpus_file, out, "--steps", "3"), "No space left on device",
+             "the last complete checkpoint", "step-0000001")
+    monkeypatch.setattr(C, "save_file", real)
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-0000001"]
+    assert not list((out / "checkpoints").glob(".step-*"))  # no temporary folder left to block a resume
+    # the resume needs room only for what it adds: the kept checkpoint already counts
+    arch = Arch.from_config(read_teacher_config(t))
+    need = P.disk_need(make_config(teacher=str(t), data=str(corpus_file), hidden_size=32, out=str(out), steps=3,
+                                   save_every=1), arch)
+    have = sum(f.stat().st_size for f in (out / "checkpoints" / "step-0000001").iterdir())
+    monkeypatch.setattr(P, "free_disk_bytes", lambda p: need - have + 1024)
+    assert distill(t, corpus_file, out, "--steps", "3", "--resume") == 0
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-0000002", "step-0000003"]
+
+
+def test_full_disk_at_the_export_is_one_line_and_resume_finishes(teacher_dirs, corpus_file, tmp_path, monkeypatch,
+                                                                 capfd):
+    import red.export as E
+
+    real = E.save_file
+
+    def full_disk(*a, **k):
+        raise _disk_full_error()
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(E, "save_file", full_disk)
+    one_line(capfd, distill(teacher_dirs["llama"], corpus_file, out), "could not write the export",
+             "No space left on device")
+    monkeypatch.setattr(E, "save_file", real)
+    assert not (out / "student" / "model.safetensors").exists() and not list((out / "student").glob(".staging*"))
+    assert distill(teacher_dirs["llama"], corpus_file, out, "--resume") == 0
+    assert (out / "student" / "model.safetensors").is_file() and (out / "result.json").is_file()
+
+
+def test_resume_and_overwrite_together_are_refused(finished, teacher_dirs, corpus_file, tmp_path, capfd):
+    run = copy_run(finished, tmp_path / "run")
+    before = tree(run)
+    one_line(capfd, distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--overwrite"),
+             "--resume and --overwrite exclude each other")
+    assert tree(run) == before
+
+
+def test_full_disk_while_appending_to_a_store_leaves_it_as_it_was(teacher_dirs, corpus_file, tmp_path,
+                                                                   monkeypatch, capfd):
+    import errno
+
+    import red.store as S
+    from tiny import write_corpus
+
+    t = teacher_dirs["llama"]
+    store = _store(tmp_path, corpus_file, t)
+    before = tree(store)
+
+    def full(self, kind, arr):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(S._PartWriter, "_write", full)
+    rc = main(["prepare", "--tokenizer", str(t), "--data", str(write_corpus(tmp_path / "more.txt", seed=3)),
+               "--out", str(store), "--append", "--quiet", "--workers", "1"])
+    one_line(capfd, rc, "could not write token store", "No space left on device", "nothing was added")
+    assert tree(store) == before
