@@ -286,6 +286,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    from .inputs import check_analyze_paths
+
+    check_analyze_paths(args.teacher, args.student, args.data, args.out)  # before torch is imported
     from .analyze import analyze, check_analyze_inputs, check_analyze_models, format_report, load_run_student
     from .data import load_corpus
     from .teacher import load_teacher
@@ -349,6 +352,9 @@ def _cmd_plan(args) -> int:
                     ("--calib-samples", args.calib_samples)):
         if not v > 0 or v != v or v == float("inf"):
             raise RedError(f"{flag} {v} must be a positive number")
+    from .inputs import check_plan_inputs
+
+    check_plan_inputs(args.teacher, args.hidden_size)  # before torch is imported
     from .plan import check_fits, format_plan, plan_memory
 
     plan = plan_memory(args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus,
@@ -369,6 +375,9 @@ def _cmd_bench(args) -> int:
                   "--steps": args.steps, "--layers": args.layers},
                  (("--device", DEVICE), ("--seq-len", at_least(2)), ("--batch-size", at_least(1)),
                   ("--steps", at_least(1)), ("--layers", at_least(1))))
+    from .inputs import check_bench_inputs
+
+    check_bench_inputs(args.teacher, args.hidden_size, args.seq_len)  # before torch is imported
     from .bench import format_report, run_bench
 
     def progress(row):

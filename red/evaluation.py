@@ -50,7 +50,7 @@ def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks
     writes: apart from the model folder, and an existing file is replaced only with
     ``--overwrite`` and only when it is a report red wrote."""
     from .config import DEVICE, NON_NEGATIVE, SEED, at_least, check_values
-    from .run import check_output_file
+    from .run import check_out_path, check_output_file
 
     if model_dir is not None:
         if not Path(model_dir).is_dir():
@@ -58,9 +58,11 @@ def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks
         if not (Path(model_dir) / "config.json").is_file():
             raise RedError(f"model folder {model_dir} has no config.json; pass an exported model folder "
                            "(OUT/student)")
-    if out and Path(out).is_dir():
-        raise RedError(f"--out {out} is a folder; --out takes the JSON file to write, e.g. {Path(out) / 'eval.json'}")
     if out:
+        check_out_path(out)  # first: a name too long for the file system fails any other test
+        if Path(out).is_dir():
+            raise RedError(f"--out {out} is a folder; --out takes the JSON file to write, e.g. "
+                           f"{Path(out) / 'eval.json'}")
         check_output_file(out, overwrite, is_eval_report, "report", {"model folder": model_dir or ""})
     check_values({"--n-per-k": n_per_k, "--seed": seed, "--num-fewshot": num_fewshot,
                   "--max-gen-toks": max_gen_toks, "--limit": limit, "--device": device, "--batch-size": batch_size},

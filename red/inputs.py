@@ -45,6 +45,29 @@ def read_teacher_json(path: str | Path) -> dict:
     return raw
 
 
+def check_width(raw: dict, hidden_size: int) -> None:
+    """A student width strictly between 0 and the teacher's (``raw``: its config.json)."""
+    D = raw.get("hidden_size")
+    if isinstance(D, int) and not 0 < hidden_size < D:
+        raise RedError(f"--hidden-size {hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
+
+
+def check_seq_len(raw: dict, seq_len: int) -> None:
+    """``seq_len`` within the teacher's positions (a longer sequence is not what it was
+    trained on, and a huge one would run for ever)."""
+    max_pos = raw.get("max_position_embeddings")
+    if isinstance(max_pos, int) and max_pos > 0 and seq_len > max_pos:
+        raise RedError(f"--seq-len {seq_len} is above the teacher's max_position_embeddings={max_pos}; lower "
+                       f"--seq-len to {max_pos} or less")
+
+
+def check_bench_inputs(teacher: str | Path, hidden_size: int, seq_len: int) -> None:
+    """`red bench`'s teacher, width and sequence length, before any heavy import."""
+    raw = read_teacher_json(teacher)
+    check_width(raw, hidden_size)
+    check_seq_len(raw, seq_len)
+
+
 def check_corpus_path(path: str | Path) -> Path:
     """The corpus path names one existing file of a supported format."""
     p = Path(path)
@@ -117,10 +140,11 @@ def check_distill_inputs(cfg) -> None:
     """What `red distill` can check from paths and config.json alone, before any heavy import:
     the teacher folder and its architecture, the width against the teacher's, the corpus
     paths, a given calibration file, and the output folder (``check_run_folder``)."""
+    from .config import validate_against_teacher
+
     raw = read_teacher_json(cfg.teacher)
-    D = raw.get("hidden_size")
-    if isinstance(D, int) and not 0 < cfg.hidden_size < D:
-        raise RedError(f"--hidden-size {cfg.hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
+    check_width(raw, cfg.hidden_size)
+    validate_against_teacher(cfg, raw)  # --seq-len within the teacher's positions
     check_data_paths(cfg.data)
     if cfg.calibration and not Path(cfg.calibration).is_file():
         raise RedError(f"calibration file {cfg.calibration} does not exist; run `red calibrate` or drop --calibration")
@@ -187,3 +211,29 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
     check_separate(o, {"run's teacher folder": make_config(run / RUN_YAML).teacher})
     if o.exists() and any(o.iterdir()) and not overwrite:
         raise RedError(f"export folder {o} is not empty; choose another --out or pass --overwrite")
+
+
+def check_analyze_paths(teacher: str | Path, student: str | Path, data: str | Path, out: str | Path | None) -> None:
+    """`red analyze`'s paths, before any heavy import: the teacher, a student folder (a run
+    folder or an exported model), the corpus, and an output folder path."""
+    from .run import check_out_path
+
+    read_teacher_json(teacher)
+    sp = Path(student)
+    fix = "pass a `red distill` run folder or an exported model folder (OUT/student) to --student"
+    if not sp.exists():
+        raise RedError(f"student folder {sp} does not exist; {fix}")
+    if not sp.is_dir():
+        raise RedError(f"student path {sp} is not a folder; {fix}")
+    check_corpus_path(data)
+    if out is not None:
+        check_out_path(out)
+        if Path(out).exists() and not Path(out).is_dir():
+            raise RedError(f"--out {out} is a file; --out takes a folder for analysis.json and the plots")
+
+
+def check_plan_inputs(teacher: str | Path, hidden_size: int) -> None:
+    """`red plan`'s teacher (a folder or its config.json) and width, before any heavy import."""
+    p = Path(teacher)
+    raw = read_teacher_json(p.parent if p.name == "config.json" and p.is_file() else p)
+    check_width(raw, hidden_size)

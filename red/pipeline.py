@@ -16,7 +16,7 @@ import red_kernels
 
 from .calibration import Calibration, calibrate, channel_scores, check_calibration_teacher
 from .checkpoint import check_checkpoint
-from .config import DistillConfig, config_yaml, validate_against_teacher
+from .config import DistillConfig, config_yaml, files_val_fraction, validate_against_teacher
 from .data import PackedCorpus, corpus_from_stores, load_corpus
 from .distributed import DistContext, StartupProbe, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
@@ -232,7 +232,7 @@ def _matching_store(root: Path, records: list, cfg: DistillConfig, fp: str, toke
     same = (m["tokenizer"]["fingerprint"] == fp
             and [s["sha256"] for s in part.get("sources", [])] == [r["sha256"] for r in records]
             and (part.get("text_field"), part.get("txt_split"), part.get("val_fraction"), part.get("split_seed"))
-            == (cfg.text_field, cfg.txt_split, cfg.val_fraction, 0))
+            == (cfg.text_field, cfg.txt_split, files_val_fraction(cfg), 0))
     return store if same else None
 
 
@@ -248,7 +248,7 @@ def make_data_ready(entries: list[DataEntry], cfg: DistillConfig, tokenizer, run
                 if target.exists():
                     shutil.rmtree(target)  # ours (under OUT/data): a store of other files or settings
                 e.store = prepare_store(e.files, target, tokenizer, text_field=cfg.text_field,
-                                        txt_split=cfg.txt_split, val_fraction=cfg.val_fraction, seed=0,  # split: not the training seed
+                                        txt_split=cfg.txt_split, val_fraction=files_val_fraction(cfg), seed=0,  # split: not the training seed
                                         progress=progress, records=e.records)
     ctx.barrier()
     for e in entries:
@@ -256,6 +256,47 @@ def make_data_ready(entries: list[DataEntry], cfg: DistillConfig, tokenizer, run
             e.store = TokenStore(run.path(*e.target.split("/")), tokenizer)
     weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
     return corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
+
+
+def check_kernels(cfg: DistillConfig, ctx: DistContext) -> None:
+    """``--kernels triton`` only where Triton can run: a CUDA device, or the CPU under
+    Triton's interpreter (TRITON_INTERPRET=1 set before start)."""
+    if cfg.kernels != "triton":
+        return
+    dev = resolve_device(rank_device(ctx, cfg.device))
+    ok, why = red_kernels._backend.triton_runnable(torch.empty(0, device=dev))
+    if not ok:
+        raise RedError(f"--kernels triton cannot run on {dev}: {why}; use --kernels torch (or auto)")
+
+
+def check_scored_tokens(entries: list[DataEntry], cfg: DistillConfig) -> None:
+    """Under ``--loss-on assistant`` every store trained on must hold assistant tokens in both
+    splits: otherwise its KL and LM terms are 0 at every step and the run trains the clone
+    terms alone, while its losses look better than a real run's."""
+    if cfg.loss_on != "assistant":
+        return
+    for e in entries:
+        for split, what in (("train", "training"), ("val", "validation")):
+            if e.store is not None and e.store.has_mask and e.store.scored_tokens(split) == 0:
+                raise RedError(f"--data {e.spec.path}: its {what} documents hold no assistant token, and under "
+                               "--loss-on assistant (the default) only assistant turns are scored, so the KL and "
+                               "LM terms would be 0 at every step; give conversations with assistant turns, or "
+                               "--loss-on all to score every token")
+
+
+def check_store_splits(entries: list[DataEntry], cfg: DistillConfig) -> None:
+    """A token store keeps the validation split it was prepared with: a ``--val-fraction``
+    given for it must be that split's, or it would be recorded in run.yaml and not applied."""
+    if cfg.val_fraction is None:
+        return
+    for e in entries:
+        if e.store is not None and not e.target:  # a store given as --data (not one made here)
+            made = sorted({p["val_fraction"] for p in e.store.manifest["parts"]})
+            if made != [cfg.val_fraction]:
+                raise RedError(f"--val-fraction {cfg.val_fraction:g} cannot apply to token store {e.spec.path}: its "
+                               f"validation split was made when it was prepared (--val-fraction "
+                               f"{', '.join(f'{v:g}' for v in made)}); drop --val-fraction, or prepare the store "
+                               "again with the split you want")
 
 
 def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = None):
@@ -278,6 +319,7 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     check_student_width(tcfg, cfg.hidden_size)
+    check_kernels(cfg, ctx)
     check_teacher_files(cfg.teacher)
     check_teacher_weights(cfg.teacher, tcfg)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
@@ -285,11 +327,14 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
         raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
                        f"{arch.vocab_size} rows; use the teacher's own tokenizer")
     entries = plan_data(cfg, tokenizer, run)
+    check_store_splits(entries, cfg)
     corpus = None
     if all(e.store is not None for e in entries):
         weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
         corpus = corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
     validate_against_teacher(cfg, tcfg, len(corpus.train) if corpus is not None else None)
+    if corpus is not None:
+        check_scored_tokens(entries, cfg)
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
@@ -340,6 +385,11 @@ def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch:
     saved = load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}
     changes = resume_changes(saved, cfg, cfg.allowed_changes())  # names every changed setting
     info = check_checkpoint(last, identity.checkpoint_meta(), trainable_shapes(arch, cfg.hidden_size))
+    if cfg.steps < int(info["step"]):
+        raise RedError(f"--steps {cfg.steps} is below step {int(info['step'])}, which this run has reached: "
+                       "--resume continues a run and cannot shorten it (run.yaml would then describe a shorter "
+                       "run than the model had); export an earlier checkpoint with red export --checkpoint, or "
+                       "start a new --out")
     n = info.get("sampler", {}).get("n")
     if n != n_train:
         raise RedError(f"checkpoint {last} was made with {n} training sequences, this corpus packs to "
@@ -380,6 +430,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
             try:
                 corpus = make_data_ready(entries, cfg, tokenizer, run, ctx, progress)
                 validate_against_teacher(cfg, tcfg, len(corpus.train))
+                check_scored_tokens(entries, cfg)
             except RedError:
                 if ctx.is_main and state != "run":
                     run.discard(remove_root=created)  # a failed start leaves nothing behind

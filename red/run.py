@@ -121,30 +121,31 @@ def check_separate(out: str | Path, inputs) -> None:
 def check_out_path(out: str | Path, flag: str = "--out") -> None:
     """Refuse an output path the file system cannot hold (a name over the length limit)
     or one that would create folders it does not end in: every folder before a ``..`` of
-    ``out`` must exist, else making ``a/b/../c`` would leave an empty ``a/b`` behind."""
+    ``out`` must exist, else making ``a/b/../c`` would leave an empty ``a/b`` behind.
+    (os.path's tests, which never raise: pathlib's raise on a name that is too long.)"""
     text = str(out)
     if not text:
         raise RedError(f"no output path given; pass {flag} PATH")
     parts = Path(text).parts
-    for i, part in enumerate(parts):
-        if part == ".." and not Path(*parts[:i]).is_dir():
-            raise RedError(f"{flag} {text} goes through {Path(*parts[:i])}, which does not exist, and back out "
-                           f"with '..'; write the path without '..' (e.g. {os.path.normpath(text)})")
-    probe = Path(text).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    whole = os.path.abspath(text)
+    base = whole
+    while not os.path.isdir(base) and os.path.dirname(base) != base:
+        base = os.path.dirname(base)
     try:
-        name_max = os.pathconf(probe if probe.is_dir() else probe.parent, "PC_NAME_MAX")
-        path_max = os.pathconf(probe if probe.is_dir() else probe.parent, "PC_PATH_MAX")
+        name_max, path_max = os.pathconf(base, "PC_NAME_MAX"), os.pathconf(base, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
     long = [p for p in parts if len(os.fsencode(p)) > name_max]
     if long:
-        raise RedError(f"{flag} names a file or folder of {len(os.fsencode(long[0]))} bytes "
-                       f"({long[0][:24]}...); this file system takes at most {name_max}: pick a shorter name")
-    if len(os.fsencode(str(Path(text).absolute()))) >= path_max:
-        raise RedError(f"{flag} is a path of {len(os.fsencode(str(Path(text).absolute())))} bytes; this file "
-                       f"system takes at most {path_max - 1}: pick a shorter path")
+        raise RedError(f"{flag} names a file or folder of {len(os.fsencode(long[0]))} bytes ({long[0][:24]}...); "
+                       f"this file system takes at most {name_max}: pick a shorter name")
+    if len(os.fsencode(whole)) >= path_max:
+        raise RedError(f"{flag} is a path of {len(os.fsencode(whole))} bytes; this file system takes at most "
+                       f"{path_max - 1}: pick a shorter path")
+    for i, part in enumerate(parts):
+        if part == ".." and not os.path.isdir(os.path.join(*parts[:i])):
+            raise RedError(f"{flag} {text} goes through {os.path.join(*parts[:i])}, which does not exist, and back "
+                           f"out with '..'; write the path without '..' (e.g. {os.path.normpath(text)})")
 
 
 def check_output_file(out: str | Path, overwrite: bool, written_by_red, kind: str, inputs=(),
@@ -701,7 +702,11 @@ class RunIdentity:
         fps = {"teacher": teacher_fingerprint(cfg.teacher), "teacher_v1": legacy_teacher_fingerprint(cfg.teacher),
                "data": data_fingerprint,
                "calibration": file_fingerprint(cfg.calibration) if cfg.calibration else ""}
-        return cls(settings={k: getattr(cfg, k) for k in IDENTITY_KEYS}, fingerprints=fps,
+        from .config import files_val_fraction
+
+        # the split share the data was cut with (null means the default): what older checkpoints record
+        settings = {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"val_fraction": files_val_fraction(cfg)}
+        return cls(settings=settings, fingerprints=fps,
                    arch={"model_type": arch.model_type, "num_layers": arch.num_layers,
                          "teacher_hidden_size": arch.hidden_size})
 
@@ -718,9 +723,14 @@ def resume_changes(saved: dict, cfg, allow: set[str]) -> dict:
     changes to record ({key: [old, new]}), or raise RedError naming every refused key."""
     from .config import DistillConfig
 
+    from .config import DEFAULT_VAL_FRACTION
+
+    def value(k, v):  # a val_fraction of null means the default (run.yaml of older runs holds the number)
+        return DEFAULT_VAL_FRACTION if k == "val_fraction" and v is None else v
+
     names = [f.name for f in dataclasses.fields(DistillConfig)]
-    changed = {k: (saved.get(k), getattr(cfg, k)) for k in names
-               if k in saved and k not in FREE_KEYS and k not in INPUT_KEYS and saved.get(k) != getattr(cfg, k)}
+    changed = {k: (saved.get(k), getattr(cfg, k)) for k in names if k in saved and k not in FREE_KEYS
+               and k not in INPUT_KEYS and value(k, saved.get(k)) != value(k, getattr(cfg, k))}
     identity = {k: v for k, v in changed.items() if k in IDENTITY_KEYS}
     if identity:
         what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in identity.items())

@@ -646,6 +646,19 @@ class TokenStore:
                     prev = b
         return out
 
+    def scored_tokens(self, split: str) -> int:
+        """Tokens of the ``train`` or ``val`` documents that ``--loss-on assistant`` scores
+        (every token of a part without chat rows; the mask's ones otherwise), read in chunks."""
+        n = 0
+        for part, a, b in self.spans(split):
+            mask = self.parts[part].mask
+            if mask is None:
+                n += b - a
+                continue
+            for c in range(a, b, 1 << 24):
+                n += int(np.count_nonzero(mask[c: min(b, c + (1 << 24))]))
+        return n
+
     def view(self, split: str, seq_len: int) -> "BlockView":
         return BlockView(self, self.spans(split), seq_len)
 

@@ -514,3 +514,151 @@ def test_full_disk_while_appending_to_a_store_leaves_it_as_it_was(teacher_dirs, 
                "--out", str(store), "--append", "--quiet", "--workers", "1"])
     one_line(capfd, rc, "could not write token store", "No space left on device", "nothing was added")
     assert tree(store) == before
+
+
+# -- case 11: chat data with no assistant turn ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_teacher(tmp_path_factory):
+    from tiny import build_tokenizer, make_teacher
+
+    t = make_teacher(tmp_path_factory.mktemp("chat") / "t", "qwen3")
+    tok = build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]: {% endif %}")
+    tok.save_pretrained(t)
+    return t
+
+
+def test_chat_data_without_an_assistant_turn_is_refused(chat_teacher, tmp_path, capfd):
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"what is {i}+{i}?"}]}
+            for i in range(80)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one_line(capfd, distill(chat_teacher, tmp_path / "chat.jsonl", tmp_path / "run"), "no assistant token",
+             "--loss-on all")
+    assert not (tmp_path / "run").exists()
+    # the same data scored on every token is a valid run
+    assert distill(chat_teacher, tmp_path / "chat.jsonl", tmp_path / "all", "--loss-on", "all") == 0
+
+
+# -- case 12: --resume that shortens, --val-fraction with a store, --out through '..' ------------------------
+def test_resume_cannot_shorten_a_run(finished, teacher_dirs, corpus_file, tmp_path, capfd):
+    run = copy_run(finished, tmp_path / "run")
+    before = tree(run)
+    one_line(capfd, distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "1", "--allow-change",
+                            "steps"), "--steps 1 is below step 2", "cannot shorten it")
+    assert tree(run) == before
+
+
+def test_val_fraction_that_a_store_cannot_apply_is_refused(teacher_dirs, corpus_file, tmp_path, capfd):
+    import yaml
+
+    t = teacher_dirs["llama"]
+    store = _store(tmp_path, corpus_file, t)  # prepared with the default split, 0.05
+    one_line(capfd, distill(t, store, tmp_path / "run", "--val-fraction", "0.1"),
+             "--val-fraction 0.1 cannot apply to token store", "0.05")
+    assert not (tmp_path / "run").exists()
+    assert distill(t, store, tmp_path / "run") == 0
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["val_fraction"] is None  # the store's own
+    assert distill(t, store, tmp_path / "run2", "--val-fraction", "0.05") == 0  # the store's split: fine
+    # run.yaml repeats the run
+    assert main(["distill", "--config", str(tmp_path / "run" / "run.yaml"), "--out", str(tmp_path / "again"),
+                 "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("command", ["distill", "prepare", "export", "calibrate", "eval", "demo"])
+def test_out_through_dot_dot_creates_nothing(command, finished, teacher_dirs, corpus_file, tmp_path, capfd,
+                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t, c = str(teacher_dirs["llama"]), str(corpus_file)
+    argv = {"distill": ["distill", "--teacher", t, "--data", c, "--hidden-size", "32", "--out", "a/b/../c"],
+            "prepare": ["prepare", "--tokenizer", t, "--data", c, "--out", "a/b/../c"],
+            "export": ["export", "--run", str(finished), "--out", "a/b/../c"],
+            "calibrate": ["calibrate", "--teacher", t, "--data", c, "--out", "a/b/../c.safetensors"],
+            "eval": ["eval", "--model", str(DEMO_TEACHER), "--out", "a/b/../c.json"],
+            "demo": ["demo", "--out", "a/b/../c"]}[command]
+    one_line(capfd, main(argv), "goes through a/b, which does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- hangs and tracebacks ------------------------------------------------------------------------------------
+def test_hangs_and_tracebacks_are_one_line(finished, teacher_dirs, corpus_file, tmp_path, capfd):
+    import os
+
+    from cli_checks import error_table_failures
+
+    t, c, R = str(teacher_dirs["llama"]), str(corpus_file), tmp_path
+    new = R / "new-out"
+    (R / "empty-data.yaml").write_text(f"teacher: {t}\nhidden_size: 32\ndata: []\n")
+    levels = ['l0: &l0 ["x","x","x","x","x","x","x","x","x"]'] + [
+        f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (R / "bomb.yaml").write_text("\n".join(levels) + f"\ndata: *l8\nteacher: {t}\nhidden_size: 32\n")  # 9**9 strings
+    (R / "big.yaml").write_text("# " + "x" * (2 << 20) + "\n")
+    long = str(R / ("x" * 300))
+    di = lambda *a: ["distill", "--teacher", t, "--data", c, "--hidden-size", "32", "--out", new, "--quiet", *a]
+    cases = [
+        ("bench: --seq-len beyond the teacher", ["bench", "--teacher", t, "--hidden-size", "32", "--seq-len",
+                                                 "100000", "--quiet"], "max_position_embeddings=256"),
+        ("distill: --seq-len beyond the teacher", di("--seq-len", "100000"), "max_position_embeddings=256"),
+        ("distill: --grad-accum 1e9", di("--grad-accum", "1000000000"), "grad_accum must be between 1 and 4096"),
+        ("distill: data: [] in YAML", ["distill", "--config", R / "empty-data.yaml", "--out", new],
+         "data is an empty list"),
+        ("distill: YAML aliases", ["distill", "--config", R / "bomb.yaml", "--out", new], "uses a YAML alias"),
+        ("distill: YAML of 2 MB", ["distill", "--config", R / "big.yaml", "--out", new], "more than a configuration"),
+        ("distill: over-long --out", ["distill", "--teacher", t, "--data", c, "--hidden-size", "32", "--out", long],
+         "this file system takes at most"),
+        ("prepare: over-long --out", ["prepare", "--tokenizer", t, "--data", c, "--out", long],
+         "this file system takes at most"),
+        ("export: over-long --out", ["export", "--run", finished, "--out", long], "this file system takes at most"),
+        ("calibrate: over-long --out", ["calibrate", "--teacher", t, "--data", c, "--out", long + ".safetensors"],
+         "this file system takes at most"),
+        ("eval: over-long --out", ["eval", "--model", DEMO_TEACHER, "--out", long + ".json"],
+         "this file system takes at most"),
+        ("demo: over-long --out", ["demo", "--out", long], "this file system takes at most"),
+        ("demo: --n-per-k 0", ["demo", "--out", new, "--n-per-k", "0"], "--n-per-k must be at least 1"),
+    ]
+    failures = error_table_failures(cases, capfd, new)
+    assert not failures, "\n".join(failures)
+    assert not os.path.lexists(long)  # (pathlib raises on a name this long)
+
+
+def test_kernels_triton_without_the_interpreter_on_a_cpu_is_one_line(teacher_dirs, corpus_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-m", "red", "distill", "--teacher", str(teacher_dirs["llama"]), "--data",
+                        str(corpus_file), "--hidden-size", "32", "--out", str(tmp_path / "run"), "--kernels", "triton",
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "--kernels triton cannot run on cpu" in lines[0], p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_32_mb_file_of_two_lines_is_refused_in_little_memory(teacher_dirs, tmp_path):
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    two = tmp_path / "two.txt"
+    line = "alpha beta gamma " * ((16 << 20) // 17)
+    two.write_text(line + "\n" + line + "\n")
+    assert two.stat().st_size > 30 << 20
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    code = ("import resource, sys\nfrom red.cli import main\n"
+            f"rc = main(['prepare', '--tokenizer', {str(teacher_dirs['llama'])!r}, '--data', {str(two)!r}, '--out', "
+            f"{str(tmp_path / 'st')!r}, '--quiet', '--workers', '1'])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "more than 1,000,000 characters" in lines[0], p.stderr
+    assert int(p.stdout.split()[-1]) < 1_500_000  # kB: about torch's own footprint, not gigabytes
+    assert not (tmp_path / "st").exists()

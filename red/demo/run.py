@@ -290,7 +290,7 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
     """``run_demo`` once its folder is ready and locked."""
     from transformers import AutoModelForCausalLM
 
-    from ..config import DistillConfig, make_config
+    from ..config import DEFAULT_VAL_FRACTION, make_config
     from ..metrics import layer_eranks
     from ..pipeline import build_student, distill
     from ..run import OwnedFolder
@@ -305,7 +305,7 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
     write_general_corpus(data, cfg.general_problems, gen_ks, long_ks, cfg.long_share)
     # tokenized once for every run: the store a run would make of general.txt itself
     # (same split settings), so the runs read the same blocks without re-tokenizing
-    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DistillConfig.val_fraction,
+    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DEFAULT_VAL_FRACTION,
                           seed=0, overwrite=cfg.overwrite, progress=False)
     probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
     probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
