@@ -10,6 +10,9 @@ from .errors import RedError
 from .metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
 
 
+ANALYZE_FILES = ("analysis.json", "erank.png", "spectra.png")  # what `red analyze` writes in --out
+
+
 def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = None) -> None:
     """Every check of `red analyze`'s own inputs that needs no model, run before any work."""
     from .config import at_least, check_values
@@ -18,6 +21,13 @@ def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = No
                  (("--samples", at_least(1)), ("--seq-len", at_least(2))))
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise RedError(f"--out {out} is a file; --out takes a folder for analysis.json and the plots")
+    if out is not None:
+        from .run import OwnedFolder
+
+        folder = OwnedFolder(out, what="analysis folder")
+        clash = folder.conflicts(ANALYZE_FILES)
+        if clash:  # refused before any model is loaded
+            raise RedError(folder.clash_message(clash))
 
 
 def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
@@ -134,8 +144,12 @@ def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | Non
     if hasattr(student, "projections"):
         report["projections"] = {n: spectrum(p) for n, p in student.projections().items()}
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from .run import OwnedFolder
+
+        # the rule of every folder red writes into: its own names only, never a user's file of that name
+        folder = OwnedFolder(out_dir, what="analysis folder")
+        folder.own(*ANALYZE_FILES)
+        out = folder.root
         (out / "analysis.json").write_text(json.dumps(report, indent=1))
         plot_analysis(report, out)
     return report

@@ -662,3 +662,15 @@ def test_a_32_mb_file_of_two_lines_is_refused_in_little_memory(teacher_dirs, tmp
     assert p.returncode == 2 and len(lines) == 1 and "more than 1,000,000 characters" in lines[0], p.stderr
     assert int(p.stdout.split()[-1]) < 1_500_000  # kB: about torch's own footprint, not gigabytes
     assert not (tmp_path / "st").exists()
+
+
+def test_analyze_out_never_replaces_the_users_files(finished, teacher_dirs, corpus_file, tmp_path, capfd):
+    out = tmp_path / "an"
+    out.mkdir()
+    (out / "analysis.json").write_text('{"mine": 1}')
+    an = lambda: main(["analyze", "--teacher", str(teacher_dirs["llama"]), "--student", str(finished), "--data",
+                       str(corpus_file), "--seq-len", "24", "--samples", "2", "--out", str(out)])
+    one_line(capfd, an(), "already holds analysis.json", "red did not write")
+    assert (out / "analysis.json").read_text() == '{"mine": 1}'
+    (out / "analysis.json").unlink()
+    assert an() == 0 and an() == 0  # its own files: replaced
