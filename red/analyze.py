@@ -10,6 +10,9 @@ from .errors import RedError
 from .metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
 
 
+ANALYZE_FILES = ("analysis.json", "erank.png", "spectra.png")  # what `red analyze` writes in --out
+
+
 def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = None) -> None:
     """Every check of `red analyze`'s own inputs that needs no model, run before any work."""
     from .config import at_least, check_values
@@ -18,6 +21,13 @@ def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = No
                  (("--samples", at_least(1)), ("--seq-len", at_least(2))))
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise RedError(f"--out {out} is a file; --out takes a folder for analysis.json and the plots")
+    if out is not None:
+        from .run import OwnedFolder
+
+        folder = OwnedFolder(out, what="analysis folder")
+        clash = folder.conflicts(ANALYZE_FILES)
+        if clash:  # refused before any model is loaded
+            raise RedError(folder.clash_message(clash))
 
 
 def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
@@ -28,7 +38,7 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
     teacher run.yaml names) must equal that of ``teacher_dir``. An exported model folder
     must be a model of the teacher's architecture, depth and vocabulary, no wider.
     """
-    from .teacher import Arch, read_teacher_config, teacher_fingerprint
+    from .teacher import Arch, read_teacher_config
 
     arch = Arch.from_config(read_teacher_config(teacher_dir))
     sp = Path(student)
@@ -38,7 +48,7 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
     if not sp.is_dir():
         raise RedError(f"student path {sp} is not a folder; {fix}")
     if (sp / "run.yaml").is_file():
-        _check_run_teacher(sp, teacher_dir, teacher_fingerprint(teacher_dir))
+        _check_run_teacher(sp, teacher_dir)
         return
     if not (sp / "config.json").is_file():
         raise RedError(f"student folder {sp} has no config.json (and no run.yaml); {fix}")
@@ -65,17 +75,17 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
                        "pass the student's own teacher to --teacher")
 
 
-def _check_run_teacher(run: Path, teacher_dir: str | Path, fingerprint: str) -> None:
+def _check_run_teacher(run: Path, teacher_dir: str | Path) -> None:
     from .checkpoint import list_checkpoints, read_meta
     from .config import make_config
-    from .teacher import teacher_fingerprint
+    from .teacher import teacher_fingerprint, teacher_matches
 
     cfg = make_config(run / "run.yaml")
     found = list_checkpoints(run / "checkpoints")
     theirs = read_meta(found[-1]).get("teacher_fingerprint") if found else None
     if theirs is None and (Path(cfg.teacher) / "config.json").is_file():
         theirs = teacher_fingerprint(cfg.teacher)
-    if theirs is not None and theirs != fingerprint:
+    if theirs is not None and not teacher_matches(theirs, teacher_dir):
         raise RedError(f"--teacher {teacher_dir} is not the teacher of run {run} (it was distilled from "
                        f"{cfg.teacher}); pass the run's own teacher to --teacher")
 
@@ -86,7 +96,7 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
     from .checkpoint import check_checkpoint, list_checkpoints, load_trainable, read_meta
     from .config import make_config
     from .student import ProjectedStudent, trainable_shapes
-    from .teacher import Arch, load_teacher, read_teacher_config, teacher_fingerprint
+    from .teacher import Arch, load_teacher, read_teacher_config, teacher_meta
 
     run = Path(run_dir)
     if not (run / "run.yaml").is_file():
@@ -108,7 +118,7 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
         raise RedError(f"checkpoint {checkpoint} belongs to a teacher of width {meta.get('teacher_hidden_size')}, "
                        f"{cfg.teacher} has {arch.hidden_size}; use the run's own teacher")
     expect = {"hidden_size": cfg.hidden_size, "model_type": arch.model_type, "num_layers": arch.num_layers,
-              "teacher_fingerprint": teacher_fingerprint(cfg.teacher)}
+              **teacher_meta(cfg.teacher)}
     check_checkpoint(checkpoint, expect, trainable_shapes(arch, cfg.hidden_size))
     teacher, tok = load_teacher(cfg.teacher, device=device, trust_remote_code=cfg.trust_remote_code)
     student = ProjectedStudent(teacher, meta["hidden_size"], norm_eps=cfg.norm_eps)
@@ -134,8 +144,12 @@ def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | Non
     if hasattr(student, "projections"):
         report["projections"] = {n: spectrum(p) for n, p in student.projections().items()}
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from .run import OwnedFolder
+
+        # the rule of every folder red writes into: its own names only, never a user's file of that name
+        folder = OwnedFolder(out_dir, what="analysis folder")
+        folder.own(*ANALYZE_FILES)
+        out = folder.root
         (out / "analysis.json").write_text(json.dumps(report, indent=1))
         plot_analysis(report, out)
     return report

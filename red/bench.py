@@ -671,7 +671,10 @@ def run_bench(teacher_dir, hidden_size: int, seq_len: int, batch_size: int = 1, 
 
     if precision not in ("auto", "bf16", "fp32"):
         raise RedError(f"--precision {precision!r} is not one of auto, bf16, fp32")
-    tcfg = read_teacher_config(teacher_dir)  # fails fast on a missing or unsupported teacher
+    from .inputs import check_bench_inputs
+
+    check_bench_inputs(teacher_dir, hidden_size, seq_len)  # a missing teacher, a width or length it cannot take
+    tcfg = read_teacher_config(teacher_dir)
     check_teacher_files(teacher_dir)
     arch = Arch.from_config(tcfg)
     dev = resolve_device(device)

@@ -227,7 +227,7 @@ def check_calibration_teacher(cal: Calibration, path: str | Path, teacher_dir: s
     files without one are accepted when their width matches the teacher's: a file from
     another teacher of the same width cannot be told apart then.
     """
-    from .teacher import teacher_fingerprint
+    from .teacher import teacher_matches
 
     if cal.hidden_size != arch.hidden_size:
         raise RedError(f"calibration {path} was made for width {cal.hidden_size}, the teacher has "
@@ -236,7 +236,7 @@ def check_calibration_teacher(cal: Calibration, path: str | Path, teacher_dir: s
     fp = cal.meta.get("teacher_fingerprint")
     if fp is None:
         return
-    if fp != teacher_fingerprint(teacher_dir):
+    if not teacher_matches(fp, teacher_dir):
         made = cal.meta.get("teacher") or "an unknown folder"
         kind = f"{cal.meta.get('model_type', '?')}, {cal.meta.get('num_layers', '?')} layers"
         raise RedError(f"calibration {path} was made on another teacher ({made}: {kind}), not {teacher_dir} "

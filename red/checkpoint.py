@@ -38,9 +38,9 @@ trainer.json), so this changes nothing a run computes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
 import shutil
 import uuid
 from contextlib import ExitStack
@@ -51,15 +51,13 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_files import (INDEX, INDEX_FORMAT, SINGLE_FILE, _files_problem, _parse_index, _read_index,  # noqa: F401
+                               list_checkpoints, shard_file_name)
 from .distributed import DistContext, full_tensor, local_tensor
 from .errors import RedError
-from .run import file_sha256
+from .run import file_sha256, is_write_error, write_error_text
 from .teacher import check_safetensors_file
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-SINGLE_FILE = "state.safetensors"
-INDEX = "index.json"
-INDEX_FORMAT = "red-sharded-checkpoint"
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
@@ -81,10 +79,6 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def shard_file_name(rank: int, world: int) -> str:
-    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
 
 
 def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -233,9 +227,11 @@ def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, 
     try:
         _write_checkpoint(tmp, final, tensors, _trainer_info(step, meta, 1, opt_info, scheduler, sampler),
                           step, root)
-    except OSError as e:  # disk full, I/O error, read-only: keep what was complete
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RedError(_not_written(root, final, e.strerror or type(e).__name__)) from None
+    except Exception as e:  # disk full (safetensors raises its own error type), I/O error, read-only
+        if not is_write_error(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete checkpoint stays, nothing blocks a resume
+        raise RedError(_not_written(root, final, write_error_text(e))) from None
     _prune(root, tmp, keep)
     return final
 
@@ -321,7 +317,8 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
         size, digest = f.stat().st_size, file_sha256(f)
     except Exception as e:  # reported to rank 0 first, so that no rank waits forever
         own_error = e
-        errno_ = e.errno if isinstance(e, OSError) and e.errno else -1
+        errno_ = e.errno if isinstance(e, OSError) and e.errno else (errno.ENOSPC if is_write_error(e) and
+                                                                      "No space" in str(e) else -1)
     status = _gather_status(ctx, own_error is None, errno_, size, digest)
     # 3. rank 0: the index, trainer.json, a check of the set, the rename
     err = None
@@ -353,7 +350,7 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
         else:
             _prune(root, tmp, keep)
     err = ctx.broadcast_error(err)
-    if own_error is not None and not isinstance(own_error, OSError):
+    if own_error is not None and not is_write_error(own_error):
         raise own_error
     if err:
         raise RedError(err)
@@ -361,91 +358,6 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
 
 
 # -- reading --------------------------------------------------------------------------------------
-def _parse_index(path: Path) -> dict:
-    """index.json of the sharded checkpoint ``path``, its structure checked (ValueError,
-    OSError or a JSON error otherwise)."""
-    idx = json.loads((path / INDEX).read_text())
-    if not isinstance(idx, dict) or idx.get("format") != INDEX_FORMAT or idx.get("version") != 1:
-        raise ValueError(f"not a {INDEX_FORMAT} index of version 1")
-    world = idx["world_size"]
-    files = idx["files"]
-    if not (isinstance(world, int) and world >= 1 and isinstance(files, list) and len(files) == world):
-        raise ValueError(f"{len(files) if isinstance(files, list) else 'no'} files for world size {world!r}")
-    for r, f in enumerate(files):
-        if f.get("name") != shard_file_name(r, world) or not isinstance(f.get("bytes"), int) \
-                or not re.fullmatch(r"[0-9a-f]{64}", str(f.get("sha256"))):
-            raise ValueError(f"file entry {r} is malformed")
-    tensors = idx["tensors"]
-    if not isinstance(tensors, dict):
-        raise ValueError("tensors is not a mapping")
-    for name, e in tensors.items():
-        shape, shards = e["shape"], e["shards"]
-        if e["dtype"] not in _ST_DTYPES.values() or not all(isinstance(n, int) and n >= 0 for n in shape) \
-                or not all(isinstance(s.get("file"), int) and 0 <= s["file"] < world for s in shards):
-            raise ValueError(f"entry {name!r} is malformed")
-        if not shape:
-            if len(shards) != 1:
-                raise ValueError(f"scalar {name!r} must be in one file")
-            continue
-        at = 0  # the pieces must tile rows [0, rows) in order
-        for s in shards:
-            if s["start"] != at or not at < s["stop"] <= shape[0]:
-                raise ValueError(f"rows of {name!r} are not a partition of [0, {shape[0]})")
-            at = s["stop"]
-        if at != shape[0]:
-            raise ValueError(f"rows of {name!r} stop at {at} of {shape[0]}")
-    return idx
-
-
-def _read_index(path: Path) -> dict:
-    try:
-        return _parse_index(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RedError(f"checkpoint {path} has an unreadable {INDEX} ({type(e).__name__}: {str(e)[:120]}); "
-                       "pick another checkpoint or delete this one") from None
-
-
-def _files_problem(path: Path) -> str | None:
-    """Why the tensor files of checkpoint folder ``path`` are not all there (None when they
-    are): a missing state.safetensors, or a shard file the index names that is missing or
-    has another size. Only stat() calls."""
-    if not (path / INDEX).is_file():
-        return None if (path / SINGLE_FILE).is_file() else f"no {SINGLE_FILE} or {INDEX}"
-    try:
-        idx = _parse_index(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{INDEX} is unreadable ({type(e).__name__})"
-    for f in idx["files"]:
-        p = path / f["name"]
-        if not p.is_file():
-            return f"shard file {f['name']} is missing"
-        size = p.stat().st_size
-        if size != f["bytes"]:
-            return f"shard file {f['name']} has {size} bytes, the index records {f['bytes']}"
-    return None
-
-
-def _problem(path: Path) -> str | None:
-    """Why step folder ``path`` is not a complete checkpoint (None when it is)."""
-    if not (path / "trainer.json").is_file():
-        return "no trainer.json"
-    return _files_problem(path)
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first: a step folder with trainer.json and
-    its tensor files (every shard file its index names, with the size it records)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and _problem(p) is None:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -572,7 +484,7 @@ class _Reader:
 
 
 # meta keys that older checkpoints may lack; compared only when the checkpoint has them
-_OPTIONAL_META = ("teacher_fingerprint", "data_fingerprint", "identity")
+_OPTIONAL_META = ("teacher_fingerprint", "data_fingerprint", "identity", "teacher_fingerprint_v1")
 
 
 def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[str, tuple] | None = None,
@@ -598,6 +510,9 @@ def check_checkpoint(path: str | Path, expect_meta: dict, expect_shapes: dict[st
         if key in _OPTIONAL_META and key not in saved_meta:
             continue
         have = saved_meta.get(key)
+        if key == "teacher_fingerprint" and have != want and "teacher_fingerprint_v1" in expect_meta \
+                and isinstance(have, str) and len(have) == 16:
+            want = expect_meta["teacher_fingerprint_v1"]  # written before whole-file fingerprints
         if have != want:
             if key == "teacher_fingerprint":
                 raise RedError(f"checkpoint {path} belongs to another teacher (its weights fingerprint differs); "

@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch of both benchmarks (default: 200 problems for the synthetic one, 8 for lm-eval)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report red wrote at --out")
 
     p = sub.add_parser("plan", help="memory, communication and speed of a distillation run, from the teacher's config alone",
                        formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
@@ -229,7 +230,7 @@ def _cmd_distill(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from .config import OPEN_UNIT, SEED, at_least, check_values
-    from .run import check_separate
+    from .run import check_out_path, check_separate
     from .sources import expand_source, parse_data_spec
 
     check_values({"--val-fraction": args.val_fraction, "--seed": args.seed, "--workers": args.workers},
@@ -238,6 +239,7 @@ def _cmd_prepare(args) -> int:
         raise RedError("--append and --overwrite exclude each other; pick one")
     if not Path(args.tokenizer).is_dir():
         raise RedError(f"tokenizer folder {args.tokenizer} does not exist; pass the teacher folder")
+    check_out_path(args.out)
     sources = []
     for s in args.data:
         spec = parse_data_spec(s)
@@ -266,6 +268,9 @@ def _cmd_calibrate(args) -> int:
 
     check_values({"--calib-samples": args.calib_samples, "--seq-len": args.seq_len, "--device": args.device},
                  (("--calib-samples", at_least(1)), ("--seq-len", at_least(2)), ("--device", DEVICE)))
+    from .inputs import check_calibrate_inputs
+
+    check_calibrate_inputs(args.teacher, args.data, args.out, args.overwrite)  # paths answer before torch
     from .calibration import channel_scores
     from .pipeline import run_calibration
 
@@ -278,6 +283,9 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from .inputs import check_export_inputs
+
+    check_export_inputs(args.run, args.out, args.checkpoint, args.overwrite)  # paths answer before torch
     from .pipeline import export_run
 
     out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
@@ -286,6 +294,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    from .inputs import check_analyze_paths
+
+    check_analyze_paths(args.teacher, args.student, args.data, args.out)  # before torch is imported
     from .analyze import analyze, check_analyze_inputs, check_analyze_models, format_report, load_run_student
     from .data import load_corpus
     from .teacher import load_teacher
@@ -327,7 +338,7 @@ def _cmd_eval(args) -> int:
 
     report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
                             args.max_gen_toks, args.apply_chat_template, args.limit, args.out,
-                            device=args.device, batch_size=args.batch_size)
+                            device=args.device, batch_size=args.batch_size, overwrite=args.overwrite)
     syn = report.get("synthetic")
     if syn:
         ks = [k for k in syn if k.startswith("k")]
@@ -348,6 +359,9 @@ def _cmd_plan(args) -> int:
                     ("--calib-samples", args.calib_samples)):
         if not v > 0 or v != v or v == float("inf"):
             raise RedError(f"{flag} {v} must be a positive number")
+    from .inputs import check_plan_inputs
+
+    check_plan_inputs(args.teacher, args.hidden_size)  # before torch is imported
     from .plan import plan_command
 
     print(plan_command(args))
@@ -363,6 +377,9 @@ def _cmd_bench(args) -> int:
                   "--steps": args.steps, "--layers": args.layers},
                  (("--device", DEVICE), ("--seq-len", at_least(2)), ("--batch-size", at_least(1)),
                   ("--steps", at_least(1)), ("--layers", at_least(1))))
+    from .inputs import check_bench_inputs
+
+    check_bench_inputs(args.teacher, args.hidden_size, args.seq_len)  # before torch is imported
     from .bench import format_report, run_bench
 
     def progress(row):
@@ -398,6 +415,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"red {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130
+    except Exception as e:
+        # the last line of defence for a disk that fills up or fails under a write no
+        # writer turned into a RedError itself: one line, and what was saved stays
+        if not _is_disk_error(e):
+            raise
+        if not quiet:
+            print(f"red {args.command}: error: a write failed ({' '.join(str(e).split())[:200]}); free space or "
+                  "fix the disk, then run again (a run continues with --resume from its last complete checkpoint)",
+                  file=sys.stderr)
+        return 2
+
+
+def _is_disk_error(e: BaseException) -> bool:
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+    return type(e).__name__ == "SafetensorError" and "I/O error" in str(e)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ class DistillConfig:
     text_field: str = field(default="text", metadata={"help": "field/column holding the text in .jsonl/.parquet"})
     txt_split: str = field(default="line", metadata={"help": "how a .txt file is cut into documents: line, paragraph or file"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed training sequence"})
-    val_fraction: float = field(default=0.05, metadata={"help": "share of packed sequences held out for validation"})
+    val_fraction: Optional[float] = field(default=None, metadata={"help": "share of the tokens held out for validation, as whole documents, when --data files are tokenized (null: 0.05); a token store keeps the split it was prepared with, and a --val-fraction that is not its split is refused"})
     # calibration and init
     init: str = field(default="red", metadata={"help": "projection init: red, lrc, orthogonal or random-select"})
     calibration: str = field(default="", metadata={"help": "reuse this calibration.safetensors instead of calibrating"})
@@ -107,6 +107,9 @@ class DistillConfig:
         if self.kl_weight == self.lm_weight == self.clone_weight == 0:
             raise RedError("kl_weight, lm_weight and clone_weight are all 0, so nothing would be trained; "
                            "give at least one of them a positive weight")
+        if self.resume and self.overwrite:
+            raise RedError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                           "--overwrite replaces it; pick one")
         if self.warmup >= 1 and self.warmup > self.steps:
             raise RedError(f"warmup={self.warmup:g} steps is longer than steps={self.steps}; lower --warmup "
                            "(a value below 1 is a fraction of --steps)")
@@ -117,6 +120,17 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+DEFAULT_VAL_FRACTION = 0.05
+#: micro-batches per optimizer step: 4096 x 8 sequences of 2048 tokens is a 67 M-token
+#: step, far past any published recipe; a value beyond it is a typo that would run for ever
+MAX_GRAD_ACCUM = 4096
+
+
+def files_val_fraction(cfg) -> float:
+    """The validation share used when ``--data`` files are tokenized (a store keeps its own)."""
+    return DEFAULT_VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -201,7 +215,8 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("device", DEVICE),
     ("steps", at_least(1)),
     ("batch_size", at_least(1)),
-    ("grad_accum", at_least(1)),
+    ("grad_accum", Rule(lambda v: 1 <= v <= MAX_GRAD_ACCUM, f"between 1 and {MAX_GRAD_ACCUM}",
+                        "for a larger global batch raise --batch-size or add processes")),
     ("seq_len", at_least(2, "a sequence needs an input and a next token")),
     ("calib_samples", at_least(1)),
     ("log_every", at_least(1)),
@@ -275,6 +290,9 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         raise RedError(f"{name} cannot be empty; give a {base.__name__}")
     if name == "data" and isinstance(value, (list, tuple)):  # several sources (a mixture)
+        if not value:
+            raise RedError("data is an empty list; give at least one source (a file, glob, saved dataset or "
+                           "token store), e.g. data: [corpus.jsonl]")
         items = [str(v) for v in value]
         return items[0] if len(items) == 1 else items
     try:
@@ -295,13 +313,46 @@ def _coerce(name: str, value: Any) -> Any:
         raise RedError(f"{name}={value!r} is not a valid {base.__name__}") from None
 
 
+MAX_YAML_BYTES = 1 << 20  # a run's configuration is a few kB; anything near this is not one
+
+
+class _AliasFound(Exception):
+    pass
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """yaml's safe loader without aliases: a few hundred bytes of nested aliases expand to
+    gigabytes (a "billion laughs"), and a configuration has no use for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasFound(self.peek_event().anchor)
+        return super().compose_node(parent, index)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every value out (no anchors or aliases), so that red reads back what it writes."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping of config keys; errors name the file and the problem."""
+    """Read a YAML mapping of config keys (at most ``MAX_YAML_BYTES``, no aliases); errors
+    name the file and the problem."""
     p = Path(path)
     if not p.is_file():
         raise RedError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise RedError(f"config file {p} holds {p.stat().st_size:,} bytes, more than a configuration's "
+                       f"{MAX_YAML_BYTES:,}; pass the run's YAML file (e.g. OUT/run.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_PlainLoader) or {}
+    except _AliasFound as e:
+        raise RedError(f"config file {p} uses a YAML alias (*{e}); red reads plain YAML: write the value out "
+                       "instead of the alias") from None
+    except UnicodeDecodeError:
+        raise RedError(f"config file {p} is not UTF-8 text; pass a YAML file") from None
     except yaml.YAMLError as e:
         raise RedError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -329,4 +380,4 @@ def save_yaml(cfg: DistillConfig, path: str | Path) -> None:
 
 def config_yaml(cfg: DistillConfig) -> str:
     """The YAML text of ``cfg`` (what ``run.yaml`` holds)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=_PlainDumper, sort_keys=False)

@@ -28,12 +28,42 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
+REPORT_MARK = "red eval"  # the report's "written_by": how --overwrite knows a file is one of red's reports
+
+
+def is_eval_report(path: str | Path) -> bool:
+    """Whether ``path`` is a report `red eval` wrote (JSON with its mark)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        return json.loads(head).get("written_by") == REPORT_MARK
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks: str = "",
                       num_fewshot: int | None = None, max_gen_toks: int = 256, limit: int | None = None,
-                      out: str | Path | None = None, device: str = "auto", batch_size: int | None = None) -> None:
-    """Every check of `red eval`'s inputs that needs no model, run before any work."""
+                      out: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
+                      model_dir: str | Path | None = None, overwrite: bool = False) -> None:
+    """Every check of `red eval`'s inputs that needs no model, run before any work (paths
+    first: they need no heavy import). ``--out`` follows the rule of every file red
+    writes: apart from the model folder, and an existing file is replaced only with
+    ``--overwrite`` and only when it is a report red wrote."""
     from .config import DEVICE, NON_NEGATIVE, SEED, at_least, check_values
+    from .run import check_out_path, check_output_file
 
+    if model_dir is not None:
+        if not Path(model_dir).is_dir():
+            raise RedError(f"model folder {model_dir} does not exist; pass an exported student (OUT/student)")
+        if not (Path(model_dir) / "config.json").is_file():
+            raise RedError(f"model folder {model_dir} has no config.json; pass an exported model folder "
+                           "(OUT/student)")
+    if out:
+        check_out_path(out)  # first: a name too long for the file system fails any other test
+        if Path(out).is_dir():
+            raise RedError(f"--out {out} is a folder; --out takes the JSON file to write, e.g. "
+                           f"{Path(out) / 'eval.json'}")
+        check_output_file(out, overwrite, is_eval_report, "report", {"model folder": model_dir or ""})
     check_values({"--n-per-k": n_per_k, "--seed": seed, "--num-fewshot": num_fewshot,
                   "--max-gen-toks": max_gen_toks, "--limit": limit, "--device": device, "--batch-size": batch_size},
                  (("--n-per-k", NON_NEGATIVE), ("--seed", SEED), ("--num-fewshot", NON_NEGATIVE),
@@ -44,8 +74,6 @@ def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks
                        "nothing to evaluate; give --n-per-k of at least 1 or --lm-eval-tasks")
     if n_per_k > 0 and isinstance(ks, str):
         parse_ks(ks)
-    if out and Path(out).is_dir():
-        raise RedError(f"--out {out} is a folder; --out takes the JSON file to write, e.g. {Path(out) / 'eval.json'}")
 
 
 def resolve_eval_device(device: str = "auto") -> str:
@@ -97,19 +125,17 @@ def lm_eval_benchmark(model_dir: str | Path, tasks: list[str], num_fewshot: int 
 def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: int = 0,
                    lm_eval_tasks: str = "", num_fewshot: int | None = None, max_gen_toks: int = 256,
                    apply_chat_template: bool = False, limit: int | None = None, out: str | Path | None = None,
-                   device: str = "auto", batch_size: int | None = None) -> dict:
-    """What `red eval` does; writes the report to ``out`` (JSON) when given.
+                   device: str = "auto", batch_size: int | None = None, overwrite: bool = False) -> dict:
+    """What `red eval` does; writes the report to ``out`` (JSON) when given (an existing
+    file only with ``overwrite``, and only a report red wrote).
 
     ``device`` ("auto": CUDA when present) holds the model for both benchmarks;
     ``batch_size`` (None: 200 problems for the synthetic benchmark, 8 for lm-eval) is the
     batch of both. The report records the device and batch sizes used."""
-    check_eval_inputs(ks, n_per_k, seed, lm_eval_tasks, num_fewshot, max_gen_toks, limit, out, device, batch_size)
-    if not Path(model_dir).is_dir():
-        raise RedError(f"model folder {model_dir} does not exist; pass an exported student (OUT/student)")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise RedError(f"model folder {model_dir} has no config.json; pass an exported model folder (OUT/student)")
+    check_eval_inputs(ks, n_per_k, seed, lm_eval_tasks, num_fewshot, max_gen_toks, limit, out, device, batch_size,
+                      model_dir, overwrite)
     dev = resolve_eval_device(device)
-    report: dict = {"model": str(model_dir), "device": dev, "batch_size": batch_size}
+    report: dict = {"written_by": REPORT_MARK, "model": str(model_dir), "device": dev, "batch_size": batch_size}
     if n_per_k > 0:
         syn_batch = batch_size or SYNTHETIC_BATCH
         report["synthetic"] = synthetic_benchmark(model_dir, parse_ks(ks) if isinstance(ks, str) else ks,
@@ -120,6 +146,10 @@ def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: in
         report["lm_eval"] = lm_eval_benchmark(model_dir, tasks, num_fewshot, max_gen_toks, apply_chat_template, limit,
                                               batch_size=batch_size or LM_EVAL_BATCH, device=dev)
     if out:
+        from .run import check_output_file, write_file_atomic
+
+        # checked again: the file may have appeared while the benchmarks ran
+        check_output_file(out, overwrite, is_eval_report, "report", {"model folder": model_dir})
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1))
+        write_file_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     return report

@@ -8,7 +8,6 @@ The result loads with ``AutoModelForCausalLM.from_pretrained`` alone.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
@@ -89,6 +88,11 @@ def student_config(teacher, hidden_size: int, norm_eps: float, dtype: torch.dtyp
     cfg.rms_norm_eps = float(norm_eps)
     cfg.tie_word_embeddings = bool(getattr(tcfg, "tie_word_embeddings", False))
     cfg.dtype = dtype
+    # the export copies no Python code, so a teacher's auto_map would name modules that
+    # are not there (and invite trust_remote_code for nothing): the student is a plain model
+    for key in ("auto_map", "custom_pipelines"):
+        if hasattr(cfg, key):
+            delattr(cfg, key)
     if callable(getattr(cfg, "validate", None)):
         cfg.validate()
     return cfg
@@ -136,31 +140,31 @@ def check_run_width(run_dir: str | Path) -> None:
 
 
 def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, owned: bool = False) -> Path:
     """Write ``out_dir`` as a Hugging Face checkpoint: config.json, model.safetensors,
     tokenizer files (and generation_config.json when the teacher has one).
 
     The files are written into a staging folder inside ``out_dir`` (nothing is written
     outside it) and moved into place only once all of them are complete; an existing
-    export is replaced (with ``overwrite``) only after the new one is fully written.
+    export is replaced (with ``overwrite``) only after the new one is fully written, and
+    only the files an export wrote (``_write_export``).
     """
     return _write_export(student.teacher, student.hidden_size, student.norm_eps, merged_state_dict(student),
-                         tokenizer, out_dir, dtype, overwrite)
+                         tokenizer, out_dir, dtype, overwrite, owned)
 
 
 EXPORT_MANIFEST = ".red-export.json"
 
 
-def _export_manifest(folder: Path) -> list[str]:
-    f = folder / EXPORT_MANIFEST
-    try:
-        files = json.loads(f.read_text()).get("files", []) if f.is_file() and not f.is_symlink() else []
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return []
-    return [n for n in files if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite,
+                  owned: bool = False) -> Path:
+    """Write the export into a staging folder inside ``out_dir``, then move each file into
+    place. ``out_dir`` is an ``red.run.OwnedFolder`` with the manifest ``.red-export.json``:
+    a re-export replaces the previous export's files; a name the export writes that is
+    already there and not red's (a user's config.json) is refused, nothing moved.
+    ``owned``: the whole folder is red's (a run's ``student/``), so its names are replaced."""
+    from .run import OwnedFolder, is_write_error, remove_owned, write_error_text
 
-
-def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite) -> Path:
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         raise RedError(f"export path {out_dir} is a symbolic link; red does not write through links: pick a folder")
@@ -168,6 +172,8 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
         raise RedError(f"export path {out_dir} is a file; pass a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise RedError(f"export folder {out_dir} is not empty; choose another folder or pass --overwrite")
+    folder = OwnedFolder(out_dir, EXPORT_MANIFEST, "export folder", legacy_key="files")
+    previous = folder.manifest()  # an invalid manifest is refused here, before anything is written
     if isinstance(dtype, str):
         dtype = teacher_dtype(teacher) if dtype == "auto" else _DTYPES[dtype]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,28 +182,39 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        sd = {k: v.to(dtype) for k, v in state.items()}
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(tmp)
-        gen = getattr(teacher, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        # replace only what an earlier export wrote here (its manifest) and the names this
-        # one writes; anything else in the folder is the user's and stays
+        try:
+            sd = {k: v.to(dtype) for k, v in state.items()}
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(tmp)
+            gen = getattr(teacher, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except Exception as e:
+            if not is_write_error(e):
+                raise
+            raise RedError(f"could not write the export {out_dir} ({write_error_text(e)}); nothing of an earlier "
+                           "export was replaced: free space and export again") from None
         written = sorted(f.name for f in tmp.iterdir())
-        for name in set(_export_manifest(out_dir)) | set(written):
+        clash = [] if owned else folder.conflicts(written)
+        if clash:
+            raise RedError(folder.clash_message(clash))
+        # replace only what an earlier export wrote here and the names this one writes;
+        # anything else in the folder is the user's and stays
+        for name in sorted((previous - {EXPORT_MANIFEST}) | set(written)):
             old = out_dir / name
             if old.is_symlink():
                 raise RedError(f"{old} is a symbolic link; red does not write through links: remove it")
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
+            if os.path.lexists(old):
+                remove_owned(old)
+        folder.own(*written)
         for name in written:
             os.replace(tmp / name, out_dir / name)
-        (out_dir / EXPORT_MANIFEST).write_text(json.dumps({"written_by": "red", "files": written}))
+        stale = (previous - set(written)) - {EXPORT_MANIFEST}
+        if stale:  # files of an earlier export this one no longer writes are gone: forget them
+            entries = folder.manifest() - stale
+            folder._write_manifest(entries, folder.foreign())
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -16,15 +16,17 @@ import red_kernels
 
 from .calibration import Calibration, calibrate, channel_scores, check_calibration_teacher
 from .checkpoint import check_checkpoint
-from .config import DistillConfig, config_yaml, validate_against_teacher
+from .config import DistillConfig, config_yaml, files_val_fraction, validate_against_teacher
 from .data import PackedCorpus, corpus_from_stores, load_corpus
 from .distributed import DistContext, StartupProbe, full_tensor, init_distributed, rank_device, shard_student
 from .errors import RedError
 from .export import check_run_width, check_student_width, export_student
 from .initialization import initialize, select_channels
-from .inputs import check_distill_inputs
+from .inputs import check_calibrate_inputs, check_distill_inputs, check_export_inputs, distill_inputs
+from .metrics_sinks import parse_report_to, sink_folders
 from .plan import run_disk_bytes
-from .run import CALIBRATION, DATA, RESULT, RUN_YAML, STUDENT, RunDir, RunIdentity, check_separate, resume_changes
+from .run import (CALIBRATION, DATA, LOCK, MANIFEST, RESULT, RUN_WRITES, RUN_YAML, STUDENT, OwnedFolder, RunDir,
+                  RunIdentity, check_out_path, resume_changes, write_file_atomic)
 from .sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
 from .store import MANIFEST as STORE_MANIFEST
 from .store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
@@ -43,19 +45,32 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def prepare_output(out: str | Path, overwrite: bool = False) -> Path:
-    """Make ``out`` ready for a command that owns a whole folder (``red demo``): it must be
-    new or empty, or ``overwrite`` removes what `red` wrote there before (and nothing else).
-    Returns the folder."""
-    run = RunDir(out)
-    check_writable(run.root, 0)
-    state = run.state()
-    if state in ("run", "foreign", "unfinished") and not overwrite:
-        raise RedError(f"output folder {out} is not empty; choose a new --out or pass --overwrite")
-    run.clear_own()
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.own()
-    return run.root
+def prepare_output(out: str | Path, overwrite: bool = False, entries=()) -> OwnedFolder:
+    """Make ``out`` ready for a command that writes the top-level ``entries`` in a folder
+    (``red demo``), and lock it: the folder must be new or empty, or ``overwrite`` removes
+    what `red` wrote there before (nothing else); an entry the folder already holds that red
+    did not write is refused, whatever the flags. Returns the folder, locked (``unlock``
+    it when done); ``own`` each entry before writing it."""
+    check_out_path(out)
+    folder = OwnedFolder(out)
+    check_writable(folder.root, 0)
+
+    def check() -> None:
+        if [n for n in folder.entries() if n not in (LOCK, MANIFEST)] and not overwrite:
+            raise RedError(f"output folder {out} is not empty; choose a new --out or pass --overwrite")
+        clash = folder.conflicts(entries)
+        if clash:
+            raise RedError(folder.clash_message(clash))
+
+    check()  # before anything is written (the lock itself is a file)
+    folder.lock()
+    try:
+        check()  # again, now that no other red can change the folder
+        folder.clear_own()
+    except RedError:
+        folder.unlock()
+        raise
+    return folder
 
 
 def free_disk_bytes(path: str | Path) -> int:
@@ -131,11 +146,14 @@ class RunResult:
     metrics: MetricsLog
 
 
-def run_inputs(cfg: DistillConfig) -> dict:
-    """The paths a run reads, which its output folder must stay apart from."""
-    data = {("data file" if i == 0 else f"data file {i + 1}"): s.path
-            for i, s in enumerate(split_data(cfg.data)) if not any(c in s.path for c in "*?[")}
-    return {"teacher folder": cfg.teacher, **data, "calibration file": cfg.calibration}
+def run_inputs(cfg: DistillConfig) -> list:
+    """The paths a run reads (globs expanded), which its output folder must stay apart from."""
+    return distill_inputs(cfg)
+
+
+def run_writes(cfg: DistillConfig) -> tuple:
+    """The top-level names a run writes in its folder."""
+    return (*RUN_WRITES, *sink_folders(parse_report_to(cfg.report_to)))
 
 
 def disk_need(cfg: DistillConfig, arch: Arch) -> int:
@@ -168,7 +186,8 @@ def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
     fp = tokenizer_fingerprint(tokenizer)
     for i, spec in enumerate(split_data(cfg.data)):
         if is_store(spec.path):
-            entries.append(DataEntry(spec, TokenStore(spec.path, tokenizer), [], []))
+            # every byte read once: the store's fingerprint then stands for what is trained on
+            entries.append(DataEntry(spec, TokenStore(spec.path, tokenizer, verify=True), [], []))
             continue
         files = expand_source(spec.path)
         _check_first_rows(files, cfg, tokenizer)
@@ -180,7 +199,7 @@ def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
 
 
 def _check_first_rows(files, cfg: DistillConfig, tokenizer, n: int = 64) -> None:
-    from .store import encode_rows
+    from .store import check_unknown_share, encode_rows
 
     for f in files:
         rows = []
@@ -190,6 +209,10 @@ def _check_first_rows(files, cfg: DistillConfig, tokenizer, n: int = 64) -> None
                 break
         if not rows:
             raise RedError(f"corpus {f} holds no text; give a corpus with at least a few documents")
+        texts = [r for r in rows if isinstance(r, str)]
+        if texts and tokenizer.unk_token_id is not None:  # the whole file is checked again while tokenized
+            ids = [i for t in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in t]
+            check_unknown_share(f, sum(i == tokenizer.unk_token_id for i in ids), len(ids), tokenizer)
         chat = [r for r in rows if not isinstance(r, str)]
         if chat:
             render_chat(chat[0], tokenizer)
@@ -201,15 +224,15 @@ def _matching_store(root: Path, records: list, cfg: DistillConfig, fp: str, toke
     if not (root / STORE_MANIFEST).is_file():
         return None
     try:
-        store = TokenStore(root)
+        store = TokenStore(root, verify=True)
     except RedError:
-        return None
+        return None  # damaged or changed: tokenized again
     m = store.manifest
     part = m["parts"][0] if len(m["parts"]) == 1 else {}
     same = (m["tokenizer"]["fingerprint"] == fp
             and [s["sha256"] for s in part.get("sources", [])] == [r["sha256"] for r in records]
             and (part.get("text_field"), part.get("txt_split"), part.get("val_fraction"), part.get("split_seed"))
-            == (cfg.text_field, cfg.txt_split, cfg.val_fraction, 0))
+            == (cfg.text_field, cfg.txt_split, files_val_fraction(cfg), 0))
     return store if same else None
 
 
@@ -225,7 +248,7 @@ def make_data_ready(entries: list[DataEntry], cfg: DistillConfig, tokenizer, run
                 if target.exists():
                     shutil.rmtree(target)  # ours (under OUT/data): a store of other files or settings
                 e.store = prepare_store(e.files, target, tokenizer, text_field=cfg.text_field,
-                                        txt_split=cfg.txt_split, val_fraction=cfg.val_fraction, seed=0,  # split: not the training seed
+                                        txt_split=cfg.txt_split, val_fraction=files_val_fraction(cfg), seed=0,  # split: not the training seed
                                         progress=progress, records=e.records)
     ctx.barrier()
     for e in entries:
@@ -233,6 +256,47 @@ def make_data_ready(entries: list[DataEntry], cfg: DistillConfig, tokenizer, run
             e.store = TokenStore(run.path(*e.target.split("/")), tokenizer)
     weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
     return corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
+
+
+def check_kernels(cfg: DistillConfig, ctx: DistContext) -> None:
+    """``--kernels triton`` only where Triton can run: a CUDA device, or the CPU under
+    Triton's interpreter (TRITON_INTERPRET=1 set before start)."""
+    if cfg.kernels != "triton":
+        return
+    dev = resolve_device(rank_device(ctx, cfg.device))
+    ok, why = red_kernels._backend.triton_runnable(torch.empty(0, device=dev))
+    if not ok:
+        raise RedError(f"--kernels triton cannot run on {dev}: {why}; use --kernels torch (or auto)")
+
+
+def check_scored_tokens(entries: list[DataEntry], cfg: DistillConfig) -> None:
+    """Under ``--loss-on assistant`` every store trained on must hold assistant tokens in both
+    splits: otherwise its KL and LM terms are 0 at every step and the run trains the clone
+    terms alone, while its losses look better than a real run's."""
+    if cfg.loss_on != "assistant":
+        return
+    for e in entries:
+        for split, what in (("train", "training"), ("val", "validation")):
+            if e.store is not None and e.store.has_mask and e.store.scored_tokens(split) == 0:
+                raise RedError(f"--data {e.spec.path}: its {what} documents hold no assistant token, and under "
+                               "--loss-on assistant (the default) only assistant turns are scored, so the KL and "
+                               "LM terms would be 0 at every step; give conversations with assistant turns, or "
+                               "--loss-on all to score every token")
+
+
+def check_store_splits(entries: list[DataEntry], cfg: DistillConfig) -> None:
+    """A token store keeps the validation split it was prepared with: a ``--val-fraction``
+    given for it must be that split's, or it would be recorded in run.yaml and not applied."""
+    if cfg.val_fraction is None:
+        return
+    for e in entries:
+        if e.store is not None and not e.target:  # a store given as --data (not one made here)
+            made = sorted({p["val_fraction"] for p in e.store.manifest["parts"]})
+            if made != [cfg.val_fraction]:
+                raise RedError(f"--val-fraction {cfg.val_fraction:g} cannot apply to token store {e.spec.path}: its "
+                               f"validation split was made when it was prepared (--val-fraction "
+                               f"{', '.join(f'{v:g}' for v in made)}); drop --val-fraction, or prepare the store "
+                               "again with the split you want")
 
 
 def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = None):
@@ -249,14 +313,13 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     inputs, writable and has room. Raises RedError naming the first problem.
     """
     ctx = ctx or DistContext()
-    check_distill_inputs(cfg)  # paths, architecture and width range: the cheapest errors
+    check_distill_inputs(cfg)  # paths, architecture, width range, the output folder: the cheapest errors
     arch = Arch.from_config(tcfg)
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     check_student_width(tcfg, cfg.hidden_size)
-    check_separate(cfg.out, run_inputs(cfg))
-    run.check_links()
+    check_kernels(cfg, ctx)
     check_teacher_files(cfg.teacher)
     check_teacher_weights(cfg.teacher, tcfg)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
@@ -264,11 +327,14 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
         raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
                        f"{arch.vocab_size} rows; use the teacher's own tokenizer")
     entries = plan_data(cfg, tokenizer, run)
+    check_store_splits(entries, cfg)
     corpus = None
     if all(e.store is not None for e in entries):
         weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
         corpus = corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
     validate_against_teacher(cfg, tcfg, len(corpus.train) if corpus is not None else None)
+    if corpus is not None:
+        check_scored_tokens(entries, cfg)
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
@@ -298,8 +364,10 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
             if holder is not None and run._lock_fd is None:
                 raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish "
                                "or pick another --out")
-            run.check_usable(cfg.overwrite, cfg.resume)
-            check_writable(cfg.out, need_bytes=disk_need(cfg, arch))
+            run.check_usable(cfg.overwrite, cfg.resume, run_writes(cfg))
+            # what the folder already holds of the run (its checkpoints on --resume) counts toward the need
+            need = disk_need(cfg, arch) - run.reusable_bytes(cfg.resume, cfg.overwrite)
+            check_writable(cfg.out, need_bytes=max(need, 1))
         except RedError as e:
             err = str(e)
     err = ctx.broadcast_error(err)
@@ -317,6 +385,11 @@ def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch:
     saved = load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}
     changes = resume_changes(saved, cfg, cfg.allowed_changes())  # names every changed setting
     info = check_checkpoint(last, identity.checkpoint_meta(), trainable_shapes(arch, cfg.hidden_size))
+    if cfg.steps < int(info["step"]):
+        raise RedError(f"--steps {cfg.steps} is below step {int(info['step'])}, which this run has reached: "
+                       "--resume continues a run and cannot shorten it (run.yaml would then describe a shorter "
+                       "run than the model had); export an earlier checkpoint with red export --checkpoint, or "
+                       "start a new --out")
     n = info.get("sampler", {}).get("n")
     if n != n_train:
         raise RedError(f"checkpoint {last} was made with {n} training sequences, this corpus packs to "
@@ -348,7 +421,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
         if ctx.is_main:
             run.lock()  # one writer; a second red on this folder is refused from here on
             reused = {DATA} if any(e.store is not None and e.target for e in entries) else set()
-            state = run.prepare(cfg.overwrite, cfg.resume, keep=reused)
+            state = run.prepare(cfg.overwrite, cfg.resume, keep=reused, writes=run_writes(cfg))
             # run.yaml repeats the run; overwrite/resume/allow_change are per-invocation
             run.write_text(RUN_YAML, config_yaml(dataclasses.replace(cfg, overwrite=False, resume=False,
                                                                      allow_change="")))
@@ -357,6 +430,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
             try:
                 corpus = make_data_ready(entries, cfg, tokenizer, run, ctx, progress)
                 validate_against_teacher(cfg, tcfg, len(corpus.train))
+                check_scored_tokens(entries, cfg)
             except RedError:
                 if ctx.is_main and state != "run":
                     run.discard(remove_root=created)  # a failed start leaves nothing behind
@@ -401,7 +475,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
     if ctx.is_main:
         run.own(STUDENT)
-        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True)
+        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True, owned=True)
         last = {k: v for r in metrics.rows for k, v in r.items()}
         run.write_json(RESULT, {"status": "ok", "steps": cfg.steps, "world_size": ctx.world_size, "last": last})
     ctx.barrier()
@@ -411,8 +485,8 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
 
 def _save_calibration(cal: Calibration, run: RunDir, ctx: DistContext) -> None:
     if ctx.is_main and not run.calibration.exists():
-        cal.save(run.calibration)
         run.own(CALIBRATION)
+        write_file_atomic(run.calibration, cal.save)  # a full disk: one line, no half-written file
 
 
 def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
@@ -517,16 +591,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     """Export a checkpoint of a `red distill` run folder (default: its last) as a
     Hugging Face model folder."""
     from .analyze import load_run_student
-    from .config import make_config
 
     out = Path(out)
-    check_separate(out, {"run folder": run_dir})
-    if out.exists() and not out.is_dir():
-        raise RedError(f"export path {out} is a file; pass a folder to --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RedError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
-    if Path(run_dir, RUN_YAML).is_file():
-        check_separate(out, {"run's teacher folder": make_config(Path(run_dir, RUN_YAML)).teacher})
+    check_export_inputs(run_dir, out, checkpoint, overwrite)
     check_run_width(run_dir)
     student, tok, _ = load_run_student(run_dir, checkpoint)
     return export_student(student, tok, out, dtype=dtype, overwrite=overwrite)
@@ -537,15 +604,7 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
                     device: str = "auto", overwrite: bool = False, progress: bool = True) -> Calibration:
     """What `red calibrate` does: statistics of ``samples`` packed sequences saved to ``out_file``."""
     out_file = Path(out_file)
-    check_separate(out_file, {"teacher folder": teacher_dir, "data file": data})
-    if out_file.is_symlink():
-        raise RedError(f"{out_file} is a symbolic link; red does not write through links: pick another --out")
-    if out_file.exists() and not out_file.is_file():
-        raise RedError(f"{out_file} is not a file; pass a .safetensors file path to --out")
-    if out_file.exists() and not overwrite:
-        raise RedError(f"{out_file} already exists; choose another --out or pass --overwrite")
-    if out_file.suffix != ".safetensors":
-        raise RedError(f"calibration output {out_file} must end in .safetensors")
+    check_calibrate_inputs(teacher_dir, data, out_file, overwrite)
     dev = resolve_device(device)
     teacher, tok = load_teacher(teacher_dir, dtype=resolve_precision("auto", dev), device=dev)
     corpus = load_corpus(data, tok, seq_len, 0.05, text_field, txt_split)
@@ -553,10 +612,6 @@ def run_calibration(teacher_dir: str | Path, data: str | Path, out_file: str | P
     cal.meta["teacher"] = str(teacher_dir)
     cal.meta["teacher_fingerprint"] = teacher_fingerprint(teacher_dir)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    try:
-        cal.save(tmp)
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_calibrate_inputs(teacher_dir, data, out_file, overwrite)  # again: it may have appeared meanwhile
+    write_file_atomic(out_file, cal.save)
     return cal

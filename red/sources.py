@@ -31,6 +31,10 @@ STORE_MANIFEST = "store.json"  # red.store.MANIFEST (named here so that checks n
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 LOAD_DATASET_BUILDERS = ("json", "parquet", "text", "csv")
 HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+#: longest document red takes, in characters: a document is tokenized at once, and the
+#: tokenizer needs a few hundred bytes per character (measured: 1 M characters, 0.4 GB)
+MAX_DOC_CHARS = 1_000_000
+MAX_LINE_CHARS = 4 * MAX_DOC_CHARS  # a JSON line: its text and the escapes around it
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,24 @@ def _text_chunks(p: Path, size: int = 1 << 20) -> Iterator[str]:
         raise RedError(f"corpus {p} is not UTF-8 text; re-encode it as UTF-8") from None
 
 
+def _too_long(p: Path, unit: str) -> RedError:
+    return RedError(f"corpus {p} holds a document ({unit}) of more than {MAX_DOC_CHARS:,} characters; red "
+                    "tokenizes a document at once, and one this long would take gigabytes of memory: split it into "
+                    "shorter documents (lines or paragraphs, with --txt-split line or paragraph)")
+
+
 def _txt_docs(p: Path, txt_split: str) -> Iterator[str]:
+    """The documents of a .txt file, streamed; a document longer than ``MAX_DOC_CHARS`` is
+    refused as soon as it is seen (never held whole)."""
+    unit = {"file": "the whole file, with --txt-split file", "line": "a line", "paragraph": "a paragraph"}[txt_split]
     if txt_split == "file":
-        yield "".join(_text_chunks(p))
+        pieces, n = [], 0
+        for chunk in _text_chunks(p):
+            n += len(chunk)
+            if n > MAX_DOC_CHARS:
+                raise _too_long(p, unit)
+            pieces.append(chunk)
+        yield "".join(pieces)
         return
     sep_lines = txt_split == "line"
     carry = ""
@@ -183,11 +202,12 @@ def _txt_docs(p: Path, txt_split: str) -> Iterator[str]:
         if sep_lines:  # str.splitlines' line breaks, as reading the whole file would give
             parts = text.splitlines()
             carry = parts.pop() if parts and text[-1] not in LINE_BREAKS else ""
-            yield from parts
         else:
             parts = text.split("\n\n")
             carry = parts.pop()
-            yield from parts
+        if len(carry) > MAX_DOC_CHARS or any(len(x) > MAX_DOC_CHARS for x in parts):
+            raise _too_long(p, unit)
+        yield from parts
     if carry:
         yield carry
 
@@ -203,7 +223,13 @@ def _jsonl_lines(p: Path) -> Iterator[tuple[int, str]]:
         carry = lines.pop()
         for line in lines:
             n += 1
+            if len(line) > MAX_LINE_CHARS:
+                break
             yield n, line
+        if len(carry) > MAX_LINE_CHARS or any(len(x) > MAX_LINE_CHARS for x in lines):
+            raise RedError(f"corpus {p} line {n + 1 if len(carry) > MAX_LINE_CHARS else n} is longer than "
+                           f"{MAX_LINE_CHARS:,} characters; red takes documents of up to {MAX_DOC_CHARS:,} "
+                           "characters (each is tokenized at once): split it into shorter documents")
     if carry:
         yield n + 1, carry
 
@@ -313,6 +339,9 @@ def row_value(row: dict, where: str, text_field: str) -> Row | None:
     if text_field in row:
         v = row[text_field]
         if isinstance(v, str):
+            if len(v) > MAX_DOC_CHARS:
+                raise RedError(f"{where} is a document of {len(v):,} characters, more than the {MAX_DOC_CHARS:,} "
+                               "red takes (each document is tokenized at once): split it into shorter documents")
             return v if v.strip() else None
         if is_chat_value(v):
             return check_messages(v, f"{where} field {text_field!r}")
@@ -345,6 +374,9 @@ def check_messages(messages, where: str) -> list:
         if not isinstance(m["content"], str):
             raise RedError(f"{where} message {j} content is {type(m['content']).__name__}, not text; fix the row")
         out.append({"role": m["role"], "content": m["content"]})
+    if sum(len(m["content"]) for m in out) > MAX_DOC_CHARS:
+        raise RedError(f"{where} is a conversation of more than {MAX_DOC_CHARS:,} characters, the longest document "
+                       "red takes (each is tokenized at once): split it into shorter conversations")
     return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import deque
 from dataclasses import dataclass
@@ -37,13 +38,15 @@ import numpy as np
 import torch
 
 from .errors import RedError
-from .run import file_sha256
+from .run import LOCK, FolderLock, file_sha256
 from .sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
 
 MANIFEST = STORE_MANIFEST
 FORMAT = "red-token-store"
 VERSION = 1
 CHUNK_CHARS = 1 << 20  # text per worker job
+#: a source whose text tokens are more than this share the unknown token is refused
+MAX_UNKNOWN_SHARE = 0.5
 
 
 # -- the tokenizer -------------------------------------------------------------------------
@@ -119,6 +122,17 @@ def _init_worker(tokenizer, end) -> None:
     _WORKER["tok"], _WORKER["end"] = tokenizer, end
 
 
+def check_unknown_share(source, unknown: int, text_tokens: int, tokenizer) -> None:
+    """Refuse a source whose text tokens are mostly the tokenizer's unknown token (over
+    ``MAX_UNKNOWN_SHARE``): text it cannot represent (another script or encoding) would
+    train the student on one repeated token."""
+    if text_tokens > 0 and unknown > MAX_UNKNOWN_SHARE * text_tokens:
+        raise RedError(f"corpus {source}: {100 * unknown / text_tokens:.0f}% of its tokens are the tokenizer's unknown "
+                       f"token {tokenizer.unk_token!r}, so the text is mostly what the tokenizer cannot represent "
+                       f"(red refuses over {100 * MAX_UNKNOWN_SHARE:.0f}%); check the file's language and encoding, "
+                       "or use the teacher's own tokenizer")
+
+
 def _encode_job(rows):
     return encode_rows(rows, _WORKER["tok"], _WORKER["end"])
 
@@ -142,9 +156,10 @@ class _PartWriter:
     """Appends encoded documents to a part's files under temporary names; ``finish`` renames
     them into place, ``abort`` deletes them."""
 
-    def __init__(self, root: Path, index: int, dtype: np.dtype, vocab_size: int):
+    def __init__(self, root: Path, index: int, dtype: np.dtype, vocab_size: int, unk_id: int | None = None):
         self.root, self.name, self.dtype, self.vocab_size = root, f"part-{index:05d}", dtype, vocab_size
-        self.tokens = self.documents = 0
+        self.unk_id = unk_id
+        self.tokens = self.documents = self.unknown = 0
         self.files = {}
         self.hashes = {}
         for kind in ("tokens", "ends"):
@@ -175,6 +190,8 @@ class _PartWriter:
         self._write("ends", (self.tokens + np.cumsum(lengths)).astype(np.uint64))
         if self.has_mask:
             self._write("mask", mask if mask is not None else np.ones(len(tokens), np.uint8))
+        if self.unk_id is not None:
+            self.unknown += int((tokens == self.unk_id).sum())
         self.tokens += len(tokens)
         self.documents += len(lengths)
 
@@ -275,28 +292,47 @@ def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_fi
     files = [f if isinstance(f, DatasetFiles) else Path(f) for s in sources for f in expand_source(str(s))]
     if not files:
         raise RedError("no source given; pass at least one file, glob or saved dataset")
-    fp = tokenizer_fingerprint(tokenizer)
-    created = False
+    # read-only checks first: nothing (not even the lock file) is written into a folder refused here
+    if root.exists() and not root.is_dir():
+        raise RedError(f"store path {root} is a file; pass a folder to --out")
     if append:
-        store = TokenStore(root, tokenizer)  # checks it, and that the tokenizer is the same
-        manifest = json.loads((root / MANIFEST).read_text())
+        TokenStore(root, tokenizer)  # checks it, and that the tokenizer is the same
+    elif root.is_dir() and any(n.name != LOCK for n in root.iterdir()):
+        if not (root / MANIFEST).is_file():
+            raise RedError(f"folder {root} is not empty and is not a token store; pick a new --out")
+        if not overwrite:
+            raise RedError(f"{root} already holds a token store; add --append to add sources to it, or "
+                           "--overwrite to replace it")
+        TokenStore.read_manifest(root)  # its part names are checked before anything is deleted
+    created = not root.exists()
+    fresh = created or not any(root.iterdir())
+    lock = FolderLock(root, "token store", "pick another --out")
+    lock.acquire()  # one writer: a second `red prepare` on this store is refused, naming this process
+    try:
+        return _prepare_locked(files, root, tokenizer, text_field, txt_split, val_fraction, seed, workers, append,
+                               overwrite, progress, records, created, fresh)
+    except BaseException:
+        if created:
+            lock.release()
+            shutil.rmtree(root, ignore_errors=True)
+        elif fresh:
+            (root / LOCK).unlink(missing_ok=True)
+        raise
+    finally:
+        lock.release()
+
+
+def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fraction, seed, workers, append,
+                    overwrite, progress, records, created: bool, fresh: bool) -> "TokenStore":
+    """``prepare_store`` once the store's lock is held: its manifest is read again here."""
+    fp = tokenizer_fingerprint(tokenizer)
+    if append:
+        store = TokenStore(root, tokenizer)  # read under the lock: another append may have added a part
+        manifest = store.manifest
         known = {s["sha256"]: s["path"] for p in manifest["parts"] for s in p["sources"]}
     else:
-        if root.exists() and not root.is_dir():
-            raise RedError(f"store path {root} is a file; pass a folder to --out")
-        if root.is_dir() and any(root.iterdir()):
-            if not (root / MANIFEST).is_file():
-                raise RedError(f"folder {root} is not empty and is not a token store; pick a new --out")
-            if not overwrite:
-                raise RedError(f"{root} already holds a token store; add --append to add sources to it, or "
-                               "--overwrite to replace it")
-            old = TokenStore.read_manifest(root)
-            for p in old["parts"]:
-                for f in p["files"].values():
-                    (root / f["name"]).unlink(missing_ok=True)
-            (root / MANIFEST).unlink()
-        created = not root.exists()
-        root.mkdir(parents=True, exist_ok=True)
+        if overwrite and (root / MANIFEST).is_file():
+            _remove_store(root)
         manifest = {"format": FORMAT, "version": VERSION, "dtype": token_dtype(len(tokenizer)).name,
                     "tokenizer": {"fingerprint": fp, "vocab_size": len(tokenizer),
                                   "class": type(tokenizer).__name__},
@@ -310,8 +346,7 @@ def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_fi
     # (measured on 2 cores: 2 workers were slower than 1 at 100 M tokens)
     workers = workers or max(1, (os.cpu_count() or 1) - 1)
     writer = _PartWriter(root, len(manifest["parts"]), np.dtype(manifest["dtype"]),
-                         manifest["tokenizer"]["vocab_size"])
-    records = []
+                         manifest["tokenizer"]["vocab_size"], tokenizer.unk_token_id)
     try:
         records = records or [source_record(f) for f in files]
         for r in records:
@@ -327,10 +362,12 @@ def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_fi
         ends = np.fromfile(writer._tmp("ends"), dtype=np.uint64)
         val = choose_val_ranges(ends, val_fraction, seed + len(manifest["parts"]))
         part_files = writer.finish()
+    except OSError as e:  # a full disk, an I/O error: the part's temporaries go, the store is as it was
+        writer.abort()
+        raise RedError(f"could not write token store {root} ({e.strerror or type(e).__name__}); nothing was "
+                       "added to it: free space and run again") from None
     except BaseException:
         writer.abort()
-        if created:
-            shutil.rmtree(root, ignore_errors=True)
         raise
     for r, (docs, toks) in zip(records, per_source):
         r["documents"], r["tokens"] = docs, toks
@@ -339,9 +376,31 @@ def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_fi
                               "has_mask": writer.has_mask, "sources": records, "text_field": text_field,
                               "txt_split": txt_split, "val_fraction": val_fraction, "split_seed": seed,
                               "val": val})
-    _write_manifest(root, manifest)
+    try:
+        _write_manifest(root, manifest)
+    except OSError as e:  # e.g. the disk filled up: the new part is not listed, so it goes
+        for f in part_files.values():
+            (root / f["name"]).unlink(missing_ok=True)
+        raise RedError(f"could not write {root / MANIFEST} ({e.strerror or e}); the store is as it was before "
+                       "this call: free space and run red prepare again") from None
     del store
     return TokenStore(root, tokenizer)
+
+
+_STORE_TMP = re.compile(r"^\.(part-\d{5}\.(tokens|ends|mask)|" + re.escape(MANIFEST) + r")\.tmp-\d+$")
+
+
+def _remove_store(root: Path) -> None:
+    """Delete a store's own files (``--overwrite``): the part files its valid manifest
+    names, temporaries of its own names, the manifest. Anything else in the folder stays."""
+    old = TokenStore.read_manifest(root)
+    for f in store_files(root, old):
+        if f.is_symlink() or f.is_file():
+            f.unlink()  # a link itself, never what it points to
+    for p in root.iterdir():
+        if _STORE_TMP.match(p.name) and (p.is_symlink() or p.is_file()):
+            p.unlink()
+    (root / MANIFEST).unlink()
 
 
 def _encode_sources(files, records, writer, tokenizer, end, text_field, txt_split, workers, progress):
@@ -361,7 +420,7 @@ def _encode_sources(files, records, writer, tokenizer, end, text_field, txt_spli
         _WORKER["tok"], _WORKER["end"] = tokenizer, end
     try:
         for f in files:
-            d0, t0 = writer.documents, writer.tokens
+            d0, t0, u0 = writer.documents, writer.tokens, writer.unknown
             pending: deque = deque()
             for job, size in _chunks(iter_rows(f, text_field, txt_split)):
                 if pool is None:
@@ -377,7 +436,10 @@ def _encode_sources(files, records, writer, tokenizer, end, text_field, txt_spli
                 res, n = pending.popleft()
                 writer.write(*res.get())
                 bar.update(n)
-            out.append((writer.documents - d0, writer.tokens - t0))
+            docs, toks = writer.documents - d0, writer.tokens - t0
+            check_unknown_share(f, writer.unknown - u0, toks - docs * (len(end) + (tokenizer.bos_token_id is not None)),
+                                tokenizer)
+            out.append((docs, toks))
     finally:
         if pool is not None:
             pool.terminate()
@@ -386,6 +448,90 @@ def _encode_sources(files, records, writer, tokenizer, end, text_field, txt_spli
 
 
 # -- reading ------------------------------------------------------------------------------
+
+def part_file_name(index: int, kind: str) -> str:
+    """The one name part ``index``'s ``kind`` file may have (a manifest naming anything else
+    is refused: its names are never followed out of the store)."""
+    return f"part-{index:05d}.{kind}"
+
+
+PART_KINDS = ("tokens", "ends", "mask")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What is wrong with the fields of a store manifest ``m`` (None when nothing): the
+    dtype, the tokenizer record, and every part's files (each named exactly
+    ``part_file_name``, with a size and a sha256), counts and validation ranges (sorted,
+    disjoint document ranges inside the part), and the content fingerprint."""
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {m.get('dtype')!r} is not uint16 or uint32"
+    tok = m.get("tokenizer")
+    if not (isinstance(tok, dict) and isinstance(tok.get("fingerprint"), str) and _is_count(tok.get("vocab_size"))
+            and tok["vocab_size"] > 0):
+        return "the tokenizer record lacks its fingerprint or vocabulary size"
+    if m["dtype"] == "uint16" and tok["vocab_size"] > 1 << 16:
+        return f"a vocabulary of {tok['vocab_size']} tokens does not fit uint16"
+    parts = m.get("parts")
+    if not isinstance(parts, list):
+        return "parts is not a list"
+    for i, p in enumerate(parts):
+        if not isinstance(p, dict) or not isinstance(p.get("files"), dict):
+            return f"part {i} is not a record with files"
+        if not (_is_count(p.get("tokens")) and _is_count(p.get("documents"))):
+            return f"part {i}'s token and document counts are not counts"
+        for kind, f in p["files"].items():
+            if kind not in PART_KINDS or not isinstance(f, dict):
+                return f"part {i} lists a file of unknown kind {kind!r}"
+            if f.get("name") != part_file_name(i, kind):
+                return f"part {i}'s {kind} file is named {f.get('name')!r}, not {part_file_name(i, kind)}"
+            if not _is_count(f.get("bytes")) or not isinstance(f.get("sha256"), str) \
+                    or not _HEX64.fullmatch(f["sha256"]):
+                return f"part {i}'s {kind} file lacks its size or sha256"
+        val, at = p.get("val"), 0
+        if not isinstance(val, list):
+            return f"part {i}'s validation ranges are not a list"
+        for r in val:
+            if not (isinstance(r, list) and len(r) == 2 and all(_is_count(x) for x in r)
+                    and at <= r[0] < r[1] <= p["documents"]):
+                return f"part {i}'s validation range {r!r} is not a sorted range of its {p['documents']} documents"
+            at = r[1]
+        if not isinstance(p.get("sources", []), list):
+            return f"part {i}'s sources are not a list"
+    if m.get("fingerprint") != _content_fingerprint(m):
+        return "its content fingerprint does not match its parts"
+    return None
+
+
+def store_files(root: Path, manifest: dict) -> list[Path]:
+    """The part files of a (valid) manifest: the only files of a store red reads or deletes."""
+    return [root / part_file_name(i, kind) for i, p in enumerate(manifest["parts"]) for kind in p["files"]]
+
+
+def _check_contents(store: "TokenStore", m: dict) -> None:
+    """What a same-size edit of a part file could break, read once in chunks: document ends
+    rise and stop at the part's tokens, ids are inside the vocabulary, the mask is 0/1."""
+    vocab = m["tokenizer"]["vocab_size"]
+    step = 1 << 24
+    for i, p in enumerate(store.parts):
+        prev = 0
+        for a in range(0, len(p.ends), step):
+            e = np.asarray(p.ends[a: a + step]).astype(np.int64)
+            if len(e) and (int(e[0]) < prev or bool((np.diff(e) < 0).any())):
+                raise store._mismatch(f"part {i}'s document ends do not rise")
+            prev = int(e[-1]) if len(e) else prev
+        for a in range(0, len(p.tokens), step):
+            if int(np.asarray(p.tokens[a: a + step]).max(initial=0)) >= vocab:
+                raise store._mismatch(f"part {i} holds token ids beyond the vocabulary of {vocab}")
+        if p.mask is not None:
+            for a in range(0, len(p.mask), step):
+                if int(np.asarray(p.mask[a: a + step]).max(initial=0)) > 1:
+                    raise store._mismatch(f"part {i}'s loss mask holds values other than 0 and 1")
+
 
 @dataclass
 class _Part:
@@ -397,7 +543,9 @@ class _Part:
 
 
 class TokenStore:
-    """A store opened for reading; every check that needs no full read is made here."""
+    """A store opened for reading; every check that needs no full read is made here, and
+    with ``verify`` every byte is read: each file's sha256 against the manifest (the store's
+    fingerprint then stands for its contents) and the contents' own rules."""
 
     def __init__(self, root: str | Path, tokenizer=None, verify: bool = False):
         self.root = Path(root)
@@ -419,10 +567,12 @@ class TokenStore:
                 want["mask"] = p["tokens"]
             if set(want) != set(p["files"]):
                 raise self._mismatch(f"part {i} lists files {sorted(p['files'])}, expected {sorted(want)}")
+            if p["documents"] == 0 or p["tokens"] == 0:
+                raise self._mismatch(f"part {i} holds no document")
             arrays = {}
             for kind, size in want.items():
-                f = self.root / p["files"][kind]["name"]
-                if not f.is_file():
+                f = self.root / part_file_name(i, kind)  # the manifest's name, checked to be exactly this
+                if f.is_symlink() or not f.is_file():
                     raise self._mismatch(f"{f.name} is missing")
                 have = f.stat().st_size
                 if have != size or p["files"][kind]["bytes"] != size:
@@ -432,34 +582,36 @@ class TokenStore:
                     raise self._mismatch(f"{f.name}'s contents differ from its manifest's sha256")
                 arrays[kind] = np.memmap(f, dtype={"tokens": dtype, "ends": np.uint64, "mask": np.uint8}[kind],
                                          mode="r")
-            if p["documents"] == 0 or int(arrays["ends"][-1]) != p["tokens"]:
+            if int(arrays["ends"][-1]) != p["tokens"]:
                 raise self._mismatch(f"part {i}'s document ends do not end at its {p['tokens']} tokens")
             self.parts.append(_Part(arrays["tokens"], arrays["ends"], arrays.get("mask"), docs, p["val"]))
             docs += p["documents"]
         if not self.parts:
             raise self._mismatch("it lists no parts")
+        if verify:
+            _check_contents(self, m)
 
     @staticmethod
     def read_manifest(root: Path) -> dict:
+        """``store.json`` of the store ``root``, every field checked (``check_manifest``)."""
         f = root / MANIFEST
         if not root.is_dir():
             raise RedError(f"token store {root} does not exist; make it with red prepare")
-        if not f.is_file():
+        if f.is_symlink() or not f.is_file():
             raise RedError(f"{root} is not a token store (no {MANIFEST}); make one with red prepare")
         try:
             m = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             raise RedError(f"token store {root}: {MANIFEST} is not valid JSON; prepare the store again") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise RedError(f"token store {root}: {MANIFEST} is not a red token store manifest; prepare it again")
         if m.get("version") != VERSION:
             raise RedError(f"token store {root} has format version {m.get('version')}, this red reads {VERSION}; "
                            "prepare it again with this red")
-        try:
-            np.dtype(m["dtype"]), m["tokenizer"]["fingerprint"], [(p["files"], p["tokens"], p["documents"],
-                                                                     p["val"]) for p in m["parts"]]
-        except (KeyError, TypeError):
-            raise RedError(f"token store {root}: {MANIFEST} lacks required fields; prepare the store again") from None
+        why = manifest_problem(m)
+        if why:
+            raise RedError(f"token store {root}: {MANIFEST} is damaged ({why}); red reads and deletes only the "
+                           "part files a valid manifest names: prepare the store again (red prepare --overwrite)")
         return m
 
     def _mismatch(self, what: str) -> RedError:
@@ -493,6 +645,19 @@ class TokenStore:
                         out.append((i, tok(prev), tok(a)))
                     prev = b
         return out
+
+    def scored_tokens(self, split: str) -> int:
+        """Tokens of the ``train`` or ``val`` documents that ``--loss-on assistant`` scores
+        (every token of a part without chat rows; the mask's ones otherwise), read in chunks."""
+        n = 0
+        for part, a, b in self.spans(split):
+            mask = self.parts[part].mask
+            if mask is None:
+                n += b - a
+                continue
+            for c in range(a, b, 1 << 24):
+                n += int(np.count_nonzero(mask[c: min(b, c + (1 << 24))]))
+        return n
 
     def view(self, split: str, seq_len: int) -> "BlockView":
         return BlockView(self, self.spans(split), seq_len)

@@ -376,10 +376,27 @@ def config_dtype(folder: str | Path) -> torch.dtype | None:
 
 
 def teacher_fingerprint(path: str | Path) -> str:
-    """A short digest that tells one teacher from another without reading all its weights:
-    config.json plus, for every safetensors file, its size, header and the first and last
-    64 KiB of tensor data. Stored in checkpoints so that resuming or exporting with a
-    different teacher of the same shape is refused."""
+    """A digest (32 hex digits) of every byte of the teacher: config.json and each
+    safetensors file (name and sha256). Stored in checkpoints and calibration files so that
+    resuming, exporting or reusing a calibration with another teacher is refused, even one
+    edited in the middle of a weight file. Each file is hashed once per process
+    (``red.run.file_sha256``)."""
+    import hashlib
+
+    from .run import file_sha256
+
+    p = Path(path)
+    h = hashlib.sha256(b"red-teacher-v2\0")
+    h.update(file_sha256(p / "config.json").encode())
+    for f in sorted(p.glob("*.safetensors")):
+        h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()[:32]
+
+
+def legacy_teacher_fingerprint(path: str | Path) -> str:
+    """The 16-digit digest red stored before whole-file fingerprints: config.json plus, for
+    every safetensors file, its size, header and the first and last 64 KiB of tensor data.
+    Used only to recognize the teacher of checkpoints and calibration files written then."""
     import hashlib
 
     p = Path(path)
@@ -395,3 +412,22 @@ def teacher_fingerprint(path: str | Path) -> str:
             fh.seek(max(8 + n, size - (1 << 16)))
             h.update(fh.read(1 << 16))
     return h.hexdigest()[:16]
+
+
+def is_legacy_fingerprint(fp) -> bool:
+    return isinstance(fp, str) and len(fp) == 16
+
+
+def teacher_meta(path: str | Path) -> dict:
+    """What checkpoints record of their teacher: the whole-file fingerprint, and the legacy
+    one under ``teacher_fingerprint_v1`` so that a checkpoint written before whole-file
+    fingerprints is still recognized (``red.checkpoint.check_checkpoint``)."""
+    return {"teacher_fingerprint": teacher_fingerprint(path), "teacher_fingerprint_v1": legacy_teacher_fingerprint(path)}
+
+
+def teacher_matches(saved, path: str | Path) -> bool:
+    """Whether a stored fingerprint ``saved`` is that of the teacher in ``path`` (a legacy
+    16-digit one is compared with the legacy digest, the only one it can be checked with)."""
+    if is_legacy_fingerprint(saved):
+        return saved == legacy_teacher_fingerprint(path)
+    return saved == teacher_fingerprint(path)

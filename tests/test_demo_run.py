@@ -85,9 +85,16 @@ def test_demo_report_plots_and_summary(task_teacher, tmp_path):
     # a second run never clobbers the first; with --overwrite it replaces it (its runs too)
     with pytest.raises(RedError, match="not empty"):
         run_demo(cfg, progress=False)
+    # files the user added beside the demo's, and inside its runs/ folder, are never deleted (issue 19)
+    (out / "runs" / "my-old-run").mkdir()
+    (out / "runs" / "my-old-run" / "notes.txt").write_text("mine")
+    (out / "mine.txt").write_text("mine too")
     cfg.overwrite, cfg.seeds = True, "0"
     report = run_demo(cfg, progress=False)
     assert [(r["name"], r["seed"]) for r in report["runs"]] == [("lrc", 0), ("red", 0)]
+    assert (out / "runs" / "my-old-run" / "notes.txt").read_text() == "mine"
+    assert (out / "mine.txt").read_text() == "mine too"
+    assert not (out / "runs" / "red-s1").exists()  # the earlier run's own folders are replaced
 
 
 def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, monkeypatch):

@@ -82,6 +82,53 @@ def test_user_errors_are_one_line_without_torch(tmp_path, args, expect):
     assert not (tmp_path / "o").exists()  # nothing written by a rejected run
 
 
+# errors about paths, for every command, answer before torch is imported (issue 19)
+@pytest.mark.parametrize("args, expect", [
+    (["export", "--run", "no-such-run", "--out", "e"], "red export: error: no-such-run is not a red run folder"),
+    (["plan", "--teacher", "no-such-teacher", "--hidden-size", "8"], "red plan: error: teacher folder no-such"),
+    (["bench", "--teacher", "no-such-teacher", "--hidden-size", "8", "--seq-len", "8"], "red bench: error: teacher"),
+    (["bench", "--teacher", str(DEMO_TEACHER), "--hidden-size", "8", "--seq-len", "100000"],
+     "red bench: error: --seq-len 100000 is above the teacher's max_position_embeddings"),
+    (["eval", "--model", "no-such-model"], "red eval: error: model folder no-such-model does not exist"),
+    (["analyze", "--teacher", "no-such-teacher", "--student", "s", "--data", "d.txt"], "red analyze: error: teacher"),
+    (["analyze", "--teacher", str(DEMO_TEACHER), "--student", "no-such-student", "--data", "d.txt"],
+     "red analyze: error: student folder no-such-student does not exist"),
+    (["calibrate", "--teacher", "no-such-teacher", "--data", "d.txt", "--out", "o.safetensors"],
+     "red calibrate: error: teacher folder"),
+    (["calibrate", "--teacher", str(DEMO_TEACHER), "--data", str(DEMO_TEACHER / "config.json"), "--out",
+      str(DEMO_TEACHER / "o.safetensors")], "red calibrate: error: output"),
+    (["distill", "--teacher", str(DEMO_TEACHER), "--data", str(DEMO_TEACHER / "README.md"), "--hidden-size", "8",
+      "--out", str(DEMO_TEACHER)], "red distill: error: corpus"),
+])
+def test_path_errors_of_every_command_answer_without_torch(tmp_path, args, expect):
+    rc, out, err, imported = _red(args, tmp_path)
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith(expect), err
+    _no_heavy(imported)
+
+
+def test_out_equal_to_the_teacher_and_a_locked_folder_answer_without_torch(tmp_path):
+    import shutil
+
+    from red.run import FolderLock
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(DEMO_TEACHER, teacher)
+    (tmp_path / "d.txt").write_text("alpha beta\n" * 50)
+    base = ["distill", "--teacher", str(teacher), "--data", str(tmp_path / "d.txt"), "--hidden-size", "8"]
+    rc, out, err, imported = _red(base + ["--out", str(teacher)], tmp_path)
+    assert rc == 2 and len(err) == 1 and "is the teacher folder" in err[0], err
+    _no_heavy(imported)
+    lock = FolderLock(tmp_path / "busy")
+    lock.acquire()  # this test process holds the folder, as a running red would
+    try:
+        rc, out, err, imported = _red(base + ["--out", str(tmp_path / "busy")], tmp_path)
+    finally:
+        lock.release()
+    assert rc == 2 and len(err) == 1 and f"is in use by process {os.getpid()}" in err[0], err
+    _no_heavy(imported)
+
+
 def test_lazy_package_api():
     code = ("import sys, red\n"
             "assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)\n"

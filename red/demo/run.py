@@ -261,20 +261,43 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     eval_ks, gen_ks, long_ks = parse_ks(cfg.eval_ks), parse_ks(cfg.general_ks), parse_ks(cfg.long_ks)
     if not 0 <= cfg.long_share < 1:
         raise RedError(f"--long-share must be in [0, 1) (got {cfg.long_share})")
+    from ..config import POSITIVE, at_least, check_values
 
-    from transformers import AutoModelForCausalLM
+    check_values({"--hidden-size": cfg.hidden_size, "--steps": cfg.steps, "--batch-size": cfg.batch_size,
+                  "--seq-len": cfg.seq_len, "--lr": cfg.lr, "--n-per-k": cfg.n_per_k,
+                  "--general-problems": cfg.general_problems, "--threads": cfg.threads},
+                 (("--hidden-size", at_least(1)), ("--steps", at_least(1)), ("--batch-size", at_least(1)),
+                  ("--seq-len", at_least(2)), ("--lr", POSITIVE),
+                  ("--n-per-k", at_least(1, "every model is scored on --n-per-k held-out problems per k")),
+                  ("--general-problems", at_least(1)), ("--threads", at_least(0))))
 
-    from ..config import DistillConfig, make_config
-    from ..metrics import layer_eranks
-    from ..pipeline import build_student, distill, prepare_output
-    from ..run import RunDir
-    from ..store import prepare_store
-    from ..teacher import load_teacher
+    from ..pipeline import prepare_output
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out = prepare_output(cfg.out, cfg.overwrite)
-    RunDir(out).own(*DEMO_ENTRIES)  # so that --overwrite replaces exactly these
+    # the demo's own names only: what the folder held before is never claimed or replaced
+    folder = prepare_output(cfg.out, cfg.overwrite, DEMO_ENTRIES)
+    try:
+        folder.own(*DEMO_ENTRIES)  # so that --overwrite replaces exactly these
+        return _run_demo(cfg, folder.root, teacher_dir, runs, grid, seeds, eval_ks, gen_ks, long_ks, t_start,
+                         progress)
+    finally:
+        folder.unlock()
+
+
+def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, eval_ks, gen_ks, long_ks,
+              t_start: float, progress: bool) -> dict:
+    """``run_demo`` once its folder is ready and locked."""
+    from transformers import AutoModelForCausalLM
+
+    from ..config import DEFAULT_VAL_FRACTION, make_config
+    from ..metrics import layer_eranks
+    from ..pipeline import build_student, distill
+    from ..run import OwnedFolder
+    from ..store import prepare_store
+    from ..teacher import load_teacher
+
+    runs_dir = OwnedFolder(out / "runs", what="demo runs folder")  # lists each run folder the demo made
 
     teacher, tok = load_teacher(teacher_dir)
     D = teacher.config.hidden_size
@@ -282,7 +305,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     write_general_corpus(data, cfg.general_problems, gen_ks, long_ks, cfg.long_share)
     # tokenized once for every run: the store a run would make of general.txt itself
     # (same split settings), so the runs read the same blocks without re-tokenizing
-    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DistillConfig.val_fraction,
+    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DEFAULT_VAL_FRACTION,
                           seed=0, overwrite=cfg.overwrite, progress=False)
     probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
     probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
@@ -305,6 +328,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         if progress:
             print(f"[demo] distilling {spec.name} (seed {seed}): init {dc.init}, T={dc.temperature}, "
                   f"KL {dc.kl_reduction}, lr {lr:g}, {cfg.steps} steps")
+        runs_dir.own(folder)  # refused if the user has a folder of that name there
         res = distill(dc, progress=progress)
         return dc, res, time.perf_counter() - t0
 
