@@ -161,7 +161,7 @@ def measure(fn, device, warmup: int = 1, reps: int = 3, memory: bool = True) -> 
     if device.type == "cuda":
         mem = max(0, torch.cuda.max_memory_allocated(device) - base) if memory else None
     elif memory:
-        mem = _peak_extra(fn, device)
+        mem = peak_extra_bytes(fn, device)
     return {"ms": statistics.median(ts), "ms_all": ts, "first_ms": first, "step_mem_bytes": mem}
 
 
@@ -284,8 +284,10 @@ def kernel_specs(shapes: dict, device, dtype: torch.dtype, seed: int = 0) -> lis
     return specs
 
 
-def _kernel_runner(fn, spec: dict, args, leaves):
-    """One call of ``fn`` (forward, and backward with fixed random upstream gradients)."""
+def kernel_runner(fn, spec: dict, args, leaves):
+    """A callable running ``fn(*args)`` as the step runs the op of ``spec``: forward, then
+    (when the step differentiates it) backward with fixed random upstream gradients into
+    every differentiable output, the gradients of ``args[i] for i in leaves`` dropped."""
     grads = {}
 
     def run():
@@ -330,9 +332,9 @@ def bench_kernels(shapes: dict, device, dtype: torch.dtype, backends=("torch",),
             try:
                 with red_kernels.use_backend("torch" if impl == "eager" else impl):
                     args, leaves = spec["make"]()
-                    run = _kernel_runner(spec["eager" if impl == "eager" else "fn"], spec, args, leaves)
+                    run = kernel_runner(spec["eager" if impl == "eager" else "fn"], spec, args, leaves)
                     ms = time_kernel_ms(run, device)
-                    mem = _peak_extra(run, device) if memory else None
+                    mem = peak_extra_bytes(run, device) if memory else None
                 del args, run
                 rate = spec["work"] / (ms * 1e-3) / 1e12
                 unit, ceil = (("TFLOP/s", (ceilings or {}).get("matmul_tflops")) if spec["kind"] == "flop"
@@ -356,8 +358,10 @@ def bench_kernels(shapes: dict, device, dtype: torch.dtype, backends=("torch",),
     return rows
 
 
-def _peak_extra(fn, device: torch.device) -> int | None:
-    """Peak bytes above the level at entry during one more call of ``fn``."""
+def peak_extra_bytes(fn, device) -> int | None:
+    """Peak bytes above the level at entry during one more call of ``fn`` (CUDA: the
+    allocator's peak; CPU: :func:`cpu_peak_extra_bytes`, None without glibc)."""
+    device = torch.device(device)
     if device.type == "cuda":
         _sync(device)
         base = torch.cuda.memory_allocated(device)
