@@ -80,7 +80,7 @@ def test_clone_mse_memory(benchmark, impl):
         out = f(s, t)
         kept = in_use_bytes() - base
         del out
-        peak = _record(benchmark, f"clone_mse[{impl}]", _step(lambda: (f(s, t)[1],), s))
+        _record(benchmark, f"clone_mse[{impl}]", _step(lambda: (f(s, t)[1],), s))
     benchmark.extra_info["kept_for_backward_MB"] = round(kept / MB, 1)
     print(f"clone_mse[{impl}]: kept from forward to backward {kept / MB:.1f} MB")
     _PEAKS[("clone", impl)] = kept

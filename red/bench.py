@@ -557,10 +557,10 @@ def _step_row(name, variant, batches, m, resident) -> dict:
 
 
 # ------------------------------------------------------------------ op counts
-#: aten ops that launch no device work though their schema returns a fresh tensor or
-#: nothing: reshapes of a contiguous tensor, allocations, and bookkeeping.
+#: aten ops that launch no device work though their schema does not say they return an
+#: alias: reshapes of a contiguous tensor, allocations, and bookkeeping.
 NO_KERNEL_OPS = frozenset({
-    "_unsafe_view", "_reshape_alias", "lift_fresh", "lift_fresh_copy",
+    "_unsafe_view", "_reshape_alias", "lift_fresh",
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
     "promote_types", "result_type", "_record_function_enter", "_record_function_enter_new", "_record_function_exit",
     "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_same_storage_numel",
@@ -591,7 +591,7 @@ def _py_source() -> str:
     while f is not None:
         name = f.f_code.co_filename
         if name != __file__ and any(d in name for d in _SOURCE_DIRS):
-            return f.f_code.co_qualname
+            return getattr(f.f_code, "co_qualname", f.f_code.co_name)  # (co_name before Python 3.11)
         f = f.f_back
     return "?"
 
