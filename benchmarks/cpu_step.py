@@ -1,6 +1,6 @@
 """RED's training step against ordinary training and the teacher forward, on the CPU, in one run.
 
-    python benchmarks/cpu_step.py            # both cases, grad-accum 1 and 4: ~5 min on an idle 2-core CPU
+    python benchmarks/cpu_step.py            # both cases, grad-accum 1 and 4 (9 min on a loaded 2-core CPU)
 
 Two cases of issue 20, random teachers made from a config (no download), fp32, torch
 backend, a random channel selection as the student:
