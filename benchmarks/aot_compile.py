@@ -10,12 +10,14 @@ which the CPU interpreter accepts) or needs more shared memory than the device h
 block (227 KiB on sm_90, 163 KiB on sm_80), and says which.
 
 What is compiled is what ``triton.jit`` would compile on the GPU: the specs list every
-launch of the trainer (bf16 regime and ``--precision fp32``), calibration and the pruned
-export, built from each op's own ``*_meta(on_gpu=True, ...)``; scalar arguments are given
-real-shape values and specialized by triton's rules (an int equal to 1 becomes a
-constexpr, ints and pointers divisible by 16 get ``tt.divisibility=16``, ints past 2**31
-are i64). ``tests/test_aot_compile.py`` checks, under the interpreter, that every launch of a
-few bf16 training steps, validation, calibration and export is covered by :func:`specs`.
+launch of the trainer (bf16 regime and ``--precision fp32``: the LM head's ``_kl_ce_kernel``
+and ``_acc_tn_kernel``, the clone taps' ``_mse_kernel``) and of calibration
+(``_rmsnorm_stats_kernel``), built from each op's own ``*_meta(on_gpu=True, ...)``; scalar
+arguments are given real-shape values and specialized by triton's rules (an int equal to 1
+becomes a constexpr, ints and pointers divisible by 16 get ``tt.divisibility=16``, ints past
+2**31 are i64). ``tests/test_aot_compile.py`` checks, under the interpreter, that every launch
+of a few bf16 training steps, validation and calibration is covered by :func:`specs`, and
+that every bf16 spec was launched.
 
 The kernels must be decorated without the interpreter: run as a script, this file drops
 ``TRITON_INTERPRET`` from its environment before anything imports triton. Imported from
@@ -52,12 +54,11 @@ from importlib import import_module  # noqa: E402
 
 from red_kernels._backend import HAS_TRITON  # noqa: E402
 
-# the package re-exports functions named like some modules (projected_mse, fused_linear_kl)
+# the package re-exports functions named like its modules (clone_mse, fused_linear_kl)
 _common = import_module("red_kernels._common")
-_cg = import_module("red_kernels.channel_gather")
+_cm = import_module("red_kernels.clone_mse")
 _kl = import_module("red_kernels.fused_linear_kl")
 _ns = import_module("red_kernels.norm_stats")
-_pm = import_module("red_kernels.projected_mse")
 default_chunk_rows = _kl.default_chunk_rows
 
 #: Llama-3.2-3B teacher distilled to a width-1536 student; a micro-batch of 4 x 4096 tokens.
@@ -104,7 +105,7 @@ class Spec:
     constexprs: dict
     num_warps: int | None = None   # None: triton's default, as when the launch passes none
     num_stages: int | None = None
-    trainer: bool = True  # False: launched by benchmarks / library API only, not by `red`
+    trainer: bool = True  # False: a combination `red` can launch that the recorded run does not cover
 
     @property
     def name(self) -> str:
@@ -149,38 +150,30 @@ def _spec(kernel, variant, uses, args, meta, extra, **kw) -> Spec:
 
 
 def specs(shapes: dict = LLAMA_3B) -> list[Spec]:
-    """Every launch specialization the trainer (bf16 and --precision fp32), calibration and
-    ``export_pruned`` make on the GPU at ``shapes``, plus the benchmark-only ones
-    (``trainer=False``). Arguments mirror the launch sites in ``red_kernels``."""
-    D, d, I, V = shapes["D"], shapes["d"], shapes["I"], shapes["V"]
+    """Every launch specialization the trainer (bf16 and --precision fp32) and calibration
+    make on the GPU at ``shapes``. Arguments mirror the launch sites in ``red_kernels``."""
+    D, d, V = shapes["D"], shapes["d"], shapes["V"]
     T = shapes["seq"] * shapes["batch"]  # tokens of a micro-batch
     S = shapes["seq"]                    # calibration: one sequence per launch
     out: list[Spec] = []
     for dt in (BF16, FP32):
         dn = _common.dtype_name(dt)
-        # fp32 weight-gradient accumulation: dW of the LM head (a = logit grad [C, V], b = h_s
-        # [C, d]) and dP of the student-space clone loss (a = y_t [T, D], b = dy_s [T, d]):
-        # a.stride(1) == b.stride(1) == 1, so both compile to the same specialization.
+        # fp32 accumulation of the student head's dW over logit chunks (fused_linear_kl):
+        # acc [V, d] += a^T b with a = the logit gradient chunk [C, V], b = h_s [C, d]
         C = default_chunk_rows(T, V, d)
-        out.append(_spec(_common._acc_tn_kernel, dn, "fused_linear_kl dW_head; projected_mse_student_space dP",
+        out.append(_spec(_common._acc_tn_kernel, dn, "fused_linear_kl dW_head",
                          (FP32, dt, dt, V, d, C, 1, V, d, 1, d, 1.0),
                          _common.acc_tn_meta(True), gpu_flags(dt)))
-        # clone loss "ffn" (student space): E = y_s - y_t·P, a = y_t [T, D], b = P [D, d].
-        # Training stores E (STORE_E=True); validation runs under no_grad, where the op
-        # detaches P, so nothing but the sum of squares is made (e is then the partials buffer).
+        # the clone taps (clone_mse): q, k, v, attn, gate, up compare [T, width] activations
+        # of widths 3072, 1024, 1024, 3072, 8192, 8192 and the FFN term [T, d = 1536]; all get
+        # BLOCK_W = 1024 and strides that are multiples of 16, so W = D stands for them.
+        # Training stores g (STORE_G=True); validation runs under no_grad, where nothing
+        # needs a gradient and only the sums are made (g is then the partials buffer).
         for train in (True, False):
-            e_dt = dt if train else FP32
-            out.append(_spec(_pm._diff_gemm_kernel, f"{dn} {'train' if train else 'eval'}",
-                             "projected_mse_student_space (clone ffn)",
-                             (dt, dt, dt, e_dt, FP32, T, d, D, D, 1, d, 1, d, d if train else 0, -1.0, 2.0 / (T * d)),
-                             _pm.diff_gemm_meta(True, dt), dict(gpu_flags(dt), STORE_E=train)))
-        # clone losses q, k, v, attn, gate, up: widths 3072, 1024, 1024, 3072, 8192, 8192 all
-        # get BLOCK_W = 1024; W = D stands for them (every stride is a multiple of 16)
-        for train in (True, False):
-            out.append(_spec(_pm._mse_kernel, f"{dn} {'train' if train else 'eval'}",
-                             "mse_with_target_ms (clone q,k,v,attn,gate,up)",
+            out.append(_spec(_cm._mse_kernel, f"{dn} {'train' if train else 'eval'}",
+                             "clone_mse (clone q,k,v,attn,gate,up,ffn)",
                              (dt, dt, dt if train else FP32, FP32, T, D, D, D, D if train else 0, 2.0 / (T * D)),
-                             _pm.rowwise_meta(True, D), dict(gpu_flags(dt, dot=False), STORE_G=train)))
+                             _cm.rowwise_meta(True, D), dict(gpu_flags(dt, dot=False), STORE_G=train)))
         # LM head KL + CE: bf16 logit chunks [C, V], int64 labels, fp32 per-row kl/ce
         kl_variants = [(1.0, True, True, "train T=1 (red)"), (40.0, True, True, "train T=40 (lrc)"),
                        (1.0, False, True, "eval T=1"), (40.0, False, True, "eval T=40")]
@@ -224,37 +217,20 @@ def specs(shapes: dict = LLAMA_3B) -> list[Spec]:
         out.append(_spec(_ns._rmsnorm_stats_kernel, dn, "rmsnorm_with_stats (calibrate)",
                          (dt, dt, dt, FP32, S, D, D, D, 1e-5),
                          _ns.norm_stats_meta(True, D), gpu_flags(dt, dot=False)))
-    # export_pruned: the teacher loaded in bf16 ("auto" on CUDA); idx int64
-    out.append(_spec(_cg._gather_cols_kernel, "bf16", "gather_columns (export_pruned: q,k,v,gate,up,embed)",
-                     (BF16, I64, BF16, I, d, D, d), _cg.gather_meta(True), {}))
-    out.append(_spec(_cg._gather_rows_kernel, "bf16", "gather_rows (export_pruned: o, down)",
-                     (BF16, I64, BF16, d, I, I, I), _cg.gather_meta(True), {}))
-    # benchmark / library-only launches (gpu_suite): not made by `red` itself
-    Cp = _pm._chunk_rows(T, D, None)
-    out.append(_spec(_pm._diff_gemm_kernel, "bf16 train, teacher space", "projected_mse (gpu_suite only)",
-                     (BF16, BF16, BF16, BF16, FP32, Cp, D, d, d, 1, 1, d, D, D, 1.0, 2.0 / (T * D)),
-                     _pm.diff_gemm_meta(True), dict(gpu_flags(BF16), STORE_E=True), trainer=False))
-    for teacher_space in (True, False):
-        W = D if teacher_space else d
-        out.append(_spec(_pm._selected_kernel, f"bf16 train, {'teacher' if teacher_space else 'student'} space",
-                         "selected_mse* (gpu_suite only)",
-                         (BF16, BF16, I64, BF16, FP32, T, W, d, D, d, 2.0 / (T * W)),
-                         _pm.rowwise_meta(True, W),
-                         dict(STORE_G=True, FIX_BF16=False, TEACHER_SPACE=teacher_space), trainer=False))
     return out
 
 
 def broken_specs(shapes: dict = LLAMA_3B) -> list[Spec]:
     """Deliberately wrong specs, to show the check fails on them (``--broken-only``)."""
-    D, d = shapes["D"], shapes["d"]
-    T = shapes["seq"] * shapes["batch"]
-    mixed = _spec(_pm._diff_gemm_kernel, "BROKEN bf16 x fp32 operands", "negative test",
-                  (BF16, FP32, BF16, BF16, FP32, T, d, D, D, 1, d, 1, d, d, -1.0, 1.0),
-                  _pm.diff_gemm_meta(True), dict(gpu_flags(BF16), STORE_E=True), trainer=False)
-    big = dict(_pm.diff_gemm_meta(True), BLOCK_K=128, num_stages=5)  # 5 x 64 KiB of staged tiles
-    oversize = _spec(_pm._diff_gemm_kernel, "BROKEN BLOCK_K=128, 5 stages", "negative test",
-                     (BF16, BF16, BF16, BF16, FP32, T, d, D, D, 1, d, 1, d, d, -1.0, 1.0),
-                     big, dict(gpu_flags(BF16), STORE_E=True), trainer=False)
+    V, d = shapes["V"], shapes["d"]
+    C = default_chunk_rows(shapes["seq"] * shapes["batch"], V, d)
+    args = (FP32, BF16, BF16, V, d, C, 1, V, d, 1, d, 1.0)
+    mixed = _spec(_common._acc_tn_kernel, "BROKEN bf16 x fp32 operands", "negative test",
+                  (FP32, BF16, FP32, *args[3:]), _common.acc_tn_meta(True), dict(UPCAST=False, IEEE=False),
+                  trainer=False)
+    big = dict(_common.acc_tn_meta(True), BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, num_stages=4)  # 4 x 128 KiB staged
+    oversize = _spec(_common._acc_tn_kernel, "BROKEN 256x256x128 tiles, 4 stages", "negative test", args, big,
+                     gpu_flags(BF16), trainer=False)
     return [mixed, oversize]
 
 
@@ -466,7 +442,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     print(f"Triton {triton.__version__}; ptxas: " + ", ".join(f"{a} {os.path.basename(ptxas_path(TARGETS[a][0]))}"
                                                            for a in archs))
-    print(f"shapes: {', '.join(f'{k}={v}' for k, v in LLAMA_3B.items())}  (trainer=False rows: benchmark-only)\n")
+    print(f"shapes: {', '.join(f'{k}={v}' for k, v in LLAMA_3B.items())}\n")
     print(format_table(rows))
     bad = [r for r in rows if failed(r)]
     print(f"\n{len(rows)} compiles ({len(rows) // max(len(archs), 1)} specs x {len(archs)} targets) "

@@ -1,9 +1,10 @@
-"""CPU benchmarks (pytest-benchmark): what a CPU can honestly show is memory.
+"""CPU benchmarks of red_kernels' ops (pytest-benchmark): what a CPU can honestly show is memory.
 
 Run with ``python -m pytest benchmarks``; ``tests/`` never collects this directory.
 Time is reported by pytest-benchmark for the torch backend's chunked paths and the eager
-compositions; the Triton interpreter is skipped (far too slow to time). The peak memory
-above the inputs (fwd + bwd) is recorded in ``extra_info`` and printed.
+compositions of the ops the step runs (fused_linear_kl, clone_mse); the Triton interpreter
+is skipped (far too slow to time). The peak memory above the inputs (fwd + bwd) is
+recorded in ``extra_info`` and printed. The whole step: ``benchmarks/cpu_step.py``.
 """
 import pytest
 import torch
@@ -23,14 +24,6 @@ def _kl_inputs(T=2048, V=32000, d=64, D=128):
     w_t = torch.randn(V, D, generator=g) * 0.05
     labels = torch.randint(0, V, (T,), generator=g)
     return h_s, w_s, h_t, w_t, labels
-
-
-def _mse_inputs(T=2048, D=2048, d=1024):
-    g = torch.Generator().manual_seed(0)
-    h_s = torch.randn(T, d, generator=g).requires_grad_()
-    P = (torch.randn(D, d, generator=g) * 0.02).requires_grad_()
-    h_t = torch.randn(T, D, generator=g)
-    return h_s, P, h_t
 
 
 def _step(fn, *leaves):
@@ -71,82 +64,31 @@ def test_fused_linear_kl_memory(benchmark, impl):
         assert ratio > 4
 
 
-@pytest.mark.parametrize("impl", ["eager", "chunked"])
-def test_projected_mse_memory(benchmark, impl):
-    """T=2048, D=2048, d=1024 (fp32): eager builds several [T, D] tensors."""
-    h_s, P, h_t = _mse_inputs()
-    f = rk.naive_projected_mse if impl == "eager" else rk.projected_mse
-    with rk.use_backend("torch"):
-        peak = _record(benchmark, f"projected_mse[{impl}]", _step(lambda: f(h_s, P, h_t), h_s, P))
-    _PEAKS[("mse", impl)] = peak
-    if impl == "chunked":
-        ratio = _PEAKS[("mse", "eager")] / max(peak, 1)
-        benchmark.extra_info["memory_ratio_vs_eager"] = round(ratio, 2)
-        print(f"projected_mse: eager/chunked peak memory = {ratio:.1f}x")
-        assert ratio > 1.5
-
-
-@pytest.mark.parametrize("impl", ["eager", "fused"])
-def test_projected_linear_memory(benchmark, impl):
-    """q/k/v-like group at T=2048, D=2048, d=1024: eager keeps each W_s until backward."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2048, 1024, generator=g).requires_grad_()
-    ws = [torch.randn(o, 2048, generator=g) * 0.02 for o in (2048, 512, 512)]
-    Ps = [(torch.randn(2048, 1024, generator=g) * 0.02).requires_grad_() for _ in ws]
-    f = rk.naive_projected_linear_group if impl == "eager" else rk.projected_linear_group
-
-    def fn():
-        ys = f(x, ws, Ps, "in")
-        return (sum(y.square().mean() for y in ys),)
-    peak = _record(benchmark, f"projected_linear_group[{impl}]", _step(fn, x, *Ps))
-    _PEAKS[("lin", impl)] = peak
-    if impl == "fused":
-        ratio = _PEAKS[("lin", "eager")] / max(peak, 1)
-        benchmark.extra_info["memory_ratio_vs_eager"] = round(ratio, 2)
-        print(f"projected_linear_group: eager/fused peak memory = {ratio:.2f}x")
-        assert ratio > 1.0
-
-
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 def test_clone_mse_memory(benchmark, impl):
-    """One same-space clone term in the bf16 regime, T=4096 x W=2048. What matters in a
-    step is what each of the 6 terms x L layers holds from forward to backward: F.mse_loss
-    on fp32 copies keeps both copies (64 MB here); the fused op keeps the bf16 gradient."""
+    """One clone tap in the bf16 regime, T=4096 x W=2048. What matters in a step is what
+    each of the 7 taps x L layers holds from forward to backward: F.mse_loss on fp32
+    copies keeps both copies (64 MB here); clone_mse keeps the bf16 gradient g (16 MB)."""
     from cpu_memory import in_use_bytes
 
     g = torch.Generator().manual_seed(0)
     s = torch.randn(4096, 2048, generator=g).bfloat16().requires_grad_()
     t = torch.randn(4096, 2048, generator=g).bfloat16()
-    f = rk.naive_mse if impl == "eager" else rk.mse
+    f = rk.naive_clone_mse if impl == "eager" else rk.clone_mse
     with rk.use_backend("torch"):
         base = in_use_bytes()
         out = f(s, t)
         kept = in_use_bytes() - base
         del out
-        peak = _record(benchmark, f"clone mse[{impl}]", _step(lambda: f(s, t), s))
+        _record(benchmark, f"clone_mse[{impl}]", _step(lambda: (f(s, t)[1],), s))
     benchmark.extra_info["kept_for_backward_MB"] = round(kept / MB, 1)
-    print(f"clone mse[{impl}]: kept from forward to backward {kept / MB:.1f} MB")
+    print(f"clone_mse[{impl}]: kept from forward to backward {kept / MB:.1f} MB")
     _PEAKS[("clone", impl)] = kept
     if impl == "fused":
         ratio = _PEAKS[("clone", "eager")] / max(kept, 1)
         benchmark.extra_info["kept_ratio_vs_eager"] = round(ratio, 2)
-        print(f"clone mse: eager/fused memory kept for backward = {ratio:.2f}x")
+        print(f"clone_mse: eager/fused memory kept for backward = {ratio:.2f}x")
         assert ratio > 3
-
-
-@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
-def test_projected_linear_keep_or_recompute(benchmark, recompute):
-    """gate/up-like group at T=1024, D=2048, d=1024, I=4096: keeping W_s saves one GEMM
-    per weight in backward; re-making it saves the [I, d] matrices."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 1024, generator=g).requires_grad_()
-    ws = [torch.randn(4096, 2048, generator=g) * 0.02 for _ in range(2)]
-    Ps = [(torch.randn(2048, 1024, generator=g) * 0.02).requires_grad_() for _ in ws]
-
-    def fn():
-        ys = rk.projected_linear_group(x, ws, Ps, "in", recompute_weights=recompute)
-        return (sum(y.square().mean() for y in ys),)
-    _record(benchmark, f"projected_linear_group[{'recompute' if recompute else 'keep'}]", _step(fn, x, *Ps))
 
 
 @pytest.mark.parametrize("chunk", [256, 1024], ids=["chunk256", "chunk1024"])

@@ -171,15 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,
-                       description="Time every red_kernels op at the teacher's shapes (ms, achieved TB/s or TFLOP/s, "
-                       "fraction of the device ceiling measured in the same run) and one training step per kernel "
-                       "backend (tokens/s, peak memory), against ordinary training of the exported student and the "
-                       "teacher's forward alone. Token ids are random; the student is a random channel selection. "
-                       "On the CPU only the first 2 layers are timed unless --layers is given.")
+                       description="Time every red_kernels op at the teacher's shapes against its eager composition "
+                       "(ms, peak memory, achieved TB/s or TFLOP/s, fraction of the device ceiling measured in the same "
+                       "run) and one training step (red's own train_step over --grad-accum micro-batches) per kernel "
+                       "backend (tokens/s, peak memory), against ordinary training of the exported student on the same "
+                       "micro-batches and the teacher's forward alone (ratio, and the floor ordinary/(ordinary + teacher "
+                       "forward)); then count the kernels a RED micro-batch launches against an ordinary one, per layer. "
+                       "Token ids are random; the student is a random channel selection. On the CPU only the first 2 "
+                       "layers are timed unless --layers is given.")
     p.add_argument("--teacher", required=True, help="teacher folder (Llama/Qwen2/Qwen3, safetensors)")
     p.add_argument("--hidden-size", type=int, required=True, help="student width d (0 < d < teacher's D)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--kernels", default=None, help="comma-separated red_kernels backends to time: torch,triton "
                    "(None: both on CUDA, torch on the CPU)")
     p.add_argument("--layers", type=int, default=None, help="time only the first N decoder layers "
@@ -190,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype: auto is bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="also time the torch path with each layer under torch.compile")
     p.add_argument("--no-ordinary", action="store_true", help="skip the ordinary-training baseline")
+    p.add_argument("--no-op-counts", action="store_true",
+                   help="skip counting the kernels of a RED and an ordinary micro-batch (two more steps of each)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress still goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -374,22 +380,24 @@ def _cmd_bench(args) -> int:
     from .config import DEVICE, at_least, check_values
 
     check_values({"--device": args.device, "--seq-len": args.seq_len, "--batch-size": args.batch_size,
-                  "--steps": args.steps, "--layers": args.layers},
+                  "--grad-accum": args.grad_accum, "--steps": args.steps, "--layers": args.layers},
                  (("--device", DEVICE), ("--seq-len", at_least(2)), ("--batch-size", at_least(1)),
-                  ("--steps", at_least(1)), ("--layers", at_least(1))))
+                  ("--grad-accum", at_least(1)), ("--steps", at_least(1)), ("--layers", at_least(1))))
     from .inputs import check_bench_inputs
 
     check_bench_inputs(args.teacher, args.hidden_size, args.seq_len)  # before torch is imported
     from .bench import format_report, run_bench
 
     def progress(row):
-        what = f"{row['name']}[{row.get('backend') or row.get('variant') or ''}]"
-        took = f"{row['ms']:.4g} ms" if row.get("status") == "ok" else f"{row.get('status')}: {row.get('error', '')}"
+        what = f"{row['name']}[{row.get('impl') or row.get('variant') or ''}]"
+        took = (f"{row['ms']:.4g} ms" if "ms" in row else f"RED/ordinary {row['ratio']:.2f}x") \
+            if row.get("status") == "ok" else f"{row.get('status')}: {row.get('error', '')}"
         print(f"red bench: {what} {took}", file=sys.stderr, flush=True)
 
     res = run_bench(args.teacher, args.hidden_size, args.seq_len, args.batch_size, args.kernels, args.layers,
                     args.steps, args.device, args.precision, include_compile=args.compile,
-                    include_ordinary=not args.no_ordinary, on_row=None if args.quiet else progress)
+                    include_ordinary=not args.no_ordinary, grad_accum=args.grad_accum,
+                    include_op_counts=not args.no_op_counts, on_row=None if args.quiet else progress)
     print(json.dumps(res, indent=1) if args.json else format_report(res))
     return 0
 

@@ -1,11 +1,12 @@
 """The ahead-of-time GPU compile check (benchmarks/aot_compile.py), without a GPU.
 
 (a) its spec list is what the trainer really launches: a few bf16 training steps (both KL
-    presets, lm_weight 0), validation, calibration and the pruned export of a tiny Llama,
-    run with the Triton backend while ``red_kernels._common.RECORD`` collects every launch,
-    must be covered by ``aot_compile.specs()`` (kernel, pointer dtypes, scalar kinds,
-    constexprs other than tiles and interpreter-only flags), and every bf16 trainer spec
-    must have been launched (no stale entries);
+    presets, lm_weight 0, the divergence options, two micro-batches a step), validation and
+    calibration of a tiny Llama, run with the Triton backend while
+    ``red_kernels._common.RECORD`` collects every launch, must be covered by
+    ``aot_compile.specs()`` (kernel, pointer dtypes, scalar kinds, constexprs other than
+    tiles and interpreter-only flags), and every bf16 trainer spec must have been launched
+    (no stale entries);
 (b) the script compiles every spec for sm_90 and sm_80 and exits 0;
 (c) it exits 1 and says why on a mixed bf16 x fp32 ``tl.dot`` and on a shared-memory overflow.
 (b) and (c) run in a subprocess without TRITON_INTERPRET (the kernels must be decorated
@@ -42,9 +43,8 @@ def _load_aot():
 
 aot = _load_aot()
 
-TRAINER_KERNELS = {"_acc_tn_kernel", "_diff_gemm_kernel", "_mse_kernel", "_kl_ce_kernel",
-                   "_rmsnorm_stats_kernel", "_gather_cols_kernel", "_gather_rows_kernel"}
-ALL_KERNELS = TRAINER_KERNELS | {"_selected_kernel"}
+#: every Triton kernel of red_kernels: the LM head's two, the clone taps' and calibration's
+TRAINER_KERNELS = {"_acc_tn_kernel", "_mse_kernel", "_kl_ce_kernel", "_rmsnorm_stats_kernel"}
 
 
 def _run_script(*args, timeout=600):
@@ -55,11 +55,10 @@ def _run_script(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def recorded(teacher_dirs, corpus_file, device):
-    """Every Triton launch of bf16 calibration, training, validation and export."""
+    """Every Triton launch of bf16 calibration, training and validation."""
     from red.calibration import calibrate
     from red.config import DistillConfig
     from red.data import load_corpus
-    from red.export import pruned_state_dict
     from red.pipeline import build_student
     from red.student import LossSettings
     from red.teacher import load_teacher
@@ -67,7 +66,7 @@ def recorded(teacher_dirs, corpus_file, device):
 
     teacher, tok = load_teacher(teacher_dirs["llama"], dtype=torch.bfloat16, device=device)
     corpus = load_corpus(corpus_file, tok, 16)
-    batch = [corpus.train[:2].to(device)]
+    batch = [corpus.train[:2].to(device), corpus.train[2:4].to(device)]  # two micro-batches a step
     old = _common.RECORD
     _common.RECORD = []
     try:
@@ -82,7 +81,6 @@ def recorded(teacher_dirs, corpus_file, device):
                 train_step(student, opt, batch, settings)
             for temp in (1.0, 40.0):
                 evaluate(student, corpus, DistillConfig(temperature=temp, batch_size=2, val_batches=1))
-            pruned_state_dict(teacher, torch.arange(0, teacher.config.hidden_size, 2))
         return list(_common.RECORD)
     finally:
         _common.RECORD = old
@@ -105,9 +103,22 @@ def test_specs_cover_every_trainer_launch(recorded):
     assert not stale, f"bf16 trainer specs that the bf16 run never launched: {stale}"
 
 
+def test_specs_cover_every_kernel_of_red_kernels():
+    """No Triton kernel of the package is left out of the check (nor is a deleted one kept)."""
+    found = set()
+    for mod in ("_common", "clone_mse", "fused_linear_kl", "norm_stats"):
+        m = importlib.import_module(f"red_kernels.{mod}")
+        # launched kernels (jit, or interpreter functions on the CPU); @triton.jit helpers are not launched
+        found |= {n for n, v in vars(m).items() if type(v).__module__.startswith("triton.") and n.endswith("_kernel")}
+    pkg = Path(K.__file__).parent
+    assert sorted(p.stem for p in pkg.glob("*.py")) == ["__init__", "_backend", "_common", "clone_mse",
+                                                        "fused_linear_kl", "norm_stats"]
+    assert found == TRAINER_KERNELS == {s.name for s in aot.specs()}
+
+
 def test_specs_are_well_formed():
     specs = aot.specs()
-    assert {s.name for s in specs} == ALL_KERNELS
+    assert {s.name for s in specs} == TRAINER_KERNELS
     assert len({(s.name, s.variant) for s in specs}) == len(specs)
     for s in specs:
         sig, ce, attrs = aot.compile_signature(s)
@@ -135,7 +146,7 @@ def test_script_compiles_every_kernel_for_sm90_and_sm80(tmp_path):
     out = tmp_path / "aot.json"
     r = _run_script("--arch", "sm_90", "--arch", "sm_80", "--json", str(out))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for name in ALL_KERNELS:
+    for name in TRAINER_KERNELS:
         assert name in r.stdout
     rows = json.loads(out.read_text())["rows"]
     n = len(aot.specs())
@@ -147,7 +158,7 @@ def test_script_compiles_every_kernel_for_sm90_and_sm80(tmp_path):
         assert 0 <= row["shared"] <= row["smem_limit"], row
     # bf16 GEMMs use the tensor cores: wgmma on Hopper, mma.sync on Ampere
     for row in rows:
-        if row["kernel"] in ("_acc_tn_kernel", "_diff_gemm_kernel") and row["variant"].startswith("bf16"):
+        if row["kernel"] == "_acc_tn_kernel" and row["variant"].startswith("bf16"):
             assert row["mma"] == ("wgmma" if row["target"] == "sm_90" else "mma"), row
 
 
