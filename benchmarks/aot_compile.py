@@ -75,7 +75,7 @@ TARGETS = {
 #: workarounds (always False for bf16 on the GPU). Everything else must match.
 IGNORED_CONSTEXPR = re.compile(r"^(BLOCK_\w+|GROUP_\w+|UPCAST|FIX_BF16)$")
 
-BF16, FP32, I64 = torch.bfloat16, torch.float32, torch.int64
+BF16, FP32, I64, I32 = torch.bfloat16, torch.float32, torch.int64, torch.int32
 _DIV16 = [["tt.divisibility", 16]]
 
 
@@ -172,7 +172,8 @@ def specs(shapes: dict = LLAMA_3B) -> list[Spec]:
         for train in (True, False):
             out.append(_spec(_cm._mse_kernel, f"{dn} {'train' if train else 'eval'}",
                              "clone_mse (clone q,k,v,attn,gate,up,ffn)",
-                             (dt, dt, dt if train else FP32, FP32, T, D, D, D, D if train else 0, 2.0 / (T * D)),
+                             (dt, dt, dt if train else FP32, FP32, FP32, I32, T, D, D, D, D if train else 0,
+                              2.0 / (T * D)),
                              _cm.rowwise_meta(True, D), dict(gpu_flags(dt, dot=False), STORE_G=train)))
         # LM head KL + CE: bf16 logit chunks [C, V], int64 labels, fp32 per-row kl/ce
         kl_variants = [(1.0, True, True, "train T=1 (red)"), (40.0, True, True, "train T=40 (lrc)"),

@@ -163,8 +163,10 @@ def decoder_layer(h, w: dict, arch: Arch, eps: float, cos, sin, act, attn_mask=N
     (q, k, v before QK-norm and RoPE, attn before o_proj, gate, up, and the FFN output).
     With ``targets`` (the student, given the teacher's record) every one of those tensors
     goes through ``red_kernels.clone_mse`` on its way, and ``record`` is the list of
-    (MSE, teacher mean square) pairs in ``CLONE_TERMS`` order; the FFN output is compared
-    with the teacher's pushed through ``w["down_target"]`` (P_down in the compute dtype).
+    (Σ squared error, Σ teacher square) pairs in ``CLONE_TERMS`` order, sums that
+    ``distill_terms`` turns into means all at once; the FFN output is compared with the
+    teacher's pushed through ``w["down_target"]`` (P_down in the compute dtype), and its
+    normalizer is the teacher's own output (D wide).
     """
     terms = []
 
@@ -172,13 +174,13 @@ def decoder_layer(h, w: dict, arch: Arch, eps: float, cos, sin, act, attn_mask=N
         if targets is None:
             return s
         t = targets[name]
-        if name == "ffn":
+        if name == "ffn":  # normalized by the teacher's own output, in its space (D wide)
             acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-            ms = torch.linalg.vector_norm(t, dtype=acc).square() / max(t.numel(), 1)
-            s, err, _ = K.clone_mse(s, t @ w["down_target"])
+            tsq = torch.linalg.vector_norm(t, dtype=acc).square()
+            s, err, _ = K.clone_mse(s, t @ w["down_target"], mean=False)
         else:
-            s, err, ms = K.clone_mse(s, t)
-        terms.append((err, ms))
+            s, err, tsq = K.clone_mse(s, t, mean=False)
+        terms.append((err, tsq))
         return s
 
     x = rms_norm(h, w["input_norm"], eps)
@@ -765,6 +767,21 @@ class ProjectedStudent(nn.Module):
         w = self.teacher_root()["head"]
         return w @ self.head_projection.to(w.dtype)
 
+    def _clone_scales(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per clone term: 1 / numel of the student's tensor (the MSE's mean) and numel of the
+        teacher's / numel of the student's (1, and D/d for the FFN): constants per shape,
+        made once on the device (a host list copied every micro-batch would sync)."""
+        key = (tokens, like.device, like.dtype)
+        cache = self.__dict__.setdefault("_clone_scale_cache", {})
+        if key not in cache:
+            a = self.arch
+            q, kv, I, d = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size, self.hidden_size
+            widths = {"q": q, "k": kv, "v": kv, "attn": q, "gate": I, "up": I, "ffn": d}
+            per = torch.tensor([1.0 / max(tokens * widths[t], 1) for t in CLONE_TERMS], dtype=like.dtype)
+            ratio = torch.tensor([a.hidden_size / d if t == "ffn" else 1.0 for t in CLONE_TERMS], dtype=like.dtype)
+            cache[key] = per.to(like.device), ratio.to(like.device)
+        return cache[key]
+
     def distill_losses(self, input_ids: torch.Tensor, loss: LossSettings, doc_ids: torch.Tensor | None = None,
                        loss_mask: torch.Tensor | None = None, weights: StudentWeights | None = None,
                        share: StepShare | None = None, root: dict | None = None) -> dict[str, torch.Tensor]:
@@ -815,12 +832,16 @@ class ProjectedStudent(nn.Module):
             labels.reshape(-1), temperature=loss.temperature, kl_weight=kl_w, ce_weight=loss.lm_weight,
             denominator=share.scored, **divergence_options(loss, n_sequences=share.sequences))
         if clone_on:
-            err = torch.stack(errs).view(L, C)
+            err = torch.stack(errs).view(L, C)  # Σ (s − t)² per layer and term
+            per_elem, ratio = self._clone_scales(input_ids.numel(), err)
             if loss.clone_norm == "teacher-ms":
-                ms = torch.stack(mss).view(L, C)
+                # mean / teacher mean square = Σ err / Σ t², times numel(t) / numel(s) (D/d for the FFN)
+                tsq = torch.stack(mss).view(L, C)
                 if share.mean_over_ranks is not None:
-                    ms = share.mean_over_ranks(ms)
-                err = err / ms.clamp_min(1e-12)
+                    tsq = share.mean_over_ranks(tsq)
+                err = err / tsq.clamp_min(1e-30) * ratio
+            else:
+                err = err * per_elem
             per_term = err.sum(0) * share.share
             clone = per_term.sum()
             total = total + loss.clone_weight * clone

@@ -491,7 +491,7 @@ class _FusedLinearKL(torch.autograd.Function):
             del ls
         kl = kl_rows.sum() / (float(n_sequences) if summed else denom)
         ce = ce_rows.sum() / denom if has_ce else torch.zeros((), dtype=cdt, device=dev)
-        loss = kl_w * kl + ce_w * ce
+        loss = torch.add(kl if kl_w == 1.0 else kl * kl_w, ce, alpha=ce_w)  # one op in the common case
         ctx.save_for_backward(grad_h, grad_w, denom)
         ctx.n_sequences = float(n_sequences) if summed else None
         ctx.w_dtype = w_s.dtype

@@ -331,11 +331,10 @@ def _goal_ratio(backend):
 
 @pytest.mark.parametrize("backend", [
     pytest.param("torch", marks=pytest.mark.xfail(
-        strict=True, reason="issue 20 item 2, not met yet: measured 2.21x a micro-batch (2.27x a layer: teacher fwd 34 "
-                            "+ student fwd 129 + bwd 87 vs ordinary 34 + 76); the torch clone_mse path is ~13 ops a tap")),
-    pytest.param("triton", marks=pytest.mark.xfail(
-        strict=True, reason="issue 20 item 2, not met yet: measured 1.65x a micro-batch (1.70x a layer: teacher fwd 34 "
-                            "+ student fwd 66 + bwd 87 vs ordinary 34 + 76)")),
+        strict=True, reason="the CPU reference path is not what the goal is about (launches on a GPU): a clone tap is "
+                            "a difference and two dot products there, and its backward scales the gradient; measured "
+                            "1.73x a micro-batch")),
+    "triton",
 ])
 def test_red_micro_batch_launches_at_most_1_5x_ordinary(backend):
     """Issue 20's goal: one RED micro-batch (teacher forward, student forward and backward,

@@ -185,3 +185,21 @@ def test_torch_path_several_row_chunks(dtype, gen):
     t = randn(300, 4099, dtype=dtype, gen=gen)
     with red_kernels.use_backend("torch"):
         _check(s, t, dtype, factor=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sums_and_the_kernels_own_final_reduction(backend, dtype, gen):
+    """mean=False returns Σ(s − t)² and Σt² (the student divides all terms at once). 300 rows
+    make 19 row blocks in the Triton kernel, more than one block of its final sum, and two
+    launches in a row check that the count of finished programs is reset between them."""
+    for rows in (300, 37):
+        s = randn(rows, 40, dtype=dtype, gen=gen, requires_grad=True)
+        t = randn(rows, 40, dtype=dtype, gen=gen)
+        out, err, tsq = clone_mse(s, t, mean=False)
+        sd = s.detach().double().requires_grad_()
+        ref_err, ref_tsq = (sd - t.double()).square().sum(), t.double().square().sum()
+        assert_close(err, ref_err, dtype, "sum of squared errors")
+        assert_close(tsq, ref_tsq, dtype, "sum of squares")
+        (err * 0.01 + _downstream(out)).backward()
+        (ref_err * 0.01 + _downstream(sd)).backward()
+        assert_close(s.grad, sd.grad, dtype, "ds")
