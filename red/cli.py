@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (torchrun processes)")
     p.add_argument("--teacher-sharding", default="both", choices=("shard", "replicate", "both"),
                    help="plan the teacher sharded over the GPUs, replicated on each, or both side by side")
+    p.add_argument("--step-weights", default="shard", choices=("shard", "replicate"),
+                   help="the student's dense step weights on several GPUs: shard (fp32 rows per GPU, gathered per "
+                        "layer every micro-batch) or replicate (whole on every GPU, all-reduced once a step)")
     p.add_argument("--activation-checkpointing", action="store_true", help="plan with per-layer activation checkpointing")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="teacher weight dtype, which is the step's compute dtype")

@@ -75,7 +75,8 @@ class DistillConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 disables)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data order and everything else"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer (teacher and student) in backward instead of storing its activations"})
-    teacher_sharding: str = field(default="auto", metadata={"help": "under torchrun: replicate (every process holds the whole frozen teacher: no gathers in the step), shard (each holds 1/N, each teacher layer gathered once per micro-batch), or auto (replicate when red plan's per-GPU peak with a whole teacher fits the GPU, else shard; shard on CPU)"})
+    teacher_sharding: str = field(default="auto", metadata={"help": "under torchrun: replicate (every process holds the whole frozen teacher: no gathers in the step), shard (each holds 1/N, each teacher layer gathered once per micro-batch), or auto (of the teacher and step-weight choices that fit the GPU by red plan, the one that moves the fewest bytes; shard on CPU)"})
+    step_weights: str = field(default="auto", metadata={"help": "under torchrun, the student's dense weights of a step: replicate (whole on every process, gradients summed locally and all-reduced once a step: 6-8 bytes per student weight on each GPU) or shard (fp32 rows on each process, each layer gathered for its forward and backward and its gradients reduce-scattered every micro-batch: 8 bytes per weight / N), or auto (as --teacher-sharding; replicate on CPU)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     kernels: str = field(default="auto", metadata={"help": "auto (Triton on CUDA), triton or torch"})
     precision: str = field(default="auto", metadata={"help": "compute dtype of every matmul: bf16 (teacher in bf16, fp32 master projections) or fp32; auto is bf16 on CUDA, fp32 on CPU"})
@@ -209,6 +210,7 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("loss_on", one_of(LOSS_ON)),
     ("kernels", one_of(KERNELS)),
     ("teacher_sharding", one_of(TEACHER_SHARDING)),
+    ("step_weights", one_of(TEACHER_SHARDING)),
     ("precision", one_of(PRECISION_CHOICES)),
     ("txt_split", one_of(("line", "paragraph", "file"))),
     ("export_dtype", one_of(("auto", "float32", "bfloat16", "float16"))),

@@ -447,7 +447,8 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, device)  # the teacher's dtype is the compute dtype
     probe = StartupProbe(ctx.rank, ctx.world_size)
-    shard_teacher = ctx.distributed and teacher_sharding(cfg, ctx, device, dtype) == "shard"
+    t_mode, w_mode = sharding(cfg, ctx, device, dtype) if ctx.distributed else ("replicate", "replicate")
+    shard_teacher = t_mode == "shard"
     if shard_teacher and sharded_startup():
         student, cal = build_sharded_student(cfg, ctx, device, dtype, corpus, cal, progress, probe,
                                              on_calibration=lambda c: _save_calibration(c, run, ctx))
@@ -470,6 +471,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
             shard_student(student, ctx, shard_teacher=shard_teacher)
         probe.sample("sharded")
     probe.write()
+    student.shard_step_weights = w_mode == "shard"
     metrics = train(student, corpus, cfg, run, progress=progress, identity=identity, ctx=ctx)
     if ctx.distributed:
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
@@ -494,22 +496,24 @@ def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
     cal.meta["teacher_fingerprint"] = teacher_fingerprint(cfg.teacher)
 
 
-def teacher_sharding(cfg: DistillConfig, ctx: DistContext, device, dtype) -> str:
-    """"replicate" or "shard" for ``--teacher-sharding`` under torchrun (see the option's
-    help). ``auto`` is ``red.plan.choose_teacher_sharding`` on this GPU's memory (red plan's
-    own rule: replicate when the replicated plan fits); on the CPU it shards (the host's
-    memory is not the plan's GPU memory)."""
-    if cfg.teacher_sharding != "auto":
-        return cfg.teacher_sharding
+def sharding(cfg: DistillConfig, ctx: DistContext, device, dtype) -> tuple[str, str]:
+    """``(teacher, step weights)``, each "replicate" or "shard", for ``--teacher-sharding``
+    and ``--step-weights`` under torchrun (see the options' help). ``auto`` asks
+    ``red.plan.choose_sharding`` with the GPU's memory on CUDA; on the CPU it shards the
+    teacher and replicates the step weights."""
+    t, w = cfg.teacher_sharding, cfg.step_weights
+    if "auto" not in (t, w):
+        return t, w
     if torch.device(device).type != "cuda":
-        return "shard"
-    from .plan import DTYPE_NAMES, choose_teacher_sharding
+        auto = ("shard", "replicate")
+    else:
+        from .plan import DTYPE_NAMES, choose_sharding
 
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return choose_teacher_sharding(cfg.teacher, cfg.hidden_size, cfg.seq_len, cfg.batch_size, ctx.world_size, total,
-                                   activation_checkpointing=cfg.activation_checkpointing,
-                                   teacher_dtype=DTYPE_NAMES[dtype], calib_samples=cfg.calib_samples,
-                                   grad_accum=cfg.grad_accum)
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        auto = choose_sharding(cfg.teacher, cfg.hidden_size, cfg.seq_len, cfg.batch_size, ctx.world_size, total,
+                               activation_checkpointing=cfg.activation_checkpointing,
+                               teacher_dtype=DTYPE_NAMES[dtype], grad_accum=cfg.grad_accum)
+    return (auto[0] if t == "auto" else t), (auto[1] if w == "auto" else w)
 
 
 def sharded_startup() -> bool:

@@ -4,7 +4,8 @@ takes, from the teacher's config.json alone (no weights are loaded).
 ``plan_memory(...)`` returns bytes per GPU by category, the start-up peak, the checkpoint
 write and the communication of one optimizer step; ``plan_speed(...)`` the FLOPs, bytes
 and modelled time of one optimizer step by part, beside ordinary training of a model of
-the student's size; ``choose_teacher_sharding(...)`` is ``--teacher-sharding auto``.
+the student's size; ``choose_sharding(...)`` is ``--teacher-sharding auto`` and
+``--step-weights auto``.
 
 Memory model (per GPU; N = number of GPUs; FSDP2 stores every sharded tensor as
 ceil(rows / N) rows of its first dimension; one GPU: N = 1). The step it describes
@@ -126,6 +127,7 @@ STARTUP_CATEGORIES = ("teacher", "projections", "gathered", "calibration", "init
 COMM_CATEGORIES = ("teacher_gathers", "projection_gather", "step_weight_gathers", "step_weight_reduce_scatter",
                    "weight_grad_gather", "weight_grad_all_reduce")
 TEACHER_SHARDINGS = ("shard", "replicate")
+STEP_WEIGHTS = ("shard", "replicate")
 CALIBRATION_BATCH = 4  # sequences per calibration forward (red.calibration.calibrate's batch_size)
 DEFAULT_GPU_MEMORY_GIB = 80.0
 DEFAULT_DISK_GB_PER_S = 1.0
@@ -315,7 +317,9 @@ def activation_bytes(arch: Arch, d: int, batch: int, seq_len: int, cb: int,
     n = batch * seq_len
     embed = 8 if arch.tied else cb * D  # token ids for the embedding's backward, or the rows times P_e
     outside = n * (embed + 2 * cb * arch.head_dim + (4 + cb) * d + 4)  # + rotary cos/sin, final norm
-    outside += 4 * (7 * L + 1)  # the clone terms' normalizers [L, 7] and the KL's denominator (fp32)
+    # the clone terms' normalizers [L, 7], the per-term constant they are scaled by [7] and
+    # the KL's denominator (fp32)
+    outside += 4 * (7 * L + 7 + 1)
     layer = n * layer_saved_bytes(arch, d, cb, gpu)
     if activation_checkpointing:
         saved = outside + L * n * cb * (d + D) + layer
@@ -335,7 +339,8 @@ def logits_bytes(arch: Arch, d: int, tokens: int, cb: int, chunk: int) -> int:
     return kept + max(2 * chunk * V * cb, V * d * acc + tokens * d * cb)
 
 
-def step_buffer_bytes(arch: Arch, d: int, t_shapes: dict, N: int, cb: int, tb: int, sharded_teacher: bool) -> int:
+def step_buffer_bytes(arch: Arch, d: int, t_shapes: dict, N: int, cb: int, tb: int, sharded_teacher: bool,
+                      sharded_weights: bool = True) -> int:
     """The largest working set of the step's weight phases (make, reduce, weight_backward);
     see the module docstring."""
     D, V, I = arch.hidden_size, arch.vocab_size, arch.intermediate_size
@@ -344,10 +349,12 @@ def step_buffer_bytes(arch: Arch, d: int, t_shapes: dict, N: int, cb: int, tb: i
     gather = layer_t if sharded_teacher else 0
     low = cb < 4  # a cast is a copy (else the fp32 tensor itself)
     cast_p = cb * D * d * (1 if low or N > 1 else 0) + (cb * math.ceil(D / N) * d if N > 1 else 0)
-    make = gather + cast_p + (cb * step_layer_elements(arch, d) if N > 1 else 0)  # + one layer whole, N > 1
-    # the flat copy and the collective's copy of the fp32 sums of the root (the layers' are
-    # FSDP2's); the compute-dtype gradients that ``weight_grads`` also holds are folded in by then
-    reduce = (2 * 4 - (cb if low else 0)) * step_root_elements(arch, d) if N > 1 else 0
+    sharded_weights = sharded_weights and N > 1
+    make = gather + cast_p + (cb * step_layer_elements(arch, d) if sharded_weights else 0)  # + one layer whole
+    # the flat copy and the collective's copy of the fp32 sums (only the root's when FSDP2
+    # holds the layers'); the compute-dtype gradients ``weight_grads`` also holds are folded in by then
+    reduced = step_root_elements(arch, d) if sharded_weights else sum(step_weight_elements(arch, d))
+    reduce = (2 * 4 - (cb if low else 0)) * reduced if N > 1 else 0
     widest = max(V, I, _attention_dims(arch)[0])
     # one matrix: its gradient sum cast down, the GEMM's result, that in fp32, + P_down's own term
     backward = gather + (cb * widest * d if low else 0) + cb * D * d + (4 * D * d if low else 0) + 2 * 4 * D * d
@@ -355,7 +362,7 @@ def step_buffer_bytes(arch: Arch, d: int, t_shapes: dict, N: int, cb: int, tb: i
 
 
 def communication(arch: Arch, d: int, t_shapes: dict, s_shapes: dict, N: int, cb: int, tb: int, grad_accum: int,
-                  sharded_teacher: bool, activation_checkpointing: bool = False) -> dict:
+                  sharded_teacher: bool, activation_checkpointing: bool = False, sharded_weights: bool = True) -> dict:
     """Bytes each GPU receives in one optimizer step, by ``COMM_CATEGORIES`` (+ "total");
     see the module docstring. All zero on one GPU."""
     out = dict.fromkeys(COMM_CATEGORIES, 0)
@@ -372,12 +379,16 @@ def communication(arch: Arch, d: int, t_shapes: dict, s_shapes: dict, N: int, cb
                                       + gather(root, tb))
         out["projection_gather"] = gather(s_shapes, cb)
         L, layer = arch.num_layers, step_layer_shapes(arch, d)
-        # FSDP2 gathers each layer's step weights for its forward and again for its backward
-        # (a recompute reuses the backward's), and reduce-scatters their fp32 gradients
-        out["step_weight_gathers"] = 2 * grad_accum * L * gather(layer, cb)
-        out["step_weight_reduce_scatter"] = grad_accum * L * gather(layer, 4)
-        out["weight_grad_gather"] = L * gather(layer, 4)  # weight_backward reads each sum whole
-        out["weight_grad_all_reduce"] = 2 * (N - 1) * 4 * step_root_elements(arch, d) // N
+        if sharded_weights:
+            # FSDP2 gathers each layer's step weights for its forward and again for its backward
+            # (a recompute reuses the backward's), and reduce-scatters their fp32 gradients
+            out["step_weight_gathers"] = 2 * grad_accum * L * gather(layer, cb)
+            out["step_weight_reduce_scatter"] = grad_accum * L * gather(layer, 4)
+            out["weight_grad_gather"] = L * gather(layer, 4)  # weight_backward reads each sum whole
+            reduced = step_root_elements(arch, d)
+        else:  # whole on every GPU, summed locally over the micro-batches, all-reduced once
+            reduced = sum(step_weight_elements(arch, d))
+        out["weight_grad_all_reduce"] = 2 * (N - 1) * 4 * reduced // N
     out["total"] = sum(out[c] for c in COMM_CATEGORIES)
     return out
 
@@ -431,7 +442,7 @@ def _check_shapes(config, arch: Arch, d: int, micro_batch: int, N: int, dtypes: 
 def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
                 activation_checkpointing: bool = False, teacher_dtype: str = "bfloat16",
                 compute_dtype: str | None = None, logits_chunk: int = 0, calib_samples: int = 16,
-                disk_gb_per_s: float = DEFAULT_DISK_GB_PER_S, teacher_sharding: str = "shard",
+                disk_gb_per_s: float = DEFAULT_DISK_GB_PER_S, teacher_sharding: str = "shard", step_weights: str = "shard",
                 grad_accum: int = 1) -> dict:
     """Bytes each GPU holds, by category, and moves per optimizer step (see the module
     docstring for the model).
@@ -448,6 +459,8 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     from .config import validate_plan_inputs
 
     validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)  # red plan's own rules
+    if step_weights not in STEP_WEIGHTS:
+        raise RedError(f"--step-weights {step_weights!r} is not one of {', '.join(STEP_WEIGHTS)}")
     if teacher_sharding not in TEACHER_SHARDINGS:
         raise RedError(f"--teacher-sharding {teacher_sharding!r} is not one of {', '.join(TEACHER_SHARDINGS)}")
     if int(grad_accum) < 1:
@@ -472,12 +485,13 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
         "weights": cb * (products + (0 if in_place else casts)),
         "weight_grads": (4 + (cb if cb < 4 else 0)) * (products + casts),
     }
-    if N > 1:  # the layers' step weights and their sums: fp32 rows on each GPU (FSDP2); the root whole
+    sharded_weights = N > 1 and step_weights == "shard"
+    if sharded_weights:  # the layers' step weights and their sums: fp32 rows on each GPU (FSDP2); the root whole
         layer_rows = arch.num_layers * shard(step_layer_shapes(arch, d))
         root = step_root_elements(arch, d)
         out["weights"] = 4 * layer_rows + cb * root
         out["weight_grads"] = 4 * layer_rows + (4 + (cb if cb < 4 else 0)) * root
-    out["gathered"] = 2 * cb * step_layer_elements(arch, d) if N > 1 else 0  # a layer's weights + the prefetched
+    out["gathered"] = 2 * cb * step_layer_elements(arch, d) if sharded_weights else 0  # a layer + the prefetched
     if sharded_teacher:
         layer_t = sum(_numel(s) for k, s in t_shapes.items() if k.startswith("model.layers.0."))
         root_t = sum(_numel(s) for k, s in t_shapes.items() if not k.startswith("model.layers."))
@@ -489,39 +503,54 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     V = arch.vocab_size
     chunk = min(tokens, int(logits_chunk)) if logits_chunk else default_logits_chunk(tokens, V, d)
     out["logits"] = logits_bytes(arch, d, tokens, cb, chunk)
-    out["step_buffers"] = step_buffer_bytes(arch, d, t_shapes, N, cb, tb, sharded_teacher)
+    out["step_buffers"] = step_buffer_bytes(arch, d, t_shapes, N, cb, tb, sharded_teacher, sharded_weights)
     out["total"] = sum(out[c] for c in PERSISTENT) + max(sum(out[c] for c in MICRO_BATCH_PHASE), out["step_buffers"])
     startup = startup_memory(arch, d, t_shapes, s_shapes, N if sharded_teacher else 1, tb, seq_len, calib_samples)
     comm = communication(arch, d, t_shapes, s_shapes, N, cb, tb, int(grad_accum), sharded_teacher,
-                         activation_checkpointing)
+                         activation_checkpointing, sharded_weights)
     return {"per_gpu": out, "startup": startup, "checkpoint": checkpoint_write(arch, d, N, disk_gb_per_s),
             "communication": comm, "inputs": {
                 "model_type": raw.get("model_type"), "num_layers": arch.num_layers,
                 "teacher_hidden_size": arch.hidden_size, "hidden_size": d, "vocab_size": V, "seq_len": seq_len,
                 "micro_batch": micro_batch, "micro_batch_per_gpu": batch, "gpus": N, "grad_accum": int(grad_accum),
                 "activation_checkpointing": activation_checkpointing, "teacher_sharding": teacher_sharding,
+                "step_weights": step_weights,
                 "teacher_dtype": teacher_dtype, "compute_dtype": compute_dtype, "logits_chunk": logits_chunk,
                 "checkpoint_bytes": checkpoint_bytes(arch, d)}}
 
 
+def choose_sharding(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int,
+                    gpu_memory_bytes: float, **plan_kwargs) -> tuple[str, str]:
+    """``--teacher-sharding auto`` and ``--step-weights auto``: ``(teacher, step weights)``,
+    each "replicate" or "shard".
+
+    Why: replicating costs memory only, while sharding costs communication in every
+    micro-batch (a sharded teacher's layers are gathered for its forward; sharded step
+    weights are gathered for the student's forward and backward and their gradients
+    reduce-scattered; see ``plan_memory``'s "communication"), which a GPU cannot hide when
+    the step is as lean as red's. So of the four choices whose training and start-up peaks
+    per GPU both stay within ``REPLICATE_MEMORY_FRACTION`` of ``gpu_memory_bytes`` (the rest
+    is headroom for what the plan does not count) the one that moves the fewest bytes
+    wins; when none fits, both are sharded. One GPU has nothing to shard.
+    ``plan_kwargs`` go to ``plan_memory``."""
+    if int(gpus) == 1:
+        return "replicate", "replicate"
+    best = None
+    for t in ("replicate", "shard"):
+        for w in ("replicate", "shard"):
+            plan = plan_memory(teacher, hidden_size, seq_len, micro_batch, gpus, teacher_sharding=t, step_weights=w,
+                               **plan_kwargs)
+            if fits(plan, REPLICATE_MEMORY_FRACTION * gpu_memory_bytes):
+                moved = plan["communication"]["total"]
+                if best is None or moved < best[0]:
+                    best = (moved, t, w)
+    return ("shard", "shard") if best is None else best[1:]
+
+
 def choose_teacher_sharding(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int,
                             gpu_memory_bytes: float, **plan_kwargs) -> str:
-    """``--teacher-sharding auto``: "replicate" when the whole frozen teacher fits beside
-    everything else, else "shard".
-
-    Why: replicating costs memory only (the whole teacher on every GPU, and a start-up that
-    loads it whole), while sharding costs communication in every step (each teacher layer
-    gathered once per micro-batch, plus twice per step; see ``plan_memory``'s
-    "communication"), which a GPU cannot hide behind a layer's compute when the step is as
-    lean as red's. So the teacher is replicated whenever the replicated plan's training and
-    start-up peaks per GPU both stay within ``REPLICATE_MEMORY_FRACTION`` of
-    ``gpu_memory_bytes`` (the rest is headroom for what the plan does not count). One GPU
-    holds the whole teacher anyway: "replicate". ``plan_kwargs`` go to ``plan_memory``."""
-    if int(gpus) == 1:
-        return "replicate"
-    plan = plan_memory(teacher, hidden_size, seq_len, micro_batch, gpus, teacher_sharding="replicate",
-                       **plan_kwargs)
-    return "replicate" if fits(plan, REPLICATE_MEMORY_FRACTION * gpu_memory_bytes) else "shard"
+    """The teacher's part of ``choose_sharding``."""
+    return choose_sharding(teacher, hidden_size, seq_len, micro_batch, gpus, gpu_memory_bytes, **plan_kwargs)[0]
 
 
 def plan_command(args) -> str:
@@ -531,15 +560,16 @@ def plan_command(args) -> str:
     common = dict(activation_checkpointing=args.activation_checkpointing, teacher_dtype=args.teacher_dtype,
                   logits_chunk=args.logits_chunk, calib_samples=args.calib_samples,
                   disk_gb_per_s=args.disk_gb_per_s, grad_accum=args.grad_accum)
+    plan_only = dict(common, step_weights=getattr(args, "step_weights", "shard"))
     shape = (args.teacher, args.hidden_size, args.seq_len, args.micro_batch, args.gpus)
     choices = TEACHER_SHARDINGS if args.teacher_sharding == "both" and args.gpus > 1 else \
         (args.teacher_sharding if args.teacher_sharding != "both" else "shard",)
-    plans = [plan_memory(*shape, teacher_sharding=c, **common) for c in choices]
+    plans = [plan_memory(*shape, teacher_sharding=c, **plan_only) for c in choices]
     peak = lambda p: max(p["per_gpu"]["total"], p["startup"]["total"])
     check_fits(min(plans, key=peak), args.gpu_memory)  # refused only when no choice fits
     auto = None
     if args.gpus > 1:
-        auto = choose_teacher_sharding(*shape, args.gpu_memory * 2 ** 30, **common)
+        auto = choose_sharding(*shape, args.gpu_memory * 2 ** 30, **common)
     speed = None
     if args.speed:
         speed = plan_speed(*shape, grad_accum=args.grad_accum, compute_dtype=args.teacher_dtype,
@@ -547,7 +577,7 @@ def plan_command(args) -> str:
     if args.json:
         out = dict(plans[0]) if len(plans) == 1 else {p["inputs"]["teacher_sharding"]: p for p in plans}
         if auto is not None:
-            out["auto"] = auto
+            out["auto"] = {"teacher_sharding": auto[0], "step_weights": auto[1]}
         if speed is not None:
             out["speed"] = speed
         return json.dumps(out, indent=1)
@@ -572,11 +602,11 @@ def _gib(b: float) -> str:
     return f"{int(b):10d} B  "
 
 
-def format_plan(*plans: dict, gpu_memory_gib: float | None = None, auto: str | None = None) -> str:
+def format_plan(*plans: dict, gpu_memory_gib: float | None = None, auto: tuple | None = None) -> str:
     """The table `red plan` prints: one column per plan (``--teacher-sharding shard``,
     ``replicate``, or both side by side), each with its per-GPU peak and communication.
     ``gpu_memory_gib`` marks a column whose peak is over it; ``auto`` names what
-    ``--teacher-sharding auto`` would pick."""
+    ``--teacher-sharding auto`` and ``--step-weights auto`` would pick."""
     i = plans[0]["inputs"]
     multi = i["gpus"] > 1
     names = [p["inputs"]["teacher_sharding"] for p in plans] if multi else ["1 GPU"]
@@ -633,7 +663,8 @@ def format_plan(*plans: dict, gpu_memory_gib: float | None = None, auto: str | N
             lines.append(row(c, [p["communication"][c] for p in plans], cnotes[c]))
         lines.append(row("total", [p["communication"]["total"] for p in plans]))
         if auto:
-            lines.append(f"--teacher-sharding auto (red distill's default) picks {auto} on this GPU memory")
+            lines.append(f"red distill's defaults (--teacher-sharding auto, --step-weights auto) pick teacher {auto[0]}, "
+                         f"step weights {auto[1]} on this GPU memory")
     lines.append(f"one checkpoint on disk: {_gib(i['checkpoint_bytes']).strip()}")
     c = plans[0].get("checkpoint")
     if c is not None:

@@ -60,7 +60,7 @@ SCHEDULE_KEYS = ("steps", "lr", "adam_eps", "warmup", "grad_clip", "log_every", 
                  "keep_checkpoints")
 # inputs compared by content (fingerprint), not by path: a moved teacher or corpus is the same run
 INPUT_KEYS = ("teacher", "data", "calibration")
-FREE_KEYS = ("out", "device", "kernels", "activation_checkpointing", "teacher_sharding", "export_dtype", "report_to",
+FREE_KEYS = ("out", "device", "kernels", "activation_checkpointing", "teacher_sharding", "step_weights", "export_dtype", "report_to",
              "overwrite", "resume", "trust_remote_code", "allow_change", "history")
 
 

@@ -475,6 +475,9 @@ class ProjectedStudent(nn.Module):
         self.hidden_size = d
         self.norm_eps = float(arch.rms_norm_eps if norm_eps is None else norm_eps)
         self.activation_checkpointing = bool(activation_checkpointing)
+        # a multi-process run with --step-weights shard keeps each layer's step weights as
+        # FSDP2-sharded rows (``StepUnits``); else they are whole on every rank
+        self.shard_step_weights = False
         self.embed = nn.Parameter(torch.empty(D, d))
         self.lm_head = None if arch.tied else nn.Parameter(torch.empty(D, d))
         self.final_norm = nn.Parameter(torch.ones(d))
@@ -620,7 +623,7 @@ class ProjectedStudent(nn.Module):
         (made once, on the first step; None in one process)."""
         from torch.distributed.tensor import DTensor
 
-        if not isinstance(self.embed, DTensor):
+        if not (self.shard_step_weights and isinstance(self.embed, DTensor)):
             return None
         units = self.__dict__.get("_units")
         if units is None:

@@ -101,12 +101,18 @@ def test_two_processes_match_one_and_resume_in_one(arch, extra, teacher_dirs, co
     assert_close_tensors(trained(tmp_path / "one"), trained(tmp_path / "resumed"))
 
 
-def test_a_replicated_teacher_trains_the_same_model(teacher_dirs, corpus_file, tmp_path):
-    """--teacher-sharding replicate: every rank holds the whole teacher (no gathers in the
-    step), only the student's tensors are sharded; the run is the single-process run."""
+@pytest.mark.parametrize("teacher,weights,extra", [("replicate", "replicate", ()), ("replicate", "shard", ()),
+                                                   ("shard", "shard", ("--activation-checkpointing",))])
+def test_every_placement_trains_the_same_model(teacher, weights, extra, teacher_dirs, corpus_file, tmp_path):
+    """--teacher-sharding (the frozen teacher whole on every rank, or 1/N gathered layer by
+    layer) and --step-weights (the step's dense weights whole on every rank and all-reduced
+    once, or FSDP2 rows gathered per layer and reduce-scattered every micro-batch): every
+    placement trains the single-process model (the CPU default, teacher sharded and step
+    weights whole, is the test above)."""
     t = teacher_dirs["qwen3"]
     single_process(t, corpus_file, tmp_path / "one")
-    p = torchrun(2, *distill_args(t, corpus_file, tmp_path / "two", "--teacher-sharding", "replicate"))
+    p = torchrun(2, *distill_args(t, corpus_file, tmp_path / "two", "--teacher-sharding", teacher,
+                                  "--step-weights", weights, *extra))
     assert p.returncode == 0, p.stderr[-3000:]
     ok_result(tmp_path / "two", 2)
     assert_close_runs(tmp_path / "one", tmp_path / "two")

@@ -28,9 +28,10 @@ import red.student as student_module
 import red_kernels
 from red.cli import main
 from red.initialization import initialize
-from red.plan import (COMM_CATEGORIES, MICRO_BATCH_PHASE, ORDINARY_PARTS, PERSISTENT, RED_PARTS,
+from red.plan import (choose_sharding, COMM_CATEGORIES, MICRO_BATCH_PHASE, ORDINARY_PARTS, PERSISTENT, RED_PARTS,
                       REPLICATE_MEMORY_FRACTION, activation_bytes, choose_teacher_sharding, plan_memory, plan_speed,
-                      step_weight_elements)
+                      step_root_elements, step_weight_elements)
+from red.student import step_layer_shapes
 from red.student import LossSettings, ProjectedStudent
 from red.teacher import Arch, load_teacher
 
@@ -109,9 +110,17 @@ def test_plan_matches_real_tensors(arch, teacher_dirs):
             assert plan["optimizer"] == nbytes(state, gpus)
             assert plan["total"] == sum(plan[c] for c in PERSISTENT) + max(
                 sum(plan[c] for c in MICRO_BATCH_PHASE), plan["step_buffers"])
-            assert (plan["gathered"] > 0) == (gpus > 1 and sharding == "shard")
-            assert (plan["step_buffers"] > 4 * sum(step_weight_elements(Arch.from_config(teacher.config), 32))) == \
-                (gpus > 1)  # the flat copies of the all-reduce
+            # several GPUs gather each layer's step weights (and a sharded teacher's layers)
+            assert (plan["gathered"] > 0) == (gpus > 1)
+            arch_ = Arch.from_config(teacher.config)
+            layer_shapes = step_layer_shapes(arch_, 32)
+            assert sum(torch.Size(v).numel() for v in layer_shapes.values()) * arch_.num_layers + \
+                step_root_elements(arch_, 32) == sum(step_weight_elements(arch_, 32))  # a partition of W_s
+            if gpus > 1:  # fp32 rows of the layers' weights and of their sums, the root whole
+                rows = arch_.num_layers * sum(-(-v[0] // gpus) * torch.Size(v[1:]).numel() for v in layer_shapes.values())
+                cb = 2  # plan_memory's default compute dtype, bf16
+                assert plan["weights"] == 4 * rows + cb * step_root_elements(arch_, 32)
+                assert plan["weight_grads"] == 4 * rows + (4 + cb) * step_root_elements(arch_, 32)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -247,10 +256,19 @@ def test_plan_communication_is_what_the_step_gathers_and_reduces(arch, grad_accu
                                         for f, shape, size in gathered if f == frozen)
         assert plan["teacher_gathers"] == moved(True), N
         assert plan["projection_gather"] == moved(False), N
+        # one process runs the layers' weights whole (no FSDP2 units), so its one flat
+        # all-reduce holds every step weight: the root's part is what N processes all-reduce,
+        # the layers' is what FSDP2 gathers and reduce-scatters (formulas of red.plan)
         big = max(ctx.reduced)
-        assert big == 4 * sum(step_weight_elements(Arch.from_config(teacher.config), 32))
+        arch_ = Arch.from_config(teacher.config)
+        assert big == 4 * sum(step_weight_elements(arch_, 32))
         assert all(b <= 1024 for b in ctx.reduced if b != big)  # loss terms and scalars: not counted
-        assert plan["weight_grad_all_reduce"] == 2 * (N - 1) * big // N
+        assert plan["weight_grad_all_reduce"] == 2 * (N - 1) * 4 * step_root_elements(arch_, 32) // N
+        rows = sum(-(-v[0] // N) * torch.Size(v[1:]).numel() for v in step_layer_shapes(arch_, 32).values())
+        L = arch_.num_layers
+        assert plan["step_weight_gathers"] == 2 * grad_accum * L * (N - 1) * 4 * rows
+        assert plan["step_weight_reduce_scatter"] == grad_accum * L * (N - 1) * 4 * rows
+        assert plan["weight_grad_gather"] == L * (N - 1) * 4 * rows
         assert plan["total"] == sum(plan[c] for c in COMM_CATEGORIES)
         rep = plan_memory(teacher_dirs[arch], 32, seq_len=16, micro_batch=2 * N, gpus=N, teacher_sharding="replicate",
                           teacher_dtype="float32", grad_accum=grad_accum)["communication"]
@@ -259,36 +277,40 @@ def test_plan_communication_is_what_the_step_gathers_and_reduces(arch, grad_accu
     assert one["total"] == 0
 
 
-def test_choose_teacher_sharding_replicates_what_fits(teacher_dirs, monkeypatch):
-    """auto: replicate when the replicated plan's training and start-up peaks fit in
-    REPLICATE_MEMORY_FRACTION of the GPU, else shard; one GPU: replicate; and
-    red.pipeline.teacher_sharding asks it with the GPU's memory (CPU: shard)."""
+def test_choose_sharding_moves_the_fewest_bytes_that_fit(teacher_dirs, monkeypatch):
+    """auto: of the four (teacher, step weights) choices whose training and start-up peaks
+    fit in REPLICATE_MEMORY_FRACTION of the GPU, the one that moves the fewest bytes per
+    step; none fits: both sharded; one GPU: nothing to shard. red.pipeline.sharding asks it
+    with the GPU's memory (CPU: teacher sharded, step weights replicated)."""
     t = teacher_dirs["llama"]
-    rep = plan_memory(t, 32, 64, 4, 2, teacher_sharding="replicate")
-    peak = max(rep["per_gpu"]["total"], rep["startup"]["total"])
-    need = peak / REPLICATE_MEMORY_FRACTION
-    assert choose_teacher_sharding(t, 32, 64, 4, 2, need * 1.001) == "replicate"
-    assert choose_teacher_sharding(t, 32, 64, 4, 2, need * 0.999) == "shard"
-    assert choose_teacher_sharding(t, 32, 64, 4, 1, 1) == "replicate"
-    # activation checkpointing lowers the peak: the same GPU can then replicate
-    ac = plan_memory(t, 32, 64, 4, 2, teacher_sharding="replicate", activation_checkpointing=True)
-    assert max(ac["per_gpu"]["total"], ac["startup"]["total"]) < peak
-    assert choose_teacher_sharding(t, 32, 64, 4, 2, need * 0.999, activation_checkpointing=True) == "replicate"
+    plans = {(tm, wm): plan_memory(t, 32, 64, 4, 2, teacher_sharding=tm, step_weights=wm, grad_accum=3)
+             for tm in ("replicate", "shard") for wm in ("replicate", "shard")}
+    need = {k: max(p["per_gpu"]["total"], p["startup"]["total"]) / REPLICATE_MEMORY_FRACTION for k, p in plans.items()}
+    moved = {k: p["communication"]["total"] for k, p in plans.items()}
+    assert moved[("replicate", "replicate")] < min(moved[k] for k in moved if k != ("replicate", "replicate"))
+    assert need[("shard", "shard")] < need[("replicate", "replicate")]
+    for memory in sorted(v * f for v in need.values() for f in (0.999, 1.001)):
+        fitting = [k for k in plans if need[k] <= memory]
+        expect = min(fitting, key=moved.get) if fitting else ("shard", "shard")
+        assert choose_sharding(t, 32, 64, 4, 2, memory, grad_accum=3) == expect, memory
+    assert choose_sharding(t, 32, 64, 4, 1, 1) == ("replicate", "replicate")
+    assert choose_teacher_sharding(t, 32, 64, 4, 2, 1) == "shard"
 
     from red import pipeline
     from red.config import make_config
     from red.distributed import DistContext
 
-    cfg = make_config(teacher=str(t), data="c.txt", out="o", hidden_size=32, seq_len=64, batch_size=4)
+    cfg = make_config(teacher=str(t), data="c.txt", out="o", hidden_size=32, seq_len=64, batch_size=4, grad_accum=3)
     ctx = DistContext(rank=0, world_size=2)
-    for memory, expect in ((need * 1.001, "replicate"), (need * 0.999, "shard")):
+    for memory in (need[("replicate", "replicate")] * 1.001, need[("shard", "shard")] * 1.001, 1.0):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda dev, m=memory: type("P", (), {"total_memory": int(m)})())
-        assert pipeline.teacher_sharding(cfg, ctx, "cuda:0", torch.bfloat16) == expect
-        assert pipeline.teacher_sharding(cfg, ctx, "cpu", torch.bfloat16) == "shard"
+        assert pipeline.sharding(cfg, ctx, "cuda:0", torch.bfloat16) == \
+            choose_sharding(t, 32, 64, 4, 2, memory, teacher_dtype="bfloat16", grad_accum=3)
+    assert pipeline.sharding(cfg, ctx, "cpu", torch.bfloat16) == ("shard", "replicate")
     for fixed in ("shard", "replicate"):
-        c = make_config(teacher=str(t), data="c.txt", out="o", hidden_size=32, teacher_sharding=fixed)
-        assert pipeline.teacher_sharding(c, ctx, "cuda:0", torch.bfloat16) == fixed
+        c = make_config(teacher=str(t), data="c.txt", out="o", hidden_size=32, teacher_sharding=fixed, step_weights=fixed)
+        assert pipeline.sharding(c, ctx, "cuda:0", torch.bfloat16) == (fixed, fixed)
 
 
 def test_plan_command_prints_every_category(teacher_dirs, capsys):
@@ -308,11 +330,12 @@ def test_plan_command_prints_every_category(teacher_dirs, capsys):
     gib = lambda b: f"{b / 2 ** 20:.2f} MiB" if b < 2 ** 30 else f"{b / 2 ** 30:.2f} GiB"
     assert re.search(rf"{re.escape(gib(shard['per_gpu']['total']))}\s+{re.escape(gib(rep['per_gpu']['total']))}",
                      total), total
-    assert "--teacher-sharding auto (red distill's default) picks replicate" in out
+    assert "red distill's defaults (--teacher-sharding auto, --step-weights auto) pick teacher replicate, step weights replicate" in out
     assert main(base + ["--teacher-sharding", "replicate", "--json", "--grad-accum", "3"]) == 0
     one = json.loads(capsys.readouterr().out)
     assert one["inputs"]["teacher_sharding"] == "replicate" and one["inputs"]["grad_accum"] == 3
-    assert one["communication"]["teacher_gathers"] == 0 and one["auto"] == "replicate"
+    assert one["communication"]["teacher_gathers"] == 0
+    assert one["auto"] == {"teacher_sharding": "replicate", "step_weights": "replicate"}
     assert main(base + ["--json", "--speed"]) == 0
     both = json.loads(capsys.readouterr().out)
     assert set(both) == {"shard", "replicate", "auto", "speed"}

@@ -87,7 +87,8 @@ def test_plan_runs_and_shrinks_on_8_gpus(name):
         one = _plan(RECIPES / name, 1, ckpt)
         shard, rep = _plan(RECIPES / name, 8, ckpt)["per_gpu"], _plan(RECIPES / name, 8, ckpt, "replicate")["per_gpu"]
         assert 0 < shard["total"] < one["per_gpu"]["total"] and 0 < rep["total"] < one["per_gpu"]["total"]
-        assert shard["gathered"] > 0 == one["per_gpu"]["gathered"] == rep["gathered"]
+        # 8 GPUs gather each layer's step weights, a sharded teacher's layers besides
+        assert shard["gathered"] > rep["gathered"] > 0 == one["per_gpu"]["gathered"]
         assert rep["teacher"] == one["per_gpu"]["teacher"] > shard["teacher"]
 
 
