@@ -137,3 +137,43 @@ def test_batch_not_divisible_by_processes_is_refused(teacher_dirs, corpus_file, 
     lines = [l for l in p.stderr.splitlines() if l.startswith("red distill: error:")]
     assert len(lines) == 1 and "divisible by the 2 processes" in lines[0]
     assert not (tmp_path / "odd").exists()
+
+
+def test_masked_packed_mixed_data_trains_the_same_model_on_1_2_and_3_processes(tmp_path, corpus_file):
+    """The step's KL and LM divide by the scored targets of the whole global batch (issue
+    19, case 9: they used to divide by each rank's own count): chat data scored on the
+    assistant turns only (a different number of targets in every row), mixed with plain
+    text, packed with attention kept inside documents, on 1, 2 and 3 processes."""
+    import random
+
+    from tiny import build_tokenizer, make_teacher
+
+    t = make_teacher(tmp_path / "teacher", "qwen3")
+    tok = build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]: {% endif %}")
+    tok.save_pretrained(t)
+    rng = random.Random(0)
+    words = ["alpha", "beta", "sum", "of", "is", "x", "y", "1", "2"]
+    say = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    rows = [{"messages": [{"role": "user", "content": say(rng.randint(2, 9))},
+                          {"role": "assistant", "content": say(rng.randint(1, 12))}]} for _ in range(120)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["--data", f"{tmp_path / 'chat.jsonl'}:0.6", "--data", f"{corpus_file}:0.4", "--no-cross-doc-attention",
+            "--loss-on", "assistant", "--batch-size", 6]
+    from red.cli import main
+
+    runs = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"run{n}"
+        args = distill_args(t, corpus_file, out, *data)
+        args = args[:3] + args[5:]  # the mixture's --data instead of the plain corpus
+        if n == 1:
+            assert main([str(a) for a in args]) == 0
+        else:
+            p = torchrun(n, *args, timeout=240)
+            assert p.returncode == 0, p.stderr[-3000:]
+            ok_result(out, n)
+        runs[n] = out
+    for n in (2, 3):
+        assert_close_runs(runs[1], runs[n])
