@@ -4,7 +4,7 @@ For every layer there are seven projections P in R^{D x d} (q, k, v, gate, up re
 residual: W_t P; o, down write it: P^T W_t), one for the embedding (and one for an untied
 LM head), plus new RMSNorm gains in R^d. Nothing else is trained (docs/method.md §1).
 
-How a step runs (docs/method.md, "The training step"): the dense student weights
+How a step runs (docs/method.md §6): the dense student weights
 W_s = f(W_t, P, gains) are made once per optimizer step (``make_weights``), in the compute
 dtype. Every micro-batch is then an ordinary dense forward and backward of a width-d
 model on those weights (``F.linear``, SDPA, RMSNorm: the ops an ordinary training of the
