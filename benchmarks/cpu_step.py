@@ -11,14 +11,14 @@ backend, a random channel selection as the student:
   MLP 1536, V=49152 tied) -> d=288, micro-batches of 4 x 128 tokens.
 
 For each case and each grad-accum (micro-batches a step) the product is measured, not a
-copy of it: ``red.bench.bench_teacher`` times ``red.trainer.train_step`` of the
+copy of it: ``red.commands.bench.bench_teacher`` times ``red.train.trainer.train_step`` of the
 ``ProjectedStudent`` (make_weights, every micro-batch, weight_backward, norm, clipping,
 AdamW), ordinary training of the exported student as a plain ``transformers`` model on the
-same micro-batches (``red.bench.ordinary_step``), and the teacher's forward over them.
+same micro-batches (``red.commands.bench.ordinary_step``), and the teacher's forward over them.
 Printed and written: RED/ordinary tokens/s, the floor ordinary/(ordinary + teacher
 forward) that a distillation step cannot beat, RED as a fraction of that floor, and (at
 the first grad-accum) the kernels one micro-batch launches, RED against ordinary
-(``red.bench.op_counts``). Times are medians of ``--steps`` steps after one warm-up; with
+(``red.commands.bench.op_counts``). Times are medians of ``--steps`` steps after one warm-up; with
 ``--rounds`` > 1 the cases are measured again in turn and "best" is the fastest step seen.
 Other load on the machine slows single runs several-fold: the load average is recorded
 before and after each case, and the JSON (``--out``) keeps every step's time.
@@ -54,11 +54,11 @@ KEYS = ("red_step", "ordinary_step", "teacher_forward")
 
 
 def measure_case(name: str, grad_accums, steps: int, ops: bool, memory: bool, log) -> list[dict]:
-    """Every grad-accum of one case through red.bench.bench_teacher; one result per grad-accum."""
+    """Every grad-accum of one case through red.commands.bench.bench_teacher; one result per grad-accum."""
     import torch
     from transformers import LlamaConfig
 
-    from red import bench
+    from red.commands import bench
 
     case = CASES[name]
     teacher = bench.random_teacher(LlamaConfig(**case["config"]), "cpu", torch.float32, seed=0)
@@ -118,7 +118,7 @@ def table(results: list[dict], stat: str) -> str:
 def machine(threads: int) -> dict:
     import torch
 
-    from red import bench
+    from red.commands import bench
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,

@@ -90,7 +90,7 @@ print("RED_FILE " + red.__file__, flush=True)
 info = {}
 P = None
 if sys.argv[1] == "distill":  # prepare does not import the pipeline: leave its memory as it is
-    import red.pipeline as P
+    import red.commands.distill as P
 def wrap(name):
     f = getattr(P, name, None)
     if f is None:

@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import red_kernels as rk  # noqa: E402
-from red import bench  # noqa: E402
+from red.commands import bench  # noqa: E402
 
 # (b)/(c): op shapes as red.bench.kernel_shapes gives them; T = tokens of a micro-batch
 REAL = dict(D=3072, d=1536, I=8192, V=128256, eps=1e-5, Ts=(4096, 8192))

@@ -13,27 +13,25 @@ transformers; the submodule that defines a name is imported when the name is fir
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # public name -> submodule defining it
 _EXPORTS = {
-    "analyze": "analyze", "load_run_student": "analyze",
-    "Calibration": "calibration", "calibrate": "calibration", "channel_scores": "calibration",
+    "analyze": "commands.analyze", "load_run_student": "commands.analyze",
+    "Calibration": "train.calibration", "calibrate": "train.calibration", "channel_scores": "train.calibration",
     "PRESETS": "config", "DistillConfig": "config", "make_config": "config",
-    "PackedCorpus": "data", "load_corpus": "data", "read_documents": "data",
-    "prepare_store": "store", "TokenStore": "store",
+    "PackedCorpus": "data.corpus", "load_corpus": "data.corpus", "read_documents": "data.corpus",
+    "prepare_store": "data.store", "TokenStore": "data.store",
     "RedError": "errors",
-    "export_student": "export",
-    "initialize": "initialization", "select_channels": "initialization", "selection_matrix": "initialization",
-    "erank": "metrics", "hidden_states": "metrics", "layer_eranks": "metrics", "mean_token_cosine": "metrics",
-    "spectrum": "metrics",
-    "build_student": "pipeline", "distill": "pipeline", "export_run": "pipeline", "run_calibration": "pipeline",
-    "LossSettings": "student", "ProjectedStudent": "student",
-    "load_teacher": "teacher",
-    "evaluate": "trainer", "train": "trainer",
+    "export_student": "model.export",
+    "initialize": "train.initialization", "select_channels": "train.initialization", "selection_matrix": "train.initialization",
+    "erank": "model.metrics", "hidden_states": "model.metrics", "layer_eranks": "model.metrics", "mean_token_cosine": "model.metrics",
+    "spectrum": "model.metrics",
+    "build_student": "commands.distill", "distill": "commands.distill", "export_run": "commands.distill", "run_calibration": "commands.distill",
+    "LossSettings": "model.student", "ProjectedStudent": "model.student",
+    "load_teacher": "model.teacher",
+    "evaluate": "train.trainer", "train": "train.trainer",
 }
 
 __all__ = [
@@ -56,16 +54,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-class _RedPackage(types.ModuleType):
-    """`red.analyze` is the function ``analyze`` (as when this package imported it eagerly),
-    not the submodule of the same name: importing the submodule must not rebind it."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return  # the submodule stays reachable as sys.modules["red.<name>"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _RedPackage

@@ -19,8 +19,8 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import PRESETS, DistillConfig
-from .errors import RedError
+from red.config import PRESETS, DistillConfig
+from red.errors import RedError
 
 
 def _launched_by_torchrun() -> bool:
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weight dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
-    from .demo.run import DemoConfig
+    from red.commands.demo.run import DemoConfig
     p = sub.add_parser("demo", help="show reasoning collapse (lrc) and RED's fix on the bundled tiny teacher",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Distill the bundled teacher on k<=2 problems with each preset, score every "
@@ -219,14 +219,14 @@ def _and_plots(folder) -> str:
 
 
 def _cmd_distill(args) -> int:
-    from .config import make_config
+    from red.config import make_config
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if f.metadata.get("cli") is not False}
     cfg = make_config(args.config, **overrides)  # validates: config errors answer before torch is imported
-    from .inputs import check_distill_inputs
+    from red.commands.checks import check_distill_inputs
 
     check_distill_inputs(cfg)  # wrong paths, architecture or width: also before torch
-    from .pipeline import distill
+    from red.commands.distill import distill
 
     result = distill(cfg, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
@@ -238,9 +238,9 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from .config import OPEN_UNIT, SEED, at_least, check_values
-    from .run import check_out_path, check_separate
-    from .sources import expand_source, parse_data_spec
+    from red.config import OPEN_UNIT, SEED, at_least, check_values
+    from red.run.folder import check_out_path, check_separate
+    from red.data.sources import expand_source, parse_data_spec
 
     check_values({"--val-fraction": args.val_fraction, "--seed": args.seed, "--workers": args.workers},
                  (("--val-fraction", OPEN_UNIT), ("--seed", SEED), ("--workers", at_least(0))))
@@ -258,8 +258,8 @@ def _cmd_prepare(args) -> int:
         for f in expand_source(spec.path):
             for one in getattr(f, "files", (f,)):
                 check_separate(args.out, {"source": one})
-    from .store import prepare_store
-    from .teacher import load_tokenizer
+    from red.data.store import prepare_store
+    from red.model.teacher import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
     store = prepare_store(sources, args.out, tok, text_field=args.text_field, txt_split=args.txt_split,
@@ -273,15 +273,15 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from .config import DEVICE, at_least, check_values
+    from red.config import DEVICE, at_least, check_values
 
     check_values({"--calib-samples": args.calib_samples, "--seq-len": args.seq_len, "--device": args.device},
                  (("--calib-samples", at_least(1)), ("--seq-len", at_least(2)), ("--device", DEVICE)))
-    from .inputs import check_calibrate_inputs
+    from red.commands.checks import check_calibrate_inputs
 
     check_calibrate_inputs(args.teacher, args.data, args.out, args.overwrite)  # paths answer before torch
-    from .calibration import channel_scores
-    from .pipeline import run_calibration
+    from red.train.calibration import channel_scores
+    from red.commands.distill import run_calibration
 
     cal = run_calibration(args.teacher, args.data, args.out, args.calib_samples, args.seq_len, args.text_field,
                           args.txt_split, args.device, args.overwrite, progress=not args.quiet)
@@ -292,10 +292,10 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .inputs import check_export_inputs
+    from red.commands.checks import check_export_inputs
 
     check_export_inputs(args.run, args.out, args.checkpoint, args.overwrite)  # paths answer before torch
-    from .pipeline import export_run
+    from red.commands.distill import export_run
 
     out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
     print(f"exported to {out}")
@@ -303,12 +303,12 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from .inputs import check_analyze_paths
+    from red.commands.checks import check_analyze_paths
 
     check_analyze_paths(args.teacher, args.student, args.data, args.out)  # before torch is imported
-    from .analyze import analyze, check_analyze_inputs, check_analyze_models, format_report, load_run_student
-    from .data import load_corpus
-    from .teacher import load_teacher
+    from red.commands.analyze import analyze, check_analyze_inputs, check_analyze_models, format_report, load_run_student
+    from red.data.corpus import load_corpus
+    from red.model.teacher import load_teacher
 
     check_analyze_inputs(args.samples, args.seq_len, args.out)
     check_analyze_models(args.teacher, args.student)
@@ -328,8 +328,8 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo.run import DemoConfig, format_table, run_demo
-    from .evaluation import parse_ks
+    from red.commands.demo.run import DemoConfig, format_table, run_demo
+    from red.commands.eval import parse_ks
 
     given = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
     if given.get("init_std") == "null":
@@ -343,7 +343,7 @@ def _cmd_demo(args) -> int:
 def _cmd_eval(args) -> int:
     import json
 
-    from .evaluation import evaluate_model
+    from red.commands.eval import evaluate_model
 
     report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
                             args.max_gen_toks, args.apply_chat_template, args.limit, args.out,
@@ -360,7 +360,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .config import at_least, check_values, validate_plan_inputs
+    from red.config import at_least, check_values, validate_plan_inputs
 
     validate_plan_inputs(args.hidden_size, args.seq_len, args.micro_batch, args.gpus, args.logits_chunk)
     check_values({"--grad-accum": args.grad_accum}, (("--grad-accum", at_least(1, "pass 1 or more micro-batches")),))
@@ -368,10 +368,10 @@ def _cmd_plan(args) -> int:
                     ("--calib-samples", args.calib_samples)):
         if not v > 0 or v != v or v == float("inf"):
             raise RedError(f"{flag} {v} must be a positive number")
-    from .inputs import check_plan_inputs
+    from red.commands.checks import check_plan_inputs
 
     check_plan_inputs(args.teacher, args.hidden_size)  # before torch is imported
-    from .plan import plan_command
+    from red.train.plan import plan_command
 
     print(plan_command(args))
     return 0
@@ -380,16 +380,16 @@ def _cmd_plan(args) -> int:
 def _cmd_bench(args) -> int:
     import json
 
-    from .config import DEVICE, at_least, check_values
+    from red.config import DEVICE, at_least, check_values
 
     check_values({"--device": args.device, "--seq-len": args.seq_len, "--batch-size": args.batch_size,
                   "--grad-accum": args.grad_accum, "--steps": args.steps, "--layers": args.layers},
                  (("--device", DEVICE), ("--seq-len", at_least(2)), ("--batch-size", at_least(1)),
                   ("--grad-accum", at_least(1)), ("--steps", at_least(1)), ("--layers", at_least(1))))
-    from .inputs import check_bench_inputs
+    from red.commands.checks import check_bench_inputs
 
     check_bench_inputs(args.teacher, args.hidden_size, args.seq_len)  # before torch is imported
-    from .bench import format_report, run_bench
+    from red.commands.bench import format_report, run_bench
 
     def progress(row):
         what = f"{row['name']}[{row.get('impl') or row.get('variant') or ''}]"

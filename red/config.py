@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .errors import RedError
-from .metrics_sinks import REPORT_TO, valid_report_to
+from red.errors import RedError
+from red.run.sinks import REPORT_TO, valid_report_to
 
 INITS = ("red", "lrc", "orthogonal", "random-select")
 SCORES = ("minitron", "rms")

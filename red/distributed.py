@@ -12,12 +12,12 @@ norm. On CUDA parameters are all-gathered in bf16 and gradients reduced in fp32
 (``MixedPrecisionPolicy``); on CPU everything stays fp32, so a 2-process gloo run
 matches a single-process run to float32 rounding.
 
-Start-up (``red.pipeline.build_sharded_student``): the teacher and the student are built
+Start-up (``red.commands.distill.build_sharded_student``): the teacher and the student are built
 on the ``meta`` device and wrapped into these units before any weight exists
 (``wrap_student``); ``to_empty`` gives each rank storage for its shards only, and each rank
 reads its rows of every teacher tensor from the safetensors (``shard_rows``,
-``red.teacher.load_teacher_shards``), calibrates with one layer gathered at a time
-(``red.calibration.calibrate_sharded``) and writes its rows of each projection
+``red.model.teacher.load_teacher_shards``), calibrates with one layer gathered at a time
+(``red.train.calibration.calibrate_sharded``) and writes its rows of each projection
 (``write_shard``). No rank holds the whole teacher; ``StartupProbe`` measures what it holds.
 
 Batch semantics: ``batch_size`` is the *global* micro-batch. Every rank draws the same
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import RedError
+from red.errors import RedError
 
 
 @dataclass
@@ -157,7 +157,7 @@ def shard_student(student, ctx: DistContext, device: torch.device | None = None,
 
     ``device``: where the shards live; by default the student's device (give it when the
     student is still on the ``meta`` device: the sharded start-up shards first and
-    materializes after, see ``red.pipeline.build_sharded_student``)."""
+    materializes after, see ``red.commands.distill.build_sharded_student``)."""
     wrap_student(student, ctx, device, shard_teacher)
 
 
@@ -170,7 +170,7 @@ def wrap_student(student, ctx: DistContext, device: torch.device | None = None, 
 
     FSDP2 is the storage of the shards here, not the driver of the step: the student
     gathers what it needs itself, once per optimizer step for its weights and once per
-    micro-batch for a sharded teacher's layers (``red.student``), so none of FSDP2's
+    micro-batch for a sharded teacher's layers (``red.model.student``), so none of FSDP2's
     forward or backward hooks run."""
     from torch.distributed.fsdp import fully_shard
 
@@ -236,7 +236,7 @@ class StartupProbe:
     def watch(self, teacher) -> None:
         self.teacher = teacher
         if self.enabled:
-            from .plan import expected_teacher_shapes
+            from red.train.plan import expected_teacher_shapes
 
             shapes = expected_teacher_shapes(teacher.config)
             self.teacher_bytes = sum(math.prod(s) for s in shapes.values()) * teacher.dtype.itemsize

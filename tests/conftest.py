@@ -49,7 +49,7 @@ def corpus_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def loaded_teachers(teacher_dirs):
-    from red.teacher import load_teacher
+    from red.model.teacher import load_teacher
 
     return {arch: load_teacher(d) for arch, d in teacher_dirs.items()}
 

@@ -1,7 +1,7 @@
 """Fault injection for the SIGKILL tests, kept out of the product.
 
 ``python -m faults POINT:STEP <red arguments>`` runs the `red` command with a hook on
-``red.run.HOOKS`` that, when the run reaches POINT at STEP, drops a marker file
+``red.run.folder.HOOKS`` that, when the run reaches POINT at STEP, drops a marker file
 ``.hold-<point>-<step>`` in the run's checkpoints folder and sleeps, so that the test can
 kill the process there. POINT is "save" (inside a checkpoint write: its tensors are on
 disk in the temporary folder, not yet renamed into place) or "train" (after an optimizer
@@ -15,7 +15,7 @@ EVENTS = {"save": "checkpoint-written", "train": "step-done"}
 
 
 def hold_at(spec: str) -> None:
-    import red.run
+    import red.run.folder
 
     point, step = spec.split(":")
 
@@ -25,7 +25,7 @@ def hold_at(spec: str) -> None:
             (Path(folder) / f".hold-{point}-{step}").write_text("held")
             time.sleep(3600)
 
-    red.run.HOOKS.append(hook)
+    red.run.folder.HOOKS.append(hook)
 
 
 if __name__ == "__main__":

@@ -56,13 +56,13 @@ def _run_script(*args, timeout=600):
 @pytest.fixture(scope="module")
 def recorded(teacher_dirs, corpus_file, device):
     """Every Triton launch of bf16 calibration, training and validation."""
-    from red.calibration import calibrate
+    from red.train.calibration import calibrate
     from red.config import DistillConfig
-    from red.data import load_corpus
-    from red.pipeline import build_student
-    from red.student import LossSettings
-    from red.teacher import load_teacher
-    from red.trainer import evaluate, make_optimizer, train_step
+    from red.data.corpus import load_corpus
+    from red.commands.distill import build_student
+    from red.model.student import LossSettings
+    from red.model.teacher import load_teacher
+    from red.train.trainer import evaluate, make_optimizer, train_step
 
     teacher, tok = load_teacher(teacher_dirs["llama"], dtype=torch.bfloat16, device=device)
     corpus = load_corpus(corpus_file, tok, 16)

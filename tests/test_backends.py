@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import red_kernels as K
-from red.calibration import calibrate
-from red.data import load_corpus
-from red.pipeline import build_student
-from red.student import LossSettings
+from red.train.calibration import calibrate
+from red.data.corpus import load_corpus
+from red.commands.distill import build_student
+from red.model.student import LossSettings
 
 try:
     import triton  # noqa: F401

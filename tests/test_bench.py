@@ -1,15 +1,15 @@
-"""`red bench` and red.bench: kernels against their eager compositions, the training step
+"""`red bench` and red.commands.bench: kernels against their eager compositions, the training step
 against ordinary training and the teacher forward, and the op counts of a micro-batch."""
 import json
 
 import pytest
 import torch
 
-import red.trainer
+import red.train.trainer
 import red_kernels as K
-from red import bench
-from red.pipeline import build_student
-from red.teacher import load_teacher
+from red.commands import bench
+from red.commands.distill import build_student
+from red.model.teacher import load_teacher
 from tiny import make_teacher
 
 OPS = {"rmsnorm_with_stats", "clone_mse", "fused_linear_kl"}
@@ -87,19 +87,19 @@ def test_bench_bad_input(case, teacher_dirs, tmp_path, run_cli):
 
 
 def test_bench_step_drives_the_trainer(teacher_dirs, monkeypatch):
-    """The step benchmark is red.trainer.train_step on a ProjectedStudent over all the
+    """The step benchmark is red.train.trainer.train_step on a ProjectedStudent over all the
     micro-batches of a step: every timed step goes through it, and it trains P."""
     teacher, _ = load_teacher(teacher_dirs["llama"], with_tokenizer=False)
     student = build_student(teacher, 32, init="random-select", seed=0)
     before = {k: v.detach().clone() for k, v in student.projections().items()}
     calls = []
-    real = red.trainer.train_step
+    real = red.train.trainer.train_step
 
     def counting(st, opt, batches, loss, *a, **k):
         calls.append((st, len(batches), type(opt).__name__))
         return real(st, opt, batches, loss, *a, **k)
 
-    monkeypatch.setattr(red.trainer, "train_step", counting)
+    monkeypatch.setattr(red.train.trainer, "train_step", counting)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, teacher.config.vocab_size, (2, 12), generator=g) for _ in range(3)]
     row = bench.bench_step(student, batches, "torch", steps=2, warmup=1, lr=1e-2)
@@ -159,7 +159,7 @@ def test_teacher_forward_covers_every_micro_batch(loaded_teachers):
 def test_kernel_specs_time_the_same_computation_as_eager():
     """Each op's red_kernels call and its eager row compute the same thing, at the sizes
     ``kernel_shapes`` gives, so 'x eager' compares like with like."""
-    from red.teacher import Arch
+    from red.model.teacher import Arch
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=70, hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
@@ -339,7 +339,7 @@ def _goal_ratio(backend):
 def test_red_micro_batch_launches_at_most_1_5x_ordinary(backend):
     """Issue 20's goal: one RED micro-batch (teacher forward, student forward and backward,
     clone and KL terms) launches at most 1.5x the kernels of an ordinary micro-batch of the
-    same student (forward with labels + backward), counted by red.bench.op_counts on a tiny
+    same student (forward with labels + backward), counted by red.commands.bench.op_counts on a tiny
     2-layer Llama (counts are exact and do not depend on the machine)."""
     oc = _goal_ratio(backend)
     assert oc["backend"] == backend

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from red.calibration import Calibration, check_calibration_teacher
+from red.train.calibration import Calibration, check_calibration_teacher
 from red.cli import main
 from red.errors import RedError
-from red.teacher import teacher_fingerprint
+from red.model.teacher import teacher_fingerprint
 from cli_checks import error_table_failures, run_cli_err, snapshot
 from tiny import make_teacher
 
@@ -133,7 +133,7 @@ def test_calibration_carries_the_teacher(world):
 
 
 def test_calibration_teacher_check(world, tmp_path):
-    from red.teacher import Arch, read_teacher_config
+    from red.model.teacher import Arch, read_teacher_config
 
     arch = Arch.from_config(read_teacher_config(world["t"]))
     check_calibration_teacher(Calibration.load(world["cal-own"]), world["cal-own"], world["t"], arch)

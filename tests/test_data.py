@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from red.checkpoint import list_checkpoints
-from red.data import BlockSampler, load_corpus, read_documents, tokenize_documents
+from red.run.checkpoint import list_checkpoints
+from red.data.corpus import BlockSampler, load_corpus, read_documents, tokenize_documents
 from red.errors import RedError
 from tiny import build_tokenizer
 

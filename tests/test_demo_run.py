@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from red.cli import main
-from red.demo.run import DemoConfig, at_grid_edge, run_demo
-from red.demo.task import build_tokenizer, evaluate_reasoning
+from red.commands.demo.run import DemoConfig, at_grid_edge, run_demo
+from red.commands.demo.task import build_tokenizer, evaluate_reasoning
 from red.errors import RedError
 
 
@@ -102,7 +102,7 @@ def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, mon
     the run logged it) alone; reasoning is scored only for the chosen run, after the choice."""
     import yaml
 
-    import red.demo.run as demo_run
+    import red.commands.demo.run as demo_run
 
     scored = []
     real = demo_run.evaluate_reasoning
@@ -138,19 +138,19 @@ def test_lr_is_tuned_on_general_validation_loss_only(task_teacher, tmp_path, mon
 
 
 def test_pick_lr():
-    from red.demo.run import pick_lr
+    from red.commands.demo.run import pick_lr
 
     assert pick_lr({1e-3: 2.0, 2e-3: 1.5, 4e-3: 1.7}) == 2e-3
-    from red.demo.run import at_grid_edge
+    from red.commands.demo.run import at_grid_edge
 
     assert not at_grid_edge(8e-3, [4e-3, 8e-3, 1.6e-2])
     assert at_grid_edge(4e-3, [4e-3, 8e-3, 1.6e-2]) and at_grid_edge(1.6e-2, [1.6e-2, 4e-3, 8e-3])
     assert not at_grid_edge(4e-3, [4e-3])  # one learning rate: nothing was searched
-    from red.demo.run import next_lr
+    from red.commands.demo.run import next_lr
 
     assert next_lr(1.6e-2, [4e-3, 8e-3, 1.6e-2]) == 0.032 and next_lr(4e-3, [1.6e-2, 8e-3, 4e-3]) == 0.002
     assert next_lr(4e-3, [1e-3, 4e-3]) == 0.016 and next_lr(1e-4, [1e-4, 3e-3, 3e-2]) == float("3.33333e-06")
-    from red.demo.run import lr_grid
+    from red.commands.demo.run import lr_grid
 
     assert lr_grid(DemoConfig(lr_grid="8e-3,4e-3,8e-3")) == [4e-3, 8e-3]  # sorted, once each
     with pytest.raises(RedError, match="lr-grid-extend"):
@@ -165,7 +165,7 @@ def test_pick_lr():
 
 
 def test_ablation_run_names():
-    from red.demo.run import RunSpec, _runs
+    from red.commands.demo.run import RunSpec, _runs
 
     cfg = DemoConfig(presets="red", inits="orthogonal,random-select,lrc")
     assert _runs(cfg) == [RunSpec("red", "red", None, None, False),
@@ -188,7 +188,7 @@ def test_ablation_run_names():
 
 
 def test_bundled_teacher_names(tmp_path):
-    from red.demo.run import TEACHERS, resolve_teacher
+    from red.commands.demo.run import TEACHERS, resolve_teacher
 
     for name in ("llama", "qwen3"):
         if (TEACHERS[name] / "config.json").is_file():
@@ -220,8 +220,8 @@ def test_eval_refuses_models_without_the_task_alphabet(teacher_dirs, capsys):
 
 
 def test_general_corpus_mix(tmp_path):
-    from red.demo.run import write_general_corpus
-    from red.demo.task import is_heldout
+    from red.commands.demo.run import write_general_corpus
+    from red.commands.demo.task import is_heldout
 
     path = tmp_path / "g.txt"
     assert DemoConfig().long_share == 0  # the default corpus holds no long chain
@@ -240,8 +240,8 @@ def test_kl_reduction_sum_is_lrcs_scale(task_teacher, tmp_path):
     summed over each sequence's scored positions (seq_len - 1 of them here), i.e. LRC's
     batchmean over [batch, positions, V], while the LM term stays a per-token mean."""
     from red.config import make_config
-    from red.demo.run import write_general_corpus
-    from red.pipeline import distill
+    from red.commands.demo.run import write_general_corpus
+    from red.commands.distill import distill
 
     write_general_corpus(tmp_path / "g.txt", 200, [1, 2], [3], 0.0)
     first = {}
@@ -260,8 +260,8 @@ def test_readme_demo_tables_are_the_recorded_runs():
     today's DemoConfig defaults and took under the 5 minutes the demo aims at."""
     from dataclasses import asdict
 
-    from red.demo.run import format_table
-    from red.evaluation import parse_ks
+    from red.commands.demo.run import format_table
+    from red.commands.eval import parse_ks
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()

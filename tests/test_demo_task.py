@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from red.demo import task
-from red.demo.task import (CHARS, Problem, build_tokenizer, check_problem, encode_document,
+from red.commands.demo import task
+from red.commands.demo.task import (CHARS, Problem, build_tokenizer, check_problem, encode_document,
                            evaluate_reasoning, format_problem, generate_problems,
                            greedy_generate, is_heldout, pack_documents, parse_answer,
                            prompt_text, write_corpus)
@@ -93,7 +93,7 @@ def test_short_chains_hold_every_token_and_bigram_of_long_chains(tmp_path):
     held-out chains of every length, so a student that stops after two steps has not merely
     never seen the tokens of step 3. Longer n-grams are not all covered: a k <= 2 step reads
     at most one computed variable, so ``i+j`` (two computed operands) is k >= 3 only."""
-    from red.demo.run import write_general_corpus
+    from red.commands.demo.run import write_general_corpus
 
     path = tmp_path / "general.txt"
     write_general_corpus(path, 20000, [1, 2], [3], 0.0)  # the demo's default corpus
@@ -310,7 +310,7 @@ def test_bundled_teacher_files(arch):
     assert cfg["model_type"] == arch and cfg["vocab_size"] == 4 + len(CHARS)
     assert sum(f.stat().st_size for f in folder.iterdir()) < 10e6
     card = (folder / "README.md").read_text()
-    assert "python -m red.demo.train_teacher" in card and f"--out red/assets/{folder.name}" in card
+    assert "python -m red.commands.demo.train_teacher" in card and f"--out red/assets/{folder.name}" in card
     row = re.search(r"\| answer exact match, % \|([^\n]*)", card).group(1)
     acc = [float(x) for x in row.strip(" |").split("|")]
     assert len(acc) == 8 and min(acc[:6]) > 20  # k=1..6, general, reasoning: all well above chance (~13 %)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from red.checkpoint import list_checkpoints, load_tensors
+from red.run.checkpoint import list_checkpoints, load_tensors
 from red.config import make_config
-from red.pipeline import distill
+from red.commands.distill import distill
 
 from compare import ADAM_EPS, ATOL, assert_close_tensors, assert_same_metrics, metrics  # noqa: F401
 

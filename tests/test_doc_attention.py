@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from red.initialization import initialize
-from red.student import CLONE_TERMS, LossSettings, ProjectedStudent, doc_attention
+from red.train.initialization import initialize
+from red.model.student import CLONE_TERMS, LossSettings, ProjectedStudent, doc_attention
 
 ARCHS = ("llama", "qwen2", "qwen3")
 # two packed rows of T=24, three documents each, of different lengths; ids are arbitrary labels

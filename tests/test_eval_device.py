@@ -82,7 +82,7 @@ def test_cuda_without_cuda_is_refused(teacher_dirs, fake_lm_eval, tmp_path, caps
 def test_synthetic_benchmark_records_device_and_batch(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from red.demo.task import build_tokenizer
+    from red.commands.demo.task import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from red.checkpoint import list_checkpoints
+from red.run.checkpoint import list_checkpoints
 from red.cli import main
 from red.config import make_config
-from red.data import load_corpus
+from red.data.corpus import load_corpus
 from red.errors import RedError
-from red.pipeline import build_student
-from red.calibration import calibrate
-from red.trainer import train
+from red.commands.distill import build_student
+from red.train.calibration import calibrate
+from red.train.trainer import train
 
 from compare import same_threads_env
 
@@ -151,7 +151,7 @@ def test_unwritable_output_and_full_disk_are_reported_before_training(teacher_di
     _one_line_error(capfd, rc, "is not writable")
     assert blocker.read_text() == "x"
 
-    import red.pipeline as P
+    import red.commands.distill as P
 
     def no_write(folder):
         raise PermissionError(13, "Permission denied")
@@ -161,8 +161,8 @@ def test_unwritable_output_and_full_disk_are_reported_before_training(teacher_di
     _one_line_error(capfd, rc, "is not writable (Permission denied)")
     assert not (tmp_path / "ro").exists()
 
-    from red.plan import checkpoint_bytes
-    from red.teacher import Arch, read_teacher_config
+    from red.train.plan import checkpoint_bytes
+    from red.model.teacher import Arch, read_teacher_config
     arch = Arch.from_config(read_teacher_config(teacher_dirs["llama"]))
     need = P.disk_need(make_config(teacher=str(teacher_dirs["llama"]), data=str(corpus_file), hidden_size=32,
                                    out="x", steps=6, save_every=2), arch)

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoConfig
 
 from red.config import make_config, validate_against_teacher
-from red.data import BlockSampler, load_corpus, read_documents, tokenize_documents
+from red.data.corpus import BlockSampler, load_corpus, read_documents, tokenize_documents
 from red.errors import RedError
 from cli_checks import error_table_failures, snapshot
 from tiny import build_tokenizer

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from red.cli import main
 from red.errors import RedError
-from red.export import check_student_width
-from red.plan import expected_teacher_shapes
-from red.teacher import check_teacher_weights, read_teacher_config
+from red.model.export import check_student_width
+from red.train.plan import expected_teacher_shapes
+from red.model.teacher import check_teacher_weights, read_teacher_config
 from tiny import build_tokenizer, tiny_config
 
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -233,11 +233,11 @@ def test_invalid_width_refused_by_distill_and_plan(teacher_dirs, corpus_file, tm
 def test_invalid_width_refused_by_export(teacher_dirs, corpus_file, tmp_path, capfd, monkeypatch):
     """A run made at a width transformers refuses (as runs before this check could be):
     `red export` refuses it up front instead of a transformers traceback."""
-    import red.pipeline
+    import red.commands.distill
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(red.pipeline, "check_student_width", lambda *a, **k: None)
+        m.setattr(red.commands.distill, "check_student_width", lambda *a, **k: None)
         with pytest.raises(Exception):  # the run's own export at the end fails (transformers validation)
             main([str(a) for a in distill_args(teacher_dirs["llama"], corpus_file, run, "--hidden-size", "37",
                                                "--save-every", "1")])

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from red.data import load_corpus
-from red.pipeline import build_student
-from red.student import LossSettings
+from red.data.corpus import load_corpus
+from red.commands.distill import build_student
+from red.model.student import LossSettings
 
 
 @pytest.fixture(scope="module")

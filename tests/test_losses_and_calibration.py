@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from red.calibration import Calibration, calibrate, channel_scores, norm_points
-from red.data import load_corpus
+from red.train.calibration import Calibration, calibrate, channel_scores, norm_points
+from red.data.corpus import load_corpus
 from red.errors import RedError
-from red.initialization import initialize
-from red.student import LossSettings, ProjectedStudent
+from red.train.initialization import initialize
+from red.model.student import LossSettings, ProjectedStudent
 
 
 @pytest.fixture()
@@ -63,7 +63,7 @@ def _layer_activations(model, ids) -> list[dict]:
 def test_clone_terms_match_transformers_activations(setup):
     """Each clone term against the activations of transformers' own forward of the teacher
     and of the exported student (the same weights as a plain model)."""
-    from red.export import merged_state_dict, student_config
+    from red.model.export import merged_state_dict, student_config
 
     teacher, st, ids = setup
     raw = st.distill_losses(ids, LossSettings(clone_norm="none"))

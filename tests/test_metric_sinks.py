@@ -10,7 +10,7 @@ import yaml
 from cli_checks import one_line
 from red.cli import main
 from red.errors import RedError
-from red.metrics_sinks import open_sinks, parse_report_to
+from red.run.sinks import open_sinks, parse_report_to
 
 ARGS = ["--hidden-size", "32", "--steps", "4", "--seq-len", "24", "--batch-size", "2", "--save-every", "2",
         "--eval-every", "2", "--val-batches", "1", "--log-every", "1", "--quiet"]

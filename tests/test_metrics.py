@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from red.metrics import erank, mean_token_cosine, spectrum
+from red.model.metrics import erank, mean_token_cosine, spectrum
 
 
 def test_erank_known_values():

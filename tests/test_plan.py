@@ -9,7 +9,7 @@ activation checkpointing. Communication: the gathers and the all-reduce the real
 issues (recorded in one process) are the plan's.
 
 Speed: every part's FLOPs equal ``FlopCounterMode``'s count of the real step
-(``red.trainer.train_step``) and of ordinary training of the exported student, op by op
+(``red.train.trainer.train_step``) and of ordinary training of the exported student, op by op
 attributed to the part that issued it (forward by the function running, backward by the
 autograd node being run).
 """
@@ -24,16 +24,16 @@ import torch.utils.flop_counter as fc
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import red.student as student_module
+import red.model.student as student_module
 import red_kernels
 from red.cli import main
-from red.initialization import initialize
-from red.plan import (choose_sharding, COMM_CATEGORIES, MICRO_BATCH_PHASE, ORDINARY_PARTS, PERSISTENT, RED_PARTS,
+from red.train.initialization import initialize
+from red.train.plan import (choose_sharding, COMM_CATEGORIES, MICRO_BATCH_PHASE, ORDINARY_PARTS, PERSISTENT, RED_PARTS,
                       REPLICATE_MEMORY_FRACTION, activation_bytes, choose_teacher_sharding, plan_memory, plan_speed,
                       step_root_elements, step_weight_elements)
-from red.student import step_layer_shapes
-from red.student import LossSettings, ProjectedStudent
-from red.teacher import Arch, load_teacher
+from red.model.student import step_layer_shapes
+from red.model.student import LossSettings, ProjectedStudent
+from red.model.teacher import Arch, load_teacher
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -226,7 +226,7 @@ class _FakeContext:
 
 @pytest.mark.parametrize("arch,grad_accum,ac", [("llama", 1, False), ("qwen2", 3, False), ("qwen3", 2, True)])
 def test_plan_communication_is_what_the_step_gathers_and_reduces(arch, grad_accum, ac, teacher_dirs, monkeypatch):
-    """Run the real step with every whole-tensor read (``red.student._full``: a gather when
+    """Run the real step with every whole-tensor read (``red.model.student._full``: a gather when
     FSDP2 has sharded the tensor) and every all-reduce recorded: with N ranks a gather of
     a [rows, ...] tensor brings each rank (N−1) shards of ceil(rows / N) rows, an
     all-reduce 2(N−1)/N of the tensor."""
@@ -245,7 +245,7 @@ def test_plan_communication_is_what_the_step_gathers_and_reduces(arch, grad_accu
     for N in (2, 3):
         gathered.clear()
         ctx = _FakeContext(N)
-        from red.trainer import step_gradients
+        from red.train.trainer import step_gradients
 
         step_gradients(st, ids, LossSettings(), ctx)
         for p in st.trainable_parameters():
@@ -258,7 +258,7 @@ def test_plan_communication_is_what_the_step_gathers_and_reduces(arch, grad_accu
         assert plan["projection_gather"] == moved(False), N
         # one process runs the layers' weights whole (no FSDP2 units), so its one flat
         # all-reduce holds every step weight: the root's part is what N processes all-reduce,
-        # the layers' is what FSDP2 gathers and reduce-scatters (formulas of red.plan)
+        # the layers' is what FSDP2 gathers and reduce-scatters (formulas of red.train.plan)
         big = max(ctx.reduced)
         arch_ = Arch.from_config(teacher.config)
         assert big == 4 * sum(step_weight_elements(arch_, 32))
@@ -280,7 +280,7 @@ def test_plan_communication_is_what_the_step_gathers_and_reduces(arch, grad_accu
 def test_choose_sharding_moves_the_fewest_bytes_that_fit(teacher_dirs, monkeypatch):
     """auto: of the four (teacher, step weights) choices whose training and start-up peaks
     fit in REPLICATE_MEMORY_FRACTION of the GPU, the one that moves the fewest bytes per
-    step; none fits: both sharded; one GPU: nothing to shard. red.pipeline.sharding asks it
+    step; none fits: both sharded; one GPU: nothing to shard. red.commands.distill.sharding asks it
     with the GPU's memory (CPU: teacher sharded, step weights replicated)."""
     t = teacher_dirs["llama"]
     plans = {(tm, wm): plan_memory(t, 32, 64, 4, 2, teacher_sharding=tm, step_weights=wm, grad_accum=3)
@@ -296,7 +296,7 @@ def test_choose_sharding_moves_the_fewest_bytes_that_fit(teacher_dirs, monkeypat
     assert choose_sharding(t, 32, 64, 4, 1, 1) == ("replicate", "replicate")
     assert choose_teacher_sharding(t, 32, 64, 4, 2, 1) == "shard"
 
-    from red import pipeline
+    from red.commands import distill as pipeline
     from red.config import make_config
     from red.distributed import DistContext
 
@@ -473,7 +473,7 @@ class _Parts(TorchFunctionMode):
 
 
 def student_functional(parts: _Parts):
-    """``torch.nn.functional`` for red.student, with F.linear and SDPA named as parts when
+    """``torch.nn.functional`` for red.model.student, with F.linear and SDPA named as parts when
     the student's layer calls them (also in a recompute, which runs in backward)."""
     import types
 
@@ -520,7 +520,7 @@ def _labelled(parts, fn, name):
 
 def red_step_flops(st, batches, monkeypatch) -> tuple[dict, int]:
     """(FLOPs by part, FlopCounterMode's total) of one ``train_step`` of ``st``."""
-    from red.trainer import make_optimizer, train_step
+    from red.train.trainer import make_optimizer, train_step
 
     opt = make_optimizer(st.trainable_parameters(), 1e-4, torch.device("cpu"))
     parts = _Parts()
@@ -557,9 +557,9 @@ def test_speed_flops_are_flop_counter_modes_of_the_real_step(arch, grad_accum, a
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_speed_ordinary_flops_are_flop_counter_modes(arch, teacher_dirs):
-    """Ordinary training of the exported student (``red.bench.ordinary_model``): its
+    """Ordinary training of the exported student (``red.commands.bench.ordinary_model``): its
     lm_head module is the LM head, SDPA the attention, every other product the GEMMs."""
-    from red.bench import ordinary_model
+    from red.commands.bench import ordinary_model
 
     _, st = tiny_student(teacher_dirs[arch])
     model = ordinary_model(st, torch.float32)
@@ -582,7 +582,7 @@ def test_speed_model_arithmetic(teacher_dirs):
     """ms is the roofline of the part's op groups on each device (never below either
     bound of the part as a whole), totals add up, the ratios are what they say, and the
     teacher's share and the weight products shrink per token as the micro-batch grows."""
-    from red.plan import CAUSAL_FRACTION, DEVICES
+    from red.train.plan import CAUSAL_FRACTION, DEVICES
 
     s = plan_speed(teacher_dirs["llama"], 32, 64, 4, grad_accum=4)
     for side in ("red", "ordinary"):

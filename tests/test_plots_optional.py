@@ -43,7 +43,7 @@ def test_analyze_with_matplotlib_writes_pngs(teacher_dirs, corpus_file, tmp_path
 
 
 def test_plot_helper_without_and_with_matplotlib(monkeypatch, capsys):
-    from red.plots import pyplot
+    from red.commands.plots import pyplot
 
     with monkeypatch.context() as m:
         _no_matplotlib(m)
@@ -56,7 +56,7 @@ def test_plot_helper_without_and_with_matplotlib(monkeypatch, capsys):
 
 
 def test_demo_plots_skip_without_matplotlib(tmp_path, monkeypatch, capsys):
-    from red.demo.run import plot_demo
+    from red.commands.demo.run import plot_demo
 
     _no_matplotlib(monkeypatch)
     assert plot_demo({"summary": {}, "runs": []}, tmp_path, [1, 2]) == []

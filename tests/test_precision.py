@@ -23,12 +23,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import red_kernels as K
-from red.calibration import calibrate
+from red.train.calibration import calibrate
 from red.cli import main
-from red.data import load_corpus
-from red.pipeline import build_student
-from red.student import LossSettings
-from red.teacher import load_teacher
+from red.data.corpus import load_corpus
+from red.commands.distill import build_student
+from red.model.student import LossSettings
+from red.model.teacher import load_teacher
 
 ARCHS = ("llama", "qwen2", "qwen3")
 BACKENDS = ("torch", "triton")
@@ -153,7 +153,7 @@ def test_distill_cli_bf16(arch, backend, teacher_dirs, corpus_file, tmp_path, ca
 
 
 def test_precision_auto_resolves_by_device():
-    from red.trainer import resolve_precision
+    from red.train.trainer import resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16

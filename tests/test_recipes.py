@@ -10,7 +10,7 @@ import yaml
 
 from red.config import make_config
 from red.errors import RedError
-from red.plan import plan_memory
+from red.train.plan import plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -65,7 +65,7 @@ def test_unknown_key_fails(tmp_path):
 
 @pytest.mark.parametrize("cfg_dir", sorted(TEACHERS))
 def test_teacher_configs_are_the_public_ones(cfg_dir):
-    from red.inputs import read_teacher_json
+    from red.commands.checks import read_teacher_json
 
     raw = read_teacher_json(RECIPES / "configs" / cfg_dir)
     assert (raw["hidden_size"], raw["num_hidden_layers"], raw["vocab_size"]) == TEACHERS[cfg_dir]

@@ -1,4 +1,4 @@
-"""A run owns its folder (red.run): every case below lost data or misled on the main
+"""A run owns its folder (red.run.folder): every case below lost data or misled on the main
 before RunDir/RunIdentity, and is checked here through the `red` command itself."""
 import errno
 import json
@@ -15,11 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from red.checkpoint import list_checkpoints
+from red.run.checkpoint import list_checkpoints
 from cli_checks import one_line
 from compare import same_threads_env
 from red.cli import main
-from red.trainer import lr_schedule
+from red.train.trainer import lr_schedule
 
 ARGS = ["--hidden-size", "32", "--steps", "4", "--seq-len", "24", "--batch-size", "2", "--save-every", "2",
         "--eval-every", "0", "--val-batches", "1", "--log-every", "1", "--lr", "3e-3", "--warmup", "1", "--quiet"]
@@ -221,7 +221,7 @@ def test_a_second_process_is_refused_while_a_run_holds_the_folder(finished, teac
 
 # -- disk full mid-run ---------------------------------------------------------------------------
 def test_disk_full_at_a_checkpoint_keeps_the_last_one(teacher_dirs, corpus_file, tmp_path, monkeypatch, capfd):
-    import red.checkpoint as C
+    import red.run.checkpoint as C
 
     real = C.save_file
     calls = {"n": 0}
@@ -245,10 +245,10 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one(teacher_dirs, corpus_file,
 
 
 def test_preflight_needs_room_for_kept_checkpoints_and_export(teacher_dirs, corpus_file, tmp_path, monkeypatch, capfd):
-    import red.pipeline as P
+    import red.commands.distill as P
     from red.config import make_config
-    from red.plan import checkpoint_bytes
-    from red.teacher import Arch, read_teacher_config
+    from red.train.plan import checkpoint_bytes
+    from red.model.teacher import Arch, read_teacher_config
 
     arch = Arch.from_config(read_teacher_config(teacher_dirs["llama"]))
     cfg = make_config(teacher=str(teacher_dirs["llama"]), data=str(corpus_file), hidden_size=32, out="x", steps=4,

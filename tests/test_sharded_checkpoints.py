@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from red.checkpoint import INDEX, check_checkpoint, list_checkpoints, load_tensors, row_range, shard_file_name
+from red.run.checkpoint import INDEX, check_checkpoint, list_checkpoints, load_tensors, row_range, shard_file_name
 from red.cli import main
 from red.errors import RedError
 from compare import ADAM_EPS, ATOL, assert_close_tensors, assert_same_metrics
@@ -190,7 +190,7 @@ def test_sigkill_inside_a_sharded_write_keeps_the_previous_checkpoint(runs, tmp_
     assert sorted(f.name for f in half[0].iterdir()) == sorted([INDEX, shard_file_name(0, 2), shard_file_name(1, 2)])
     # the killed workers are not this test's children: their folder lock goes with their
     # last open file, which the kernel may close a moment after /proc shows them gone
-    from red.run import RunDir
+    from red.run.folder import RunDir
 
     deadline = time.time() + 30
     while RunDir(out).holder() is not None and time.time() < deadline:
@@ -292,7 +292,7 @@ def test_disk_full_on_one_rank_keeps_the_last_checkpoint(runs, tmp_path):
 if __name__ == "__main__":  # a rank under torchrun: `-m test_sharded_checkpoints disk-full:RANK:STEP <red args>`
     import errno
 
-    import red.checkpoint as C
+    import red.run.checkpoint as C
 
     _, rank, step = sys.argv[1].split(":")
     real_save = C.save_file

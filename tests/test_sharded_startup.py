@@ -1,4 +1,4 @@
-"""Sharded start-up of a multi-process run (red.pipeline.build_sharded_student): no rank
+"""Sharded start-up of a multi-process run (red.commands.distill.build_sharded_student): no rank
 ever holds the whole teacher, and the run is the run of one process.
 
 The teacher here is deep and narrow (16 layers, D = 64, a 1024-row embedding, tied head),
@@ -37,8 +37,8 @@ from test_distributed import ok_result, torchrun  # noqa: E402
 from tiny import build_tokenizer, tiny_config  # noqa: E402
 
 from red.config import make_config  # noqa: E402
-from red.pipeline import distill  # noqa: E402
-from red.plan import plan_memory  # noqa: E402
+from red.commands.distill import distill  # noqa: E402
+from red.train.plan import plan_memory  # noqa: E402
 
 LAYERS, VOCAB = 16, 1024
 BUDGET = 0.6  # of the whole teacher's bytes, per rank
@@ -97,7 +97,7 @@ def probes(folder: Path, world: int) -> list[dict]:
 
 
 def trained(out: Path) -> dict:
-    from red.checkpoint import load_tensors
+    from red.run.checkpoint import load_tensors
 
     return load_tensors(out / "checkpoints/step-0000004")
 
@@ -169,7 +169,7 @@ def test_loader_fills_a_teacher_like_from_pretrained(deep_teacher, teacher_dirs)
     """meta_teacher + to_empty + load_teacher_shards in one process (every tensor whole)
     gives exactly load_teacher's tensors: an index of several files, a tied head, bf16 on
     disk cast to fp32, Qwen2's biases, and the rotary buffers recomputed."""
-    from red.teacher import load_teacher, load_teacher_shards, meta_teacher
+    from red.model.teacher import load_teacher, load_teacher_shards, meta_teacher
 
     for folder, dtype in ((deep_teacher, torch.float32), (deep_teacher, torch.bfloat16),
                           (teacher_dirs["qwen2"], torch.float32)):
@@ -190,9 +190,9 @@ def test_loader_fills_a_teacher_like_from_pretrained(deep_teacher, teacher_dirs)
 INIT_SCRIPT = r'''
 import json, sys, torch
 from red.distributed import full_tensor, init_distributed, wrap_student
-from red.initialization import initialize
-from red.student import ProjectedStudent
-from red.teacher import load_teacher, load_teacher_shards, meta_teacher
+from red.train.initialization import initialize
+from red.model.student import ProjectedStudent
+from red.model.teacher import load_teacher, load_teacher_shards, meta_teacher
 
 folder, out = sys.argv[1], sys.argv[2]
 ctx = init_distributed("cpu")

@@ -110,7 +110,7 @@ def test_path_errors_of_every_command_answer_without_torch(tmp_path, args, expec
 def test_out_equal_to_the_teacher_and_a_locked_folder_answer_without_torch(tmp_path):
     import shutil
 
-    from red.run import FolderLock
+    from red.run.folder import FolderLock
 
     teacher = tmp_path / "teacher"
     shutil.copytree(DEMO_TEACHER, teacher)
@@ -136,7 +136,7 @@ def test_lazy_package_api():
             "from red import RedError, DistillConfig, make_config\n"
             "assert 'torch' not in sys.modules\n"
             "from red import analyze, distill, load_teacher\n"
-            "import red.analyze\n"
+            "import red.commands.analyze\n"
             "assert red.analyze is analyze and callable(analyze)\n"
             "assert red.distill is distill and red.load_teacher is load_teacher\n"
             "try:\n    red.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n")

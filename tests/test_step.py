@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import red_kernels as K
-from red.calibration import calibrate
-from red.data import load_corpus
-from red.pipeline import build_student
-from red.student import LossSettings, scored_targets
-from red.teacher import load_teacher
-from red.trainer import step_gradients
+from red.train.calibration import calibrate
+from red.data.corpus import load_corpus
+from red.commands.distill import build_student
+from red.model.student import LossSettings, scored_targets
+from red.model.teacher import load_teacher
+from red.train.trainer import step_gradients
 
 ARCHS = ("llama", "qwen2", "qwen3")
 

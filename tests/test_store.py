@@ -1,4 +1,4 @@
-"""Token stores (`red prepare`, red.store): format, split, parallel and streaming writes,
+"""Token stores (`red prepare`, red.data.store): format, split, parallel and streaming writes,
 append, sources (globs, saved datasets, chat rows), mixtures, and bad input."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from cli_checks import error_table_failures, snapshot
 from tiny import build_tokenizer, make_teacher, write_corpus
 
-from red.data import BlockSampler, corpus_from_stores, load_corpus, tokenize_documents
+from red.data.corpus import BlockSampler, corpus_from_stores, load_corpus, tokenize_documents
 from red.errors import RedError
-from red.store import MixtureSampler, TokenStore, choose_val_ranges, prepare_store, token_dtype, tokenizer_fingerprint
+from red.data.store import MixtureSampler, TokenStore, choose_val_ranges, prepare_store, token_dtype, tokenizer_fingerprint
 
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}[assistant]: {% endif %}")
@@ -94,7 +94,7 @@ def test_load_corpus_equals_a_prepared_store(tmp_path):
 def test_workers_write_the_same_bytes(tmp_path):
     tok = build_tokenizer()
     c = write_corpus(tmp_path / "c.txt", n_lines=3000)
-    import red.store as S
+    import red.data.store as S
 
     old = S.CHUNK_CHARS
     S.CHUNK_CHARS = 2000  # many jobs, so that order across processes matters
@@ -211,7 +211,7 @@ def test_mixture_sampler_follows_weights_and_resumes():
 
 
 def corpus_like(weights):
-    from red.data import PackedCorpus
+    from red.data.corpus import PackedCorpus
 
     return PackedCorpus(train=torch.zeros(10, 4, dtype=torch.long), val=torch.zeros(2, 4, dtype=torch.long),
                         weights=weights)
@@ -241,7 +241,7 @@ def _distill(t, data, out, *extra):
 
 
 def test_data_file_is_tokenized_once_into_the_run(tmp_path, teacher_dirs, corpus_file, monkeypatch):
-    import red.pipeline as P
+    import red.commands.distill as P
 
     t = teacher_dirs["llama"]
     assert _distill(t, [corpus_file], tmp_path / "r", "--save-every", "1") == 0
@@ -256,7 +256,7 @@ def test_data_file_is_tokenized_once_into_the_run(tmp_path, teacher_dirs, corpus
 
 
 def test_mixture_and_store_runs(tmp_path, teacher_dirs, corpus_file):
-    from red.teacher import load_tokenizer
+    from red.model.teacher import load_tokenizer
 
     t = teacher_dirs["llama"]
     tok = load_tokenizer(t)
@@ -270,7 +270,7 @@ def test_mixture_and_store_runs(tmp_path, teacher_dirs, corpus_file):
 
 
 def test_chat_data_trains_on_assistant_tokens(tmp_path, chat_teacher):
-    from red.trainer import read_batch
+    from red.train.trainer import read_batch
     from red.config import make_config
 
     rows = [{"prompt": f"what is {i}+{i}?", "completion": f"it is {2 * i}."} for i in range(60)]
@@ -352,10 +352,10 @@ def test_a_bad_row_deep_in_the_file_leaves_no_run_folder(tmp_path, teacher_dirs,
 def test_mixture_run_resumes_bitwise(tmp_path, teacher_dirs, corpus_file):
     from safetensors.torch import load_file
 
-    import red.run as R
+    import red.run.folder as R
 
     t = teacher_dirs["qwen2"]
-    from red.teacher import load_tokenizer
+    from red.model.teacher import load_tokenizer
 
     # the teacher's own tokenizer: a saved tokenizer can load as another class (here
     # Qwen2Tokenizer, which tokenizes differently), and a store refuses a tokenizer not its own

@@ -4,12 +4,12 @@ import copy
 import pytest
 import torch
 
-from red.calibration import calibrate, channel_scores
-from red.data import load_corpus
-from red.initialization import initialize, select_channels, selection_matrix
-from red.pipeline import build_student
-from red.student import ProjectedStudent, rms_norm
-from red.metrics import spectrum
+from red.train.calibration import calibrate, channel_scores
+from red.data.corpus import load_corpus
+from red.train.initialization import initialize, select_channels, selection_matrix
+from red.commands.distill import build_student
+from red.model.student import ProjectedStudent, rms_norm
+from red.model.metrics import spectrum
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -124,7 +124,7 @@ def test_initializations(loaded_teachers):
 
 
 def test_only_projections_and_gains_train(loaded_teachers, corpus_file):
-    from red.student import LossSettings
+    from red.model.student import LossSettings
 
     teacher, tok = loaded_teachers["qwen2"]
     st = ProjectedStudent(teacher, 32)

@@ -1,12 +1,12 @@
-"""red.trainer.train_step: one optimizer step, one host read-back, nothing stepped on NaN."""
+"""red.train.trainer.train_step: one optimizer step, one host read-back, nothing stepped on NaN."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from red.data import load_corpus
-from red.pipeline import build_student
-from red.student import LossSettings
-from red.trainer import StepError, make_optimizer, train_step
+from red.data.corpus import load_corpus
+from red.commands.distill import build_student
+from red.model.student import LossSettings
+from red.train.trainer import StepError, make_optimizer, train_step
 
 
 class ScalarReads(TorchDispatchMode):

@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from red.calibration import calibrate
-from red.checkpoint import list_checkpoints
+from red.train.calibration import calibrate
+from red.run.checkpoint import list_checkpoints
 from red.config import make_config
-from red.data import load_corpus
+from red.data.corpus import load_corpus
 from red.errors import RedError
-from red.export import export_student
-from red.pipeline import build_student, distill
-from red.trainer import train
+from red.model.export import export_student
+from red.commands.distill import build_student, distill
+from red.train.trainer import train
 
 
 def _cfg(teacher_dirs, corpus_file, out, arch="llama", **kw):

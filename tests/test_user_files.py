@@ -136,8 +136,8 @@ def test_run_folder_without_manifest_is_refused_not_adopted(finished, teacher_di
 
 # -- case 4: a store's part names are never followed out of the store -------------------------------
 def _store(tmp_path, corpus_file, teacher, name="st") -> Path:
-    from red.store import prepare_store
-    from red.teacher import load_tokenizer
+    from red.data.store import prepare_store
+    from red.model.teacher import load_tokenizer
 
     prepare_store([str(corpus_file)], tmp_path / name, load_tokenizer(teacher), workers=1, progress=False)
     return tmp_path / name
@@ -185,7 +185,7 @@ def test_concurrent_appends_are_refused_not_lost(teacher_dirs, corpus_file, tmp_
     marker = tmp_path / "holding"
     root = Path(__file__).resolve().parents[1]
     # a real `red prepare --append`, stopped while it encodes (it holds the store's lock)
-    code = ("import sys, time\nimport red.store as S\n"
+    code = ("import sys, time\nimport red.data.store as S\n"
             f"def slow(*a, **k):\n    open({str(marker)!r}, 'w').write('x')\n    time.sleep(600)\n"
             "S._encode_sources = slow\nfrom red.cli import main\n"
             f"sys.exit(main(['prepare', '--tokenizer', {str(t)!r}, '--data', {str(a)!r}, '--out', {str(store)!r}, "
@@ -217,7 +217,7 @@ def test_concurrent_appends_are_refused_not_lost(teacher_dirs, corpus_file, tmp_
 def _rehash(store: Path, m: dict) -> None:
     import hashlib
 
-    from red.store import _content_fingerprint
+    from red.data.store import _content_fingerprint
 
     for i, p in enumerate(m["parts"]):
         for kind, f in p["files"].items():
@@ -414,7 +414,7 @@ def test_a_teacher_edited_mid_file_is_another_teacher(teacher_dirs, corpus_file,
 def test_checkpoints_with_the_old_sampled_fingerprint_still_resume(finished, teacher_dirs, corpus_file, tmp_path):
     """Checkpoints written before whole-file fingerprints hold the sampled digest: the same
     teacher is still recognized by it (the only digest they can be checked with)."""
-    from red.teacher import legacy_teacher_fingerprint
+    from red.model.teacher import legacy_teacher_fingerprint
 
     run = copy_run(finished, tmp_path / "old")
     for info in run.glob("checkpoints/*/trainer.json"):
@@ -435,11 +435,11 @@ def _disk_full_error():
 
 def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_resumes(teacher_dirs, corpus_file, tmp_path,
                                                                    monkeypatch, capfd):
-    import red.checkpoint as C
-    import red.pipeline as P
-    from red.checkpoint import list_checkpoints
+    import red.run.checkpoint as C
+    import red.commands.distill as P
+    from red.run.checkpoint import list_checkpoints
     from red.config import make_config
-    from red.teacher import Arch, read_teacher_config
+    from red.model.teacher import Arch, read_teacher_config
 
     real = C.save_file
     calls = {"n": 0}
@@ -471,7 +471,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_resumes(teacher_dirs, 
 
 def test_full_disk_at_the_export_is_one_line_and_resume_finishes(teacher_dirs, corpus_file, tmp_path, monkeypatch,
                                                                  capfd):
-    import red.export as E
+    import red.model.export as E
 
     real = E.save_file
 
@@ -500,7 +500,7 @@ def test_full_disk_while_appending_to_a_store_leaves_it_as_it_was(teacher_dirs, 
                                                                    monkeypatch, capfd):
     import errno
 
-    import red.store as S
+    import red.data.store as S
     from tiny import write_corpus
 
     t = teacher_dirs["llama"]

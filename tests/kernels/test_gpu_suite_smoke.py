@@ -1,5 +1,5 @@
 """The GPU suite's --smoke mode runs every code path on CPU (the op checks against float64,
-the step section through red.bench on a tiny random Llama teacher at grad-accum 1 and 4,
+the step section through red.commands.bench on a tiny random Llama teacher at grad-accum 1 and 4,
 the op counts) and writes a well-formed CSV, row by row, plus the run's metadata."""
 import csv
 import json

@@ -34,8 +34,8 @@ from torch import nn
 
 import red_kernels as K
 
-from .errors import RedError
-from .teacher import Arch
+from red.errors import RedError
+from red.model.teacher import Arch
 
 PROJ_IN = ("q", "k", "v", "gate", "up")
 PROJ_OUT = ("o", "down")
@@ -280,7 +280,7 @@ def _set_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
     from torch.distributed.tensor import DTensor
 
     if isinstance(p, DTensor):
-        from .distributed import shard_rows
+        from red.distributed import shard_rows
 
         a, b = shard_rows(p)
         grad = DTensor.from_local(grad[a:b].contiguous(), p.device_mesh, p.placements, run_check=False,
@@ -504,7 +504,7 @@ class ProjectedStudent(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        from .distributed import local_tensor
+        from red.distributed import local_tensor
 
         return local_tensor(self.embed).device
 
@@ -601,7 +601,7 @@ class ProjectedStudent(nn.Module):
                 if units is None:
                     out.update({f"layers.{i}.{k}": v for k, v in lw.items()})
                 else:  # each rank keeps its rows of this layer; the whole layer is freed here
-                    from .distributed import write_shard
+                    from red.distributed import write_shard
 
                     for k, v in lw.items():
                         p = getattr(units.layers[i], k)

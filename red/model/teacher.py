@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import RedError
-from .inputs import SUPPORTED, read_teacher_json  # SUPPORTED re-exported: one list of architectures
+from red.errors import RedError
+from red.commands.checks import SUPPORTED, read_teacher_json  # SUPPORTED re-exported: one list of architectures
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def load_teacher_shards(model, path: str | Path, on_tensor=None) -> None:
     buffers, which ``to_empty`` left uninitialized, are recomputed from the config."""
     from safetensors import safe_open
 
-    from .distributed import local_tensor, shard_rows
+    from red.distributed import local_tensor, shard_rows
 
     files = teacher_tensor_files(path)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -293,7 +293,7 @@ def check_teacher_weights(folder: str | Path, config) -> None:
     also stores a head): every parameter ``config``'s architecture has is present with its
     shape, nothing unexpected is there, every tensor is of one float dtype, and the tie
     flag agrees with the file. RedError naming the tensors and the fix otherwise."""
-    from .plan import expected_teacher_shapes
+    from red.train.plan import expected_teacher_shapes
 
     folder = Path(folder)
     check_teacher_files(folder)
@@ -380,10 +380,10 @@ def teacher_fingerprint(path: str | Path) -> str:
     safetensors file (name and sha256). Stored in checkpoints and calibration files so that
     resuming, exporting or reusing a calibration with another teacher is refused, even one
     edited in the middle of a weight file. Each file is hashed once per process
-    (``red.run.file_sha256``)."""
+    (``red.run.folder.file_sha256``)."""
     import hashlib
 
-    from .run import file_sha256
+    from red.run.folder import file_sha256
 
     p = Path(path)
     h = hashlib.sha256(b"red-teacher-v2\0")
@@ -421,7 +421,7 @@ def is_legacy_fingerprint(fp) -> bool:
 def teacher_meta(path: str | Path) -> dict:
     """What checkpoints record of their teacher: the whole-file fingerprint, and the legacy
     one under ``teacher_fingerprint_v1`` so that a checkpoint written before whole-file
-    fingerprints is still recognized (``red.checkpoint.check_checkpoint``)."""
+    fingerprints is still recognized (``red.run.checkpoint.check_checkpoint``)."""
     return {"teacher_fingerprint": teacher_fingerprint(path), "teacher_fingerprint_v1": legacy_teacher_fingerprint(path)}
 
 

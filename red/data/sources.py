@@ -4,7 +4,7 @@ A spec is ``PATH`` or ``PATH:WEIGHT`` (a mixture weight, a positive number). PAT
 .txt/.jsonl/.parquet file, a glob pattern of such files (``shards/*.jsonl``), a folder
 written by Hugging Face ``datasets``' ``save_to_disk``, ``BUILDER:GLOB`` (local files read
 through ``datasets.load_dataset(BUILDER, data_files=...)``: json, parquet, text, csv), or
-a token store made by `red prepare` (``red.store``).
+a token store made by `red prepare` (``red.data.store``).
 
 Rows are read one at a time (memory does not grow with the file): a row is either a
 document's text (``str``) or a conversation (``list`` of ``{"role", "content"}`` dicts),
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
 
-from .errors import RedError
-from .inputs import CORPUS_SUFFIXES, check_corpus_path
+from red.errors import RedError
+from red.commands.checks import CORPUS_SUFFIXES, check_corpus_path
 
 Row = Union[str, list]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 GLOB_CHARS = "*?["
-STORE_MANIFEST = "store.json"  # red.store.MANIFEST (named here so that checks need no numpy)
+STORE_MANIFEST = "store.json"  # red.data.store.MANIFEST (named here so that checks need no numpy)
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 LOAD_DATASET_BUILDERS = ("json", "parquet", "text", "csv")
 HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")

@@ -1,6 +1,6 @@
 """Where a checkpoint's files are and whether they are all there: standard library only.
 
-`red.checkpoint` reads and writes checkpoints (and needs torch); the layout rules it
+`red.run.checkpoint` reads and writes checkpoints (and needs torch); the layout rules it
 shares with the run folder's checks live here, so that `red distill` can tell a folder
 holding a run from one that does not before torch is imported (``list_checkpoints``).
 """
@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import RedError
+from red.errors import RedError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 SINGLE_FILE = "state.safetensors"

@@ -21,7 +21,7 @@ holds the checkpoint metadata and decides what a ``--resume`` may change:
 - execution settings (device, kernels, activation checkpointing, recomputing weights,
   export dtype, the paths of inputs whose contents are unchanged) are free.
 
-How a schedule change continues the learning rate: see ``red.trainer.lr_schedule``.
+How a schedule change continues the learning rate: see ``red.train.trainer.lr_schedule``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import RedError
+from red.errors import RedError
 
 RUN_YAML = "run.yaml"
 METRICS = "metrics.jsonl"
@@ -551,7 +551,7 @@ class RunDir(OwnedFolder):
 
     # -- what is there ----------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
-        from .checkpoint_files import list_checkpoints
+        from red.run.checkpoint_files import list_checkpoints
 
         return list_checkpoints(self.checkpoints)
 
@@ -697,12 +697,12 @@ class RunIdentity:
     @classmethod
     def from_config(cls, cfg, arch, data_fingerprint: str = "") -> "RunIdentity":
         """``data_fingerprint``: of the tokens trained on (``PackedCorpus.fingerprint``)."""
-        from .teacher import legacy_teacher_fingerprint, teacher_fingerprint
+        from red.model.teacher import legacy_teacher_fingerprint, teacher_fingerprint
 
         fps = {"teacher": teacher_fingerprint(cfg.teacher), "teacher_v1": legacy_teacher_fingerprint(cfg.teacher),
                "data": data_fingerprint,
                "calibration": file_fingerprint(cfg.calibration) if cfg.calibration else ""}
-        from .config import files_val_fraction
+        from red.config import files_val_fraction
 
         # the split share the data was cut with (null means the default): what older checkpoints record
         settings = {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"val_fraction": files_val_fraction(cfg)}
@@ -721,9 +721,9 @@ class RunIdentity:
 def resume_changes(saved: dict, cfg, allow: set[str]) -> dict:
     """Compare the run's saved configuration with this invocation's; return the schedule
     changes to record ({key: [old, new]}), or raise RedError naming every refused key."""
-    from .config import DistillConfig
+    from red.config import DistillConfig
 
-    from .config import DEFAULT_VAL_FRACTION
+    from red.config import DEFAULT_VAL_FRACTION
 
     def value(k, v):  # a val_fraction of null means the default (run.yaml of older runs holds the number)
         return DEFAULT_VAL_FRACTION if k == "val_fraction" and v is None else v

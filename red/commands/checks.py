@@ -2,7 +2,7 @@
 
 They run before torch or transformers are imported (``red.cli`` calls
 :func:`check_distill_inputs` first), so a wrong path answers at once; the modules that
-read the inputs (``red.teacher``, ``red.data``) call the same functions, so each rule and
+read the inputs (``red.model.teacher``, ``red.data.corpus``) call the same functions, so each rule and
 its message live here once.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import RedError
+from red.errors import RedError
 
 SUPPORTED = {
     "llama": "LlamaForCausalLM",
@@ -87,7 +87,7 @@ def data_inputs(data) -> list[tuple[str, Path]]:
     """Every path the ``--data`` entries read, each checked to exist and be of a known kind
     (contents are read later), globs expanded: ("token store", folder), ("saved dataset",
     folder) or ("data file", file) pairs."""
-    from .sources import expand_source, is_hf_dataset, is_store, split_data
+    from red.data.sources import expand_source, is_hf_dataset, is_store, split_data
 
     out = []
     for spec in split_data(data):
@@ -118,9 +118,9 @@ def distill_inputs(cfg) -> list[tuple[str, Path]]:
 def check_run_folder(cfg) -> None:
     """The output folder can take this run: a usable path, apart from every input, no
     symbolic link where red writes, not locked by another process, and in a state these
-    flags allow (``red.run.RunDir.check_usable``). Reads only; needs no torch."""
-    from .metrics_sinks import parse_report_to, sink_folders
-    from .run import RUN_WRITES, RunDir, check_out_path, check_separate
+    flags allow (``red.run.folder.RunDir.check_usable``). Reads only; needs no torch."""
+    from red.run.sinks import parse_report_to, sink_folders
+    from red.run.folder import RUN_WRITES, RunDir, check_out_path, check_separate
 
     check_out_path(cfg.out)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -140,7 +140,7 @@ def check_distill_inputs(cfg) -> None:
     """What `red distill` can check from paths and config.json alone, before any heavy import:
     the teacher folder and its architecture, the width against the teacher's, the corpus
     paths, a given calibration file, and the output folder (``check_run_folder``)."""
-    from .config import validate_against_teacher
+    from red.config import validate_against_teacher
 
     raw = read_teacher_json(cfg.teacher)
     check_width(raw, cfg.hidden_size)
@@ -176,7 +176,7 @@ def check_calibrate_inputs(teacher: str | Path, data: str | Path, out: str | Pat
     """`red calibrate`'s paths, before any heavy import: the teacher and corpus exist, and
     the output is a new .safetensors file apart from them (or, with ``overwrite``, a
     calibration file red wrote)."""
-    from .run import check_output_file
+    from red.run.folder import check_output_file
 
     read_teacher_json(teacher)
     check_corpus_path(data)
@@ -191,7 +191,7 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
     """`red export`'s paths, before any heavy import: a run folder with its run.yaml, a
     checkpoint folder when one is named, and an export folder apart from the run folder and
     the run's teacher, empty unless ``overwrite``."""
-    from .run import RUN_YAML, check_out_path, check_separate
+    from red.run.folder import RUN_YAML, check_out_path, check_separate
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -206,7 +206,7 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
     check_separate(o, {"run folder": run})
     if o.exists() and not o.is_dir():
         raise RedError(f"export path {o} is a file; pass a folder to --out")
-    from .config import make_config
+    from red.config import make_config
 
     check_separate(o, {"run's teacher folder": make_config(run / RUN_YAML).teacher})
     if o.exists() and any(o.iterdir()) and not overwrite:
@@ -216,7 +216,7 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
 def check_analyze_paths(teacher: str | Path, student: str | Path, data: str | Path, out: str | Path | None) -> None:
     """`red analyze`'s paths, before any heavy import: the teacher, a student folder (a run
     folder or an exported model), the corpus, and an output folder path."""
-    from .run import check_out_path
+    from red.run.folder import check_out_path
 
     read_teacher_json(teacher)
     sp = Path(student)

@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import RedError
+from red.errors import RedError
 
 JSONL = "jsonl"
 TENSORBOARD = "tensorboard"
@@ -146,7 +146,7 @@ def sink_folders(names) -> list[str]:
 def open_sinks(names, run_dir: str | Path, config_dict: dict | None = None,
                start_step: int | None = None) -> list[Sink]:
     """Open the live sinks among ``names`` (a list or a ``--report-to`` string; "jsonl" is
-    the record, written by ``red.trainer.MetricsLog``, and opens nothing here). Every
+    the record, written by ``red.train.trainer.MetricsLog``, and opens nothing here). Every
     optional package is checked before any sink is opened, so a missing one stops the run
     before its first step. ``start_step`` (a resumed run) hides TensorBoard events past it."""
     if isinstance(names, str):

@@ -9,7 +9,7 @@ the student's size; ``choose_sharding(...)`` is ``--teacher-sharding auto`` and
 
 Memory model (per GPU; N = number of GPUs; FSDP2 stores every sharded tensor as
 ceil(rows / N) rows of its first dimension; one GPU: N = 1). The step it describes
-(``red.trainer.step_gradients``): the student's dense weights W_s are made once per
+(``red.train.trainer.step_gradients``): the student's dense weights W_s are made once per
 optimizer step, every micro-batch runs teacher and student layer by layer in lockstep and
 adds its weight gradients to fp32 sums, and one GEMM per matrix turns the sums into the
 gradients of the projections P at the end (``ProjectedStudent.weight_backward``).
@@ -73,7 +73,7 @@ is gathered once per step; the fp32 weight-gradient sums are all-reduced once pe
 Scalars (loss terms, the gradient norm, the clone normalizers) are not counted.
 
 Start-up (``startup``): what a GPU holds before training, while the student is made. On
-N > 1 GPUs with ``shard`` the start-up is sharded (``red.pipeline.build_sharded_student``):
+N > 1 GPUs with ``shard`` the start-up is sharded (``red.commands.distill.build_sharded_student``):
 no rank holds the whole teacher; with ``replicate`` every rank starts as one process does
 (the whole teacher and projections, then the projections are sharded). Categories:
 
@@ -111,9 +111,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import RedError
-from .student import step_layer_shapes, trainable_shapes
-from .teacher import Arch
+from red.errors import RedError
+from red.model.student import step_layer_shapes, trainable_shapes
+from red.model.teacher import Arch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: torch dtype -> the name plan_memory takes
@@ -128,7 +128,7 @@ COMM_CATEGORIES = ("teacher_gathers", "projection_gather", "step_weight_gathers"
                    "weight_grad_gather", "weight_grad_all_reduce")
 TEACHER_SHARDINGS = ("shard", "replicate")
 STEP_WEIGHTS = ("shard", "replicate")
-CALIBRATION_BATCH = 4  # sequences per calibration forward (red.calibration.calibrate's batch_size)
+CALIBRATION_BATCH = 4  # sequences per calibration forward (red.train.calibration.calibrate's batch_size)
 DEFAULT_GPU_MEMORY_GIB = 80.0
 DEFAULT_DISK_GB_PER_S = 1.0
 #: ``--teacher-sharding auto`` replicates when the replicated plan's peak stays under this
@@ -274,7 +274,7 @@ def step_weight_elements(arch: Arch, d: int) -> tuple[int, int]:
 
 
 def step_layer_elements(arch: Arch, d: int) -> int:
-    """Elements of one layer's step weights (``red.student.step_layer_shapes``): what a
+    """Elements of one layer's step weights (``red.model.student.step_layer_shapes``): what a
     multi-process run shards over its GPUs."""
     return sum(math.prod(s) for s in step_layer_shapes(arch, d).values())
 
@@ -291,7 +291,7 @@ def _attention_dims(arch: Arch) -> tuple[int, int]:
 
 def layer_saved_bytes(arch: Arch, d: int, cb: int, gpu: bool = True) -> int:
     """Bytes per token autograd keeps for one student layer of the lockstep forward
-    (``red.student.decoder_layer`` with clone targets); see the module docstring.
+    (``red.model.student.decoder_layer`` with clone targets); see the module docstring.
 
     ``gpu``: SDPA on a GPU with an fp32 compute dtype keeps k and v repeated to every
     query head (``causal_attention`` repeats them so a fused kernel runs)."""
@@ -420,7 +420,7 @@ def _teacher_arch(teacher) -> tuple[dict, object, Arch]:
         config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
     except Exception as e:
         raise RedError(f"teacher config could not be parsed ({type(e).__name__}: {e}); fix config.json") from None
-    from .teacher import check_supported_features
+    from red.model.teacher import check_supported_features
 
     check_supported_features(config)  # plan exactly the teachers distill accepts
     return raw, config, Arch.from_config(config)
@@ -429,7 +429,7 @@ def _teacher_arch(teacher) -> tuple[dict, object, Arch]:
 def _check_shapes(config, arch: Arch, d: int, micro_batch: int, N: int, dtypes: dict) -> None:
     if not 0 < d < arch.hidden_size:
         raise RedError(f"--hidden-size {d} must be between 1 and {arch.hidden_size - 1}")
-    from .export import check_student_width
+    from red.model.export import check_student_width
 
     check_student_width(config, d)
     if micro_batch % N:
@@ -456,7 +456,7 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     ``{"per_gpu": {category: bytes, ..., "total": bytes}, "startup": {...},
     "checkpoint": {...}, "communication": {...}, "inputs": {...}}``.
     """
-    from .config import validate_plan_inputs
+    from red.config import validate_plan_inputs
 
     validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)  # red plan's own rules
     if step_weights not in STEP_WEIGHTS:
@@ -587,7 +587,7 @@ def plan_command(args) -> str:
 
 def _read_config(teacher) -> dict:
     """config.json of a teacher folder (or the file itself, or a dict), with red's checks."""
-    from .inputs import read_teacher_json
+    from red.commands.checks import read_teacher_json
 
     if isinstance(teacher, dict):
         return dict(teacher)
@@ -738,7 +738,7 @@ class _Work:
 
 def _layer_ops(arch: Arch, h: int, B: int, T: int, cb: int, gemm: _Work, attn: _Work, ew: _Work, count: int,
                forward: bool = True, backward: bool = False) -> None:
-    """One decoder layer of residual width ``h`` (``red.student.decoder_layer``, or a
+    """One decoder layer of residual width ``h`` (``red.model.student.decoder_layer``, or a
     transformers layer: the same ops), ``count`` times: forward and/or backward."""
     n, I, H, hd = B * T, arch.intermediate_size, arch.num_heads, arch.head_dim
     q, kv = _attention_dims(arch)
@@ -900,7 +900,7 @@ def plan_speed(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro
     (same tokens), ``floor_ratio`` ordinary / (ordinary + the teacher's own forward,
     logits included): the best a distillation step can do.
     """
-    from .config import validate_plan_inputs
+    from red.config import validate_plan_inputs
 
     validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)
     if int(grad_accum) < 1:

@@ -13,7 +13,7 @@ A store is a folder::
 
 `red prepare` writes one part per invocation (``--append`` adds a part; nothing already
 written is modified: part files are written under temporary names, renamed when complete,
-and the manifest is replaced last). Documents follow ``red.data``'s convention
+and the manifest is replaced last). Documents follow ``red.data.corpus``'s convention
 (``[bos] + tokens + end``; chat rows are rendered with the chat template instead of the bos).
 
 The validation split is made per part when it is written, by whole documents: groups of
@@ -37,9 +37,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import RedError
-from .run import LOCK, FolderLock, file_sha256
-from .sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
+from red.errors import RedError
+from red.run.folder import LOCK, FolderLock, file_sha256
+from red.data.sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
 
 MANIFEST = STORE_MANIFEST
 FORMAT = "red-token-store"
@@ -339,7 +339,7 @@ def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fra
                     "parts": []}
         known = {}
         store = None
-    from .data import document_separator
+    from red.data.corpus import document_separator
 
     end = document_separator(tokenizer)
     # 0: a worker per core but one, which this process needs to read, order and write
@@ -798,7 +798,7 @@ class MixtureSampler:
     that component's next block in its own shuffled epoch order (a ``BlockSampler``)."""
 
     def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int):
-        from .data import BlockSampler
+        from red.data.corpus import BlockSampler
 
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
         w = np.asarray(weights, dtype=np.float64)

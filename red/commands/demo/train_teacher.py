@@ -1,11 +1,11 @@
 """Train the tiny teachers bundled in red/assets/demo-teacher (Llama) and
 red/assets/demo-teacher-qwen3 (Qwen3: q/k-norm).
 
-    python -m red.demo.train_teacher --out red/assets/demo-teacher --seed 0
-    python -m red.demo.train_teacher --arch qwen3 --out red/assets/demo-teacher-qwen3 --seed 0
+    python -m red.commands.demo.train_teacher --out red/assets/demo-teacher --seed 0
+    python -m red.commands.demo.train_teacher --arch qwen3 --out red/assets/demo-teacher-qwen3 --seed 0
 
 A small LlamaForCausalLM or Qwen3ForCausalLM trained from scratch on packed problems of every k (1..6) of
-red.demo.task, with the engine's packing convention (labels = input_ids). One seed drives
+red.commands.demo.task, with the engine's packing convention (labels = input_ids). One seed drives
 everything: weight init, training data, and the held-out evaluation problems. Writes
 config.json, model.safetensors, generation_config.json, the tokenizer files,
 train_log.jsonl and a model card README.md into --out.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from red.demo.task import (build_tokenizer, encode_document, evaluate_reasoning,
+from red.commands.demo.task import (build_tokenizer, encode_document, evaluate_reasoning,
                            format_problem, generate_problems, iter_problems)
 
 
@@ -167,7 +167,7 @@ def write_card(out: Path, args, cfg, n_params, acc, wall_s, steps_done, final_lo
     row3 = ("| most frequent answer (baseline), % | "
             + " | ".join(f"{100 * base[k]:.1f}" for k in ks) + " | | |")
     arch = getattr(args, "arch", "llama")
-    cmd = "python -m red.demo.train_teacher " + (f"--arch {arch} " if arch != "llama" else "")
+    cmd = "python -m red.commands.demo.train_teacher " + (f"--arch {arch} " if arch != "llama" else "")
     cmd += f"--out {args.out} --seed {args.seed} --steps {args.steps}"
     defaults = parse_args([])
     for name in ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay",
@@ -188,7 +188,7 @@ def write_card(out: Path, args, cfg, n_params, acc, wall_s, steps_done, final_lo
     text = f"""# {out.name}: tiny {"Qwen3" if cfg.model_type == "qwen3" else "Llama"} teacher for the RED CPU demo
 
 A {cfg.num_hidden_layers}-layer `{cls}` trained {"from scratch" if not init_from else "(from a warm start, see Training)"} on the synthetic
-multi-step reasoning task of `red/demo/task.py` (chains of mod-10 `+`/`-` with variable
+multi-step reasoning task of `red/commands/demo/task.py` (chains of mod-10 `+`/`-` with variable
 lookups, chain of thought written out, k = number of steps). It is the teacher that the
 demo distils into narrower students (RED channel-selection init vs LRC random init).
 Everything here was produced by the command below; nothing was edited by hand.{qk}
@@ -230,7 +230,7 @@ Everything here was produced by the command below; nothing was edited by hand.{q
 
 ## Held-out accuracy (measured)
 
-`red.demo.task.evaluate_reasoning(model, tokenizer, ks={ks}, n_per_k={acc['n_per_k']}, seed={args.seed})`:
+`red.commands.demo.task.evaluate_reasoning(model, tokenizer, ks={ks}, n_per_k={acc['n_per_k']}, seed={args.seed})`:
 greedy decoding from `[bos] + question + ":"`, the completion must be `…#<answer>` then eos.
 Answers are digits; the last row is what always giving the most frequent answer of those
 problems would score.
@@ -256,7 +256,7 @@ checked by a second full run. Other machines or torch versions may differ slight
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from red.demo.task import evaluate_reasoning
+from red.commands.demo.task import evaluate_reasoning
 model = AutoModelForCausalLM.from_pretrained("red/assets/{out.name}")
 tok = AutoTokenizer.from_pretrained("red/assets/{out.name}")
 print(evaluate_reasoning(model, tok, n_per_k=200, seed=0))

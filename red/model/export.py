@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import RedError
-from .student import ProjectedStudent
+from red.errors import RedError
+from red.model.student import ProjectedStudent
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -128,9 +128,9 @@ def check_student_width(teacher_config, hidden_size: int, flag: str = "--hidden-
 def check_run_width(run_dir: str | Path) -> None:
     """``check_student_width`` for an existing run folder (its run.yaml's teacher and width),
     before `red export` loads anything; a folder without run.yaml is left to the loader."""
-    from .config import make_config
-    from .run import RUN_YAML
-    from .teacher import read_teacher_config
+    from red.config import make_config
+    from red.run.folder import RUN_YAML
+    from red.model.teacher import read_teacher_config
 
     yaml_file = Path(run_dir, RUN_YAML)
     if not yaml_file.is_file():
@@ -159,11 +159,11 @@ EXPORT_MANIFEST = ".red-export.json"
 def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite,
                   owned: bool = False) -> Path:
     """Write the export into a staging folder inside ``out_dir``, then move each file into
-    place. ``out_dir`` is an ``red.run.OwnedFolder`` with the manifest ``.red-export.json``:
+    place. ``out_dir`` is an ``red.run.folder.OwnedFolder`` with the manifest ``.red-export.json``:
     a re-export replaces the previous export's files; a name the export writes that is
     already there and not red's (a user's config.json) is refused, nothing moved.
     ``owned``: the whole folder is red's (a run's ``student/``), so its names are replaced."""
-    from .run import OwnedFolder, is_write_error, remove_owned, write_error_text
+    from red.run.folder import OwnedFolder, is_write_error, remove_owned, write_error_text
 
     out_dir = Path(out_dir)
     if out_dir.is_symlink():

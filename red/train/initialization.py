@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from .errors import RedError
-from .student import ProjectedStudent
+from red.errors import RedError
+from red.model.student import ProjectedStudent
 
 
 def select_channels(scores: torch.Tensor, d: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | 
     The values are those of a single process, bit for bit.
     """
     if sharded:
-        from .distributed import full_tensor, write_shard
+        from red.distributed import full_tensor, write_shard
 
         set_value, read = write_shard, full_tensor
     else:
@@ -89,7 +89,7 @@ def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | 
         raise RedError(f"unknown init {method!r}; use red, lrc, orthogonal or random-select")
     for gain in student.gains().values():
         if sharded:
-            from .distributed import local_tensor
+            from red.distributed import local_tensor
 
             local_tensor(gain).fill_(1.0)
         else:

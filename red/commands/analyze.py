@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import RedError
-from .metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
+from red.errors import RedError
+from red.model.metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
 
 
 ANALYZE_FILES = ("analysis.json", "erank.png", "spectra.png")  # what `red analyze` writes in --out
@@ -15,14 +15,14 @@ ANALYZE_FILES = ("analysis.json", "erank.png", "spectra.png")  # what `red analy
 
 def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = None) -> None:
     """Every check of `red analyze`'s own inputs that needs no model, run before any work."""
-    from .config import at_least, check_values
+    from red.config import at_least, check_values
 
     check_values({"--samples": samples, "--seq-len": seq_len},
                  (("--samples", at_least(1)), ("--seq-len", at_least(2))))
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise RedError(f"--out {out} is a file; --out takes a folder for analysis.json and the plots")
     if out is not None:
-        from .run import OwnedFolder
+        from red.run.folder import OwnedFolder
 
         folder = OwnedFolder(out, what="analysis folder")
         clash = folder.conflicts(ANALYZE_FILES)
@@ -38,7 +38,7 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
     teacher run.yaml names) must equal that of ``teacher_dir``. An exported model folder
     must be a model of the teacher's architecture, depth and vocabulary, no wider.
     """
-    from .teacher import Arch, read_teacher_config
+    from red.model.teacher import Arch, read_teacher_config
 
     arch = Arch.from_config(read_teacher_config(teacher_dir))
     sp = Path(student)
@@ -76,9 +76,9 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
 
 
 def _check_run_teacher(run: Path, teacher_dir: str | Path) -> None:
-    from .checkpoint import list_checkpoints, read_meta
-    from .config import make_config
-    from .teacher import teacher_fingerprint, teacher_matches
+    from red.run.checkpoint import list_checkpoints, read_meta
+    from red.config import make_config
+    from red.model.teacher import teacher_fingerprint, teacher_matches
 
     cfg = make_config(run / "run.yaml")
     found = list_checkpoints(run / "checkpoints")
@@ -93,10 +93,10 @@ def _check_run_teacher(run: Path, teacher_dir: str | Path) -> None:
 def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
     """Rebuild the ProjectedStudent of a `red distill` output folder from a checkpoint
     (default: the last complete one). Returns (student, tokenizer, config)."""
-    from .checkpoint import check_checkpoint, list_checkpoints, load_trainable, read_meta
-    from .config import make_config
-    from .student import ProjectedStudent, trainable_shapes
-    from .teacher import Arch, load_teacher, read_teacher_config, teacher_meta
+    from red.run.checkpoint import check_checkpoint, list_checkpoints, load_trainable, read_meta
+    from red.config import make_config
+    from red.model.student import ProjectedStudent, trainable_shapes
+    from red.model.teacher import Arch, load_teacher, read_teacher_config, teacher_meta
 
     run = Path(run_dir)
     if not (run / "run.yaml").is_file():
@@ -144,7 +144,7 @@ def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | Non
     if hasattr(student, "projections"):
         report["projections"] = {n: spectrum(p) for n, p in student.projections().items()}
     if out_dir is not None:
-        from .run import OwnedFolder
+        from red.run.folder import OwnedFolder
 
         # the rule of every folder red writes into: its own names only, never a user's file of that name
         folder = OwnedFolder(out_dir, what="analysis folder")
@@ -158,7 +158,7 @@ def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | Non
 def plot_analysis(report: dict, out: Path) -> list[Path]:
     """erank.png (and spectra.png for a ProjectedStudent) in ``out``; none, after one line
     on stderr, when matplotlib (the ``plots`` extra) is not installed."""
-    from .plots import pyplot
+    from red.commands.plots import pyplot
 
     plt = pyplot("analyze", "analysis.json")
     if plt is None:

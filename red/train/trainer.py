@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DistillConfig
-from .data import BlockSampler, PackedCorpus
-from .distributed import DistContext, full_tensor
-from .errors import RedError
-from .metrics import erank
-from .metrics_sinks import open_sinks, parse_report_to, sink_folders
-from .run import CHECKPOINTS, METRICS, RunDir, RunIdentity, emit
-from .student import TERMS, LossSettings, ProjectedStudent, StepShare, scored_targets
+from red.run.checkpoint import load_checkpoint, save_checkpoint
+from red.config import DistillConfig
+from red.data.corpus import BlockSampler, PackedCorpus
+from red.distributed import DistContext, full_tensor
+from red.errors import RedError
+from red.model.metrics import erank
+from red.run.sinks import open_sinks, parse_report_to, sink_folders
+from red.run.folder import CHECKPOINTS, METRICS, RunDir, RunIdentity, emit
+from red.model.student import TERMS, LossSettings, ProjectedStudent, StepShare, scored_targets
 
 
 def loss_settings(cfg: DistillConfig) -> LossSettings:
@@ -142,7 +142,7 @@ def read_batch(blocks, idx, cfg: DistillConfig, device) -> dict:
     if not cfg.cross_doc_attention:
         if not hasattr(blocks, "doc_ids"):
             raise RedError("--no-cross-doc-attention needs to know where documents start: give the corpus as "
-                           "red.data.load_corpus or a token store returns it, not as a plain tensor")
+                           "red.data.corpus.load_corpus or a token store returns it, not as a plain tensor")
         out["doc_ids"] = blocks.doc_ids(idx).to(device)
     return out
 
@@ -226,7 +226,7 @@ class StepError(RedError):
 class MetricsLog:
     """Append-only JSONL log; one JSON object per line.
 
-    The JSONL file is the run's record; ``sinks`` (``red.metrics_sinks``: TensorBoard,
+    The JSONL file is the run's record; ``sinks`` (``red.run.sinks``: TensorBoard,
     W&B) get a copy of every row written, on the writing rank only. ``close()`` closes them."""
 
     def __init__(self, path: Path, enabled: bool = True, sinks: list | None = None):
@@ -304,7 +304,7 @@ def _comm_device(ctx: DistContext) -> torch.device:
 
 def _nonfinite_grads(named_params, ctx: DistContext) -> list[str]:
     """Names of the parameters whose gradient holds a NaN or inf (on any rank)."""
-    from .distributed import local_tensor
+    from red.distributed import local_tensor
 
     flags = torch.tensor([0.0 if p.grad is None else float(not torch.isfinite(local_tensor(p.grad)).all())
                           for _, p in named_params], device=_comm_device(ctx))
@@ -317,9 +317,9 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
           on_step=None) -> MetricsLog:
     """Train ``student`` in place for ``cfg.steps`` optimizer steps; returns the metrics log.
 
-    ``run`` (a ``red.run.RunDir`` or a folder) receives metrics and checkpoints; with
+    ``run`` (a ``red.run.folder.RunDir`` or a folder) receives metrics and checkpoints; with
     ``cfg.resume`` its last complete checkpoint is restored first (and metrics rows past it,
-    left by a killed run, are dropped). ``identity`` (``red.run.RunIdentity``) is what each
+    left by a killed run, are dropped). ``identity`` (``red.run.folder.RunIdentity``) is what each
     checkpoint records and a resume must match; without it only the student's shape is.
     ``on_step(step)`` is called after every optimizer step; when it returns True the run
     stops there, with a checkpoint, as if interrupted (the schedule still follows

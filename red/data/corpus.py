@@ -6,7 +6,7 @@ neither bos nor eos ends each document with the tokens of a blank line ``"\n\n"`
 or its pad token, see ``document_separator``); documents are
 concatenated and cut into blocks of ``seq_len`` tokens; the tail that does not fill a
 block is dropped. Whole documents (about ``val_fraction`` of the tokens) are held out for
-validation; see ``red.store``, which holds the tokens of every corpus trained on.
+validation; see ``red.data.store``, which holds the tokens of every corpus trained on.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import RedError
-from .inputs import check_corpus_path
-from .sources import iter_rows
+from red.errors import RedError
+from red.commands.checks import check_corpus_path
+from red.data.sources import iter_rows
 
 
 def read_documents(path: str | Path, text_field: str = "text", txt_split: str = "line") -> list[str]:
     """Read the documents of a .txt, .jsonl or .parquet file (empty ones dropped), all in
-    memory (training streams them instead: ``red.store``).
+    memory (training streams them instead: ``red.data.store``).
 
     Text is UTF-8 (a leading byte-order mark is dropped; Windows line ends count as
     ordinary ones). Every value of ``text_field`` must be a string: anything else (null,
@@ -33,7 +33,7 @@ def read_documents(path: str | Path, text_field: str = "text", txt_split: str = 
     for row in iter_rows(p, text_field, txt_split):
         if not isinstance(row, str):
             raise RedError(f"corpus {p} holds chat data (role/content messages or prompt/completion); "
-                           "read_documents returns plain text only: prepare chat data with red.store.prepare_store")
+                           "read_documents returns plain text only: prepare chat data with red.data.store.prepare_store")
         docs.append(row)
     if not docs:
         raise RedError(f"corpus {p} holds no text; give a corpus with at least a few documents")
@@ -83,7 +83,7 @@ def pack(ids: list[int], seq_len: int) -> torch.Tensor:
 @dataclass
 class PackedCorpus:
     """Training and validation blocks: [n, seq_len] LongTensors, or store views that read
-    only the blocks indexed (``red.store.BlockView``/``ConcatView``, which also give each
+    only the blocks indexed (``red.data.store.BlockView``/``ConcatView``, which also give each
     block's loss mask and document ids). ``weights``: mixture weights of the components
     (None: every training block equally likely)."""
 
@@ -100,7 +100,7 @@ class PackedCorpus:
     def sampler(self, batch_size: int, seed: int):
         if self.weights is None:
             return BlockSampler(len(self.train), batch_size, seed)
-        from .store import MixtureSampler
+        from red.data.store import MixtureSampler
 
         return MixtureSampler(self.sizes, self.weights, batch_size, seed)
 
@@ -109,7 +109,7 @@ def corpus_from_stores(stores: list, seq_len: int, weights: list | None = None, 
                        name: str = "corpus") -> PackedCorpus:
     """Pack one or more token stores into blocks of ``seq_len``; check each has training
     and validation blocks."""
-    from .store import ConcatView
+    from red.data.store import ConcatView
 
     trains, vals = [], []
     for st in stores:
@@ -139,8 +139,8 @@ def load_corpus(path: str | Path, tokenizer, seq_len: int, val_fraction: float =
     store folder is opened instead."""
     import tempfile
 
-    from .sources import is_store
-    from .store import TokenStore, prepare_store
+    from red.data.sources import is_store
+    from red.data.store import TokenStore, prepare_store
 
     if is_store(path):  # a token store from `red prepare`: its own split
         return corpus_from_stores([TokenStore(path, tokenizer)], seq_len, min_train_blocks=min_train_blocks)

@@ -12,14 +12,14 @@
   reference): time, peak memory, work (bytes or flops, counted as documented in
   :func:`kernel_specs`), achieved TB/s or TFLOP/s, fraction of the ceiling, speed-up and
   memory ratio against eager.
-- :func:`bench_step`: ``red.trainer.train_step`` (make_weights, every micro-batch's
+- :func:`bench_step`: ``red.train.trainer.train_step`` (make_weights, every micro-batch's
   forward and backward, weight_backward, gradient norm, clipping, AdamW from
-  ``red.trainer.make_optimizer``) of a ``ProjectedStudent`` built by
-  ``red.pipeline.build_student``, over ``grad_accum`` micro-batches, under one
+  ``red.train.trainer.make_optimizer``) of a ``ProjectedStudent`` built by
+  ``red.commands.distill.build_student``, over ``grad_accum`` micro-batches, under one
   ``red_kernels`` backend, optionally with every ``StudentLayer`` wrapped in
   ``torch.compile``.
 - :func:`ordinary_model` + :func:`bench_ordinary`: the yardstick, ordinary training of the
-  exported student as a plain ``transformers`` model (``red.export.student_config`` +
+  exported student as a plain ``transformers`` model (``red.model.export.student_config`` +
   ``merged_state_dict``) on the same micro-batches (:func:`ordinary_step`: forward with
   labels and backward per micro-batch, then clipping and AdamW, fused on CUDA), in the
   same dtype on the same device.
@@ -65,7 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import red_kernels
 
-from .errors import RedError
+from red.errors import RedError
 
 MB = 2 ** 20
 STEP_VARIANTS = ("torch", "triton", "compile")  # red_step rows; "compile" = torch.compile of the torch path
@@ -234,7 +234,7 @@ def measure_ceilings(device, dtype: torch.dtype) -> dict:
 
 # ------------------------------------------------------------------ kernels
 def kernel_shapes(arch, hidden_size: int, tokens: int) -> dict:
-    """The shapes the step hands to red_kernels for a teacher ``arch`` (red.teacher.Arch),
+    """The shapes the step hands to red_kernels for a teacher ``arch`` (red.model.teacher.Arch),
     student width ``hidden_size`` and ``tokens`` = the tokens of one micro-batch."""
     return dict(N=int(tokens), D=arch.hidden_size, d=int(hidden_size), I=arch.intermediate_size,
                 V=arch.vocab_size, eps=float(arch.rms_norm_eps))
@@ -427,14 +427,14 @@ def micro_batches(batches) -> list[torch.Tensor]:
 def bench_step(student, batches, backend: str = "torch", steps: int = 3, warmup: int = 1,
                compile: bool = False, loss=None, lr: float = 1e-5, max_norm: float = 1.0,
                memory: bool = True) -> dict:
-    """Time ``red.trainer.train_step`` of ``student`` over the micro-batches ``batches``
+    """Time ``red.train.trainer.train_step`` of ``student`` over the micro-batches ``batches``
     (one optimizer step: ``len(batches)`` is the gradient accumulation) with the
     red_kernels ``backend`` forced (``compile``: each StudentLayer under torch.compile, two
-    warm-up steps). A fresh optimizer from ``red.trainer.make_optimizer`` is used and
+    warm-up steps). A fresh optimizer from ``red.train.trainer.make_optimizer`` is used and
     dropped; ``student`` is trained by these steps (``warmup + steps`` of them, plus one
     on the CPU for memory)."""
-    from . import trainer
-    from .student import LossSettings
+    from red.train import trainer
+    from red.model.student import LossSettings
 
     batches = micro_batches(batches)
     device = batches[0].device
@@ -467,7 +467,7 @@ def ordinary_model(student, dtype: torch.dtype | None = None):
     student's device in ``dtype`` (default the compute dtype)."""
     from transformers import AutoModelForCausalLM
 
-    from .export import merged_state_dict, student_config
+    from red.model.export import merged_state_dict, student_config
 
     dtype = dtype or student.compute_dtype
     device = student.embed.device
@@ -668,14 +668,14 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _red_step_probe(student, counter: OpCounter):
-    """Tell ``counter`` where one ``red.trainer.train_step`` of ``student`` is while it runs.
+    """Tell ``counter`` where one ``red.train.trainer.train_step`` of ``student`` is while it runs.
 
-    Observation only: the product's own functions run unchanged. ``red.student.decoder_layer``
+    Observation only: the product's own functions run unchanged. ``red.model.student.decoder_layer``
     (teacher and student layers alike) and the student's ``make_weights``,
     ``distill_terms``, ``weight_backward`` and the step weights' ``accumulate`` are wrapped to
     set the part before they run; gradient hooks on each student layer's input and output
     mark the layers of the backward."""
-    from . import student as student_module
+    from red.model import student as student_module
 
     real_layer = student_module.decoder_layer
     real = {n: getattr(student, n) for n in ("make_weights", "distill_terms", "weight_backward")}
@@ -835,7 +835,7 @@ def op_counts(student, batches, loss=None, backend: str | None = None, lr: float
     """The kernels one optimizer step launches (:class:`OpCounter`), RED beside ordinary
     training of the same student, on the micro-batches ``batches``.
 
-    RED: one ``red.trainer.train_step`` of ``student`` (after an uncounted one, so that
+    RED: one ``red.train.trainer.train_step`` of ``student`` (after an uncounted one, so that
     AdamW's state exists and the counted step is a steady one) under the red_kernels
     ``backend`` (None: the automatic choice). Ordinary: one :func:`ordinary_step` of
     :func:`ordinary_model` (after an uncounted one). ``student`` is trained by these steps.
@@ -846,8 +846,8 @@ def op_counts(student, batches, loss=None, backend: str | None = None, lr: float
     ``ops`` / ``sources``: the Counters behind every part), ``ratio_micro_batch`` (RED
     micro-batch / ordinary micro-batch), ``ratio_per_layer``, ``layers``, ``backend`` and
     the counting ``rule``."""
-    from . import trainer
-    from .student import LossSettings
+    from red.train import trainer
+    from red.model.student import LossSettings
 
     batches = micro_batches(batches)
     device = batches[0].device
@@ -934,11 +934,11 @@ def bench_teacher(teacher, hidden_size: int, seq_len: int, batch_size: int = 1, 
     """Benchmark red on one teacher; returns a JSON-ready dict (see the module docstring).
 
     ``teacher``: a loaded transformers model (used on its own device and dtype, modified in
-    place when ``layers`` is given) or a folder (loaded with ``red.teacher.load_teacher`` on
+    place when ``layers`` is given) or a folder (loaded with ``red.model.teacher.load_teacher`` on
     ``device`` in the dtype of ``precision``). The student (width ``hidden_size``, init
     ``init``: "random-select" is a channel selection like the red preset's, without
-    calibration) is built by ``red.pipeline.build_student``; every step variant trains it
-    with ``red.trainer.train_step``. A step is ``grad_accum`` micro-batches of random token
+    calibration) is built by ``red.commands.distill.build_student``; every step variant trains it
+    with ``red.train.trainer.train_step``. A step is ``grad_accum`` micro-batches of random token
     ids ([batch_size, seq_len] each, seeded); every variant and the teacher forward run on
     the same ones.
 
@@ -949,9 +949,9 @@ def bench_teacher(teacher, hidden_size: int, seq_len: int, batch_size: int = 1, 
     ``time.perf_counter()`` value): later measurements are "skipped" rows; the compile
     variant also needs ``compile_reserve_s`` seconds left.
     """
-    from .pipeline import build_student, resolve_device
-    from .teacher import Arch, load_teacher
-    from .trainer import resolve_precision
+    from red.commands.distill import build_student, resolve_device
+    from red.model.teacher import Arch, load_teacher
+    from red.train.trainer import resolve_precision
 
     if isinstance(teacher, (str, Path)):
         dev = resolve_device(device)
@@ -1108,13 +1108,13 @@ def run_bench(teacher_dir, hidden_size: int, seq_len: int, batch_size: int = 1, 
     teacher is cut to its first ``CPU_DEFAULT_LAYERS`` layers unless ``layers`` is given;
     the result's ``notes`` say so, and that the numbers are CPU numbers.
     """
-    from .pipeline import resolve_device
-    from .teacher import Arch, check_teacher_files, load_teacher, read_teacher_config
-    from .trainer import resolve_precision
+    from red.commands.distill import resolve_device
+    from red.model.teacher import Arch, check_teacher_files, load_teacher, read_teacher_config
+    from red.train.trainer import resolve_precision
 
     if precision not in ("auto", "bf16", "fp32"):
         raise RedError(f"--precision {precision!r} is not one of auto, bf16, fp32")
-    from .inputs import check_bench_inputs
+    from red.commands.checks import check_bench_inputs
 
     check_bench_inputs(teacher_dir, hidden_size, seq_len)  # a missing teacher, a width or length it cannot take
     tcfg = read_teacher_config(teacher_dir)

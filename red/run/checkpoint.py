@@ -51,12 +51,12 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint_files import (INDEX, INDEX_FORMAT, SINGLE_FILE, _files_problem, _parse_index, _read_index,  # noqa: F401
+from red.run.checkpoint_files import (INDEX, INDEX_FORMAT, SINGLE_FILE, _files_problem, _parse_index, _read_index,  # noqa: F401
                                list_checkpoints, shard_file_name)
-from .distributed import DistContext, full_tensor, local_tensor
-from .errors import RedError
-from .run import file_sha256, is_write_error, write_error_text
-from .teacher import check_safetensors_file
+from red.distributed import DistContext, full_tensor, local_tensor
+from red.errors import RedError
+from red.run.folder import file_sha256, is_write_error, write_error_text
+from red.model.teacher import check_safetensors_file
 
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -238,7 +238,7 @@ def save_checkpoint(root: str | Path, step: int, student, optimizer, scheduler, 
 
 def _write_checkpoint(tmp: Path, final: Path, tensors: dict, info: dict, step: int, root: Path) -> None:
     """Tensors and trainer.json into ``tmp``, then one rename to ``final`` (never half there)."""
-    from .run import emit
+    from red.run.folder import emit
 
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -280,7 +280,7 @@ def _gather_status(ctx: DistContext, ok: bool, err: int, size: int, digest: str)
 
 def _save_sharded(root: Path, final: Path, step: int, student, optimizer, scheduler, sampler, meta: dict,
                   keep: int, ctx: DistContext) -> None:
-    from .run import emit
+    from red.run.folder import emit
 
     # 1. rank 0 makes the temporary folder and names it (and a save id) to every rank
     word = ""

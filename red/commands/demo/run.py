@@ -7,7 +7,7 @@ with the `lrc` preset and the `red` preset (same steps, data and seeds); then ev
 is scored on held-out problems for every k. k <= 2 accuracy and held-out next-token loss
 are the "general" score, k >= 3 accuracy the "reasoning" score. The k <= 2 data hold
 every token and token bigram of a long chain (the task draws the step names per problem,
-see red.demo.task), so a student that fails at k >= 3 has lost a skill, not missed a word.
+see red.commands.demo.task), so a student that fails at k >= 3 has lost a skill, not missed a word.
 
 A fair baseline: every run with the Gaussian (LRC) init gets its learning rate from a
 small grid (``--lr-grid``), chosen on the first seed by the student's next-token loss on
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import RedError
+from red.errors import RedError
 
 
 class _Lazy:
@@ -54,7 +54,7 @@ def _no_grad(fn):
             return fn(*args, **kwargs)
     return wrapper
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"  # red/assets
 TEACHERS = {"llama": ASSETS / "demo-teacher", "qwen3": ASSETS / "demo-teacher-qwen3"}
 TEACHER_DIR = TEACHERS["llama"]
 TUNE_CHOICES = ("gaussian", "all", "none")
@@ -111,7 +111,7 @@ def _split(text: str) -> list[str]:
 
 
 def _runs(cfg: DemoConfig) -> list[RunSpec]:
-    from ..config import DistillConfig, KL_REDUCTIONS, PRESETS
+    from red.config import DistillConfig, KL_REDUCTIONS, PRESETS
 
     if cfg.tune_lr not in TUNE_CHOICES:
         raise RedError(f"unknown --tune-lr {cfg.tune_lr!r}; use {', '.join(TUNE_CHOICES)}")
@@ -195,7 +195,7 @@ def write_general_corpus(path: Path, n: int, ks, long_ks, long_share: float, see
     with k in ``long_ks``, shuffled; training split only (held-out questions never occur)."""
     import random
 
-    from .task import format_problem, iter_problems
+    from red.commands.demo.task import format_problem, iter_problems
 
     if not 0 <= long_share < 1:
         raise RedError(f"--long-share must be in [0, 1) (got {long_share})")
@@ -208,8 +208,8 @@ def write_general_corpus(path: Path, n: int, ks, long_ks, long_share: float, see
 
 
 def _heldout_text_ids(tok, ks, seq_len, n_blocks, seed=123):
-    from ..data import pack, tokenize_documents
-    from .task import format_problem, generate_problems
+    from red.data.corpus import pack, tokenize_documents
+    from red.commands.demo.task import format_problem, generate_problems
 
     probs = generate_problems(n_blocks * seq_len // 40 + 50, ks, "heldout", seed)
     ids = pack(tokenize_documents([format_problem(p) for p in probs], tok), seq_len)
@@ -236,16 +236,16 @@ def resolve_teacher(name: str) -> Path:
 
 
 def evaluate_reasoning(*args, **kwargs):
-    """red.demo.task.evaluate_reasoning (a module-level name, so that tests can watch
+    """red.commands.demo.task.evaluate_reasoning (a module-level name, so that tests can watch
     which models are scored on reasoning)."""
-    from .task import evaluate_reasoning as ev
+    from red.commands.demo.task import evaluate_reasoning as ev
 
     return ev(*args, **kwargs)
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Run the demo; writes report.json and PNG plots to ``cfg.out`` and returns the report."""
-    from ..evaluation import parse_ks
+    from red.commands.eval import parse_ks
 
     t_start = time.perf_counter()
     # every option is checked before the slow imports and before anything is written
@@ -261,7 +261,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     eval_ks, gen_ks, long_ks = parse_ks(cfg.eval_ks), parse_ks(cfg.general_ks), parse_ks(cfg.long_ks)
     if not 0 <= cfg.long_share < 1:
         raise RedError(f"--long-share must be in [0, 1) (got {cfg.long_share})")
-    from ..config import POSITIVE, at_least, check_values
+    from red.config import POSITIVE, at_least, check_values
 
     check_values({"--hidden-size": cfg.hidden_size, "--steps": cfg.steps, "--batch-size": cfg.batch_size,
                   "--seq-len": cfg.seq_len, "--lr": cfg.lr, "--n-per-k": cfg.n_per_k,
@@ -271,7 +271,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                   ("--n-per-k", at_least(1, "every model is scored on --n-per-k held-out problems per k")),
                   ("--general-problems", at_least(1)), ("--threads", at_least(0))))
 
-    from ..pipeline import prepare_output
+    from red.commands.distill import prepare_output
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -290,12 +290,12 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
     """``run_demo`` once its folder is ready and locked."""
     from transformers import AutoModelForCausalLM
 
-    from ..config import DEFAULT_VAL_FRACTION, make_config
-    from ..metrics import layer_eranks
-    from ..pipeline import build_student, distill
-    from ..run import OwnedFolder
-    from ..store import prepare_store
-    from ..teacher import load_teacher
+    from red.config import DEFAULT_VAL_FRACTION, make_config
+    from red.model.metrics import layer_eranks
+    from red.commands.distill import build_student, distill
+    from red.run.folder import OwnedFolder
+    from red.data.store import prepare_store
+    from red.model.teacher import load_teacher
 
     runs_dir = OwnedFolder(out / "runs", what="demo runs folder")  # lists each run folder the demo made
 
@@ -494,7 +494,7 @@ def format_table(report: dict, ks) -> str:
 def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     """The demo's PNG plots in ``out``; none, after one line on stderr, when matplotlib
     (the ``plots`` extra) is not installed."""
-    from ..plots import pyplot
+    from red.commands.plots import pyplot
 
     plt = pyplot("demo", "report.json")
     if plt is None:

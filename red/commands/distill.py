@@ -14,26 +14,26 @@ import torch
 
 import red_kernels
 
-from .calibration import Calibration, calibrate, channel_scores, check_calibration_teacher
-from .checkpoint import check_checkpoint
-from .config import DistillConfig, config_yaml, files_val_fraction, validate_against_teacher
-from .data import PackedCorpus, corpus_from_stores, load_corpus
-from .distributed import DistContext, StartupProbe, full_tensor, init_distributed, rank_device, shard_student
-from .errors import RedError
-from .export import check_run_width, check_student_width, export_student
-from .initialization import initialize, select_channels
-from .inputs import check_calibrate_inputs, check_distill_inputs, check_export_inputs, distill_inputs
-from .metrics_sinks import parse_report_to, sink_folders
-from .plan import run_disk_bytes
-from .run import (CALIBRATION, DATA, LOCK, MANIFEST, RESULT, RUN_WRITES, RUN_YAML, STUDENT, OwnedFolder, RunDir,
+from red.train.calibration import Calibration, calibrate, channel_scores, check_calibration_teacher
+from red.run.checkpoint import check_checkpoint
+from red.config import DistillConfig, config_yaml, files_val_fraction, validate_against_teacher
+from red.data.corpus import PackedCorpus, corpus_from_stores, load_corpus
+from red.distributed import DistContext, StartupProbe, full_tensor, init_distributed, rank_device, shard_student
+from red.errors import RedError
+from red.model.export import check_run_width, check_student_width, export_student
+from red.train.initialization import initialize, select_channels
+from red.commands.checks import check_calibrate_inputs, check_distill_inputs, check_export_inputs, distill_inputs
+from red.run.sinks import parse_report_to, sink_folders
+from red.train.plan import run_disk_bytes
+from red.run.folder import (CALIBRATION, DATA, LOCK, MANIFEST, RESULT, RUN_WRITES, RUN_YAML, STUDENT, OwnedFolder, RunDir,
                   RunIdentity, check_out_path, resume_changes, write_file_atomic)
-from .sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
-from .store import MANIFEST as STORE_MANIFEST
-from .store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
-from .student import ProjectedStudent, trainable_shapes
-from .teacher import (Arch, check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer,
+from red.data.sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
+from red.data.store import MANIFEST as STORE_MANIFEST
+from red.data.store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
+from red.model.student import ProjectedStudent, trainable_shapes
+from red.model.teacher import (Arch, check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer,
                       read_teacher_config, teacher_fingerprint)
-from .trainer import MetricsLog, resolve_precision, train
+from red.train.trainer import MetricsLog, resolve_precision, train
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,7 +199,7 @@ def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
 
 
 def _check_first_rows(files, cfg: DistillConfig, tokenizer, n: int = 64) -> None:
-    from .store import check_unknown_share, encode_rows
+    from red.data.store import check_unknown_share, encode_rows
 
     for f in files:
         rows = []
@@ -344,7 +344,7 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     state = run.state()
     if state == "run" and cfg.resume:
         if corpus is None:
-            from .config import load_yaml
+            from red.config import load_yaml
 
             # a changed setting is named first; then the data
             resume_changes(load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}, cfg, cfg.allowed_changes())
@@ -379,7 +379,7 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
 def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch: Arch, n_train: int):
     """This invocation's config for resuming ``run``: identity checked against run.yaml and
     the last checkpoint, schedule changes allowed by --allow-change appended to the history."""
-    from .config import load_yaml
+    from red.config import load_yaml
 
     last = run.complete_checkpoints()[-1]
     saved = load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}
@@ -403,9 +403,9 @@ def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch:
 def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
     """Run a whole distillation as configured and export the student to ``cfg.out/student``.
 
-    The output folder is a ``red.run.RunDir``: locked for the whole run, written only by
+    The output folder is a ``red.run.folder.RunDir``: locked for the whole run, written only by
     `red` (temp + rename), never through symbolic links; ``--resume`` continues its last
-    checkpoint under the rules of ``red.run`` (a folder without a checkpoint simply starts
+    checkpoint under the rules of ``red.run.folder`` (a folder without a checkpoint simply starts
     again). Under ``torchrun`` (RANK/WORLD_SIZE in the environment) this is one rank of an
     FSDP2 run: the student and teacher are sharded over the ranks, each micro-batch of
     ``cfg.batch_size`` sequences is split across them, and rank 0 alone writes run.yaml,
@@ -499,7 +499,7 @@ def _stamp_calibration(cal: Calibration, cfg: DistillConfig) -> None:
 def sharding(cfg: DistillConfig, ctx: DistContext, device, dtype) -> tuple[str, str]:
     """``(teacher, step weights)``, each "replicate" or "shard", for ``--teacher-sharding``
     and ``--step-weights`` under torchrun (see the options' help). ``auto`` asks
-    ``red.plan.choose_sharding`` with the GPU's memory on CUDA; on the CPU it shards the
+    ``red.train.plan.choose_sharding`` with the GPU's memory on CUDA; on the CPU it shards the
     teacher and replicates the step weights."""
     t, w = cfg.teacher_sharding, cfg.step_weights
     if "auto" not in (t, w):
@@ -507,7 +507,7 @@ def sharding(cfg: DistillConfig, ctx: DistContext, device, dtype) -> tuple[str, 
     if torch.device(device).type != "cuda":
         auto = ("shard", "replicate")
     else:
-        from .plan import DTYPE_NAMES, choose_sharding
+        from red.train.plan import DTYPE_NAMES, choose_sharding
 
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         auto = choose_sharding(cfg.teacher, cfg.hidden_size, cfg.seq_len, cfg.batch_size, ctx.world_size, total,
@@ -539,9 +539,9 @@ def build_sharded_student(cfg: DistillConfig, ctx: DistContext, device, dtype, c
     one full D x d matrix made at a time, the same values as a single process).
     ``on_calibration(cal)`` is called once the statistics are known (the run saves them).
     """
-    from .calibration import calibrate_sharded
-    from .distributed import wrap_student
-    from .teacher import load_teacher_shards, meta_teacher
+    from red.train.calibration import calibrate_sharded
+    from red.distributed import wrap_student
+    from red.model.teacher import load_teacher_shards, meta_teacher
 
     probe = probe or StartupProbe(ctx.rank, ctx.world_size)
     teacher = meta_teacher(cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -594,7 +594,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
                dtype: str = "auto", overwrite: bool = False) -> Path:
     """Export a checkpoint of a `red distill` run folder (default: its last) as a
     Hugging Face model folder."""
-    from .analyze import load_run_student
+    from red.commands.analyze import load_run_student
 
     out = Path(out)
     check_export_inputs(run_dir, out, checkpoint, overwrite)

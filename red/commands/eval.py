@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import RedError
+from red.errors import RedError
 
 SYNTHETIC_BATCH = 200  # problems generated at once by the synthetic benchmark unless --batch-size says
 LM_EVAL_BATCH = 8  # lm-eval's batch unless --batch-size says
@@ -21,7 +21,7 @@ def parse_ks(text: str) -> list[int]:
             ks = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise RedError(f"--ks {text!r} is not a range like 1-6 or a list like 1,2,3") from None
-    from .demo.task import MAX_K
+    from red.commands.demo.task import MAX_K
 
     if not ks or min(ks) < 1 or max(ks) > MAX_K:
         raise RedError(f"--ks {text!r} must name step counts between 1 and {MAX_K} (the benchmark's longest problems)")
@@ -49,8 +49,8 @@ def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks
     first: they need no heavy import). ``--out`` follows the rule of every file red
     writes: apart from the model folder, and an existing file is replaced only with
     ``--overwrite`` and only when it is a report red wrote."""
-    from .config import DEVICE, NON_NEGATIVE, SEED, at_least, check_values
-    from .run import check_out_path, check_output_file
+    from red.config import DEVICE, NON_NEGATIVE, SEED, at_least, check_values
+    from red.run.folder import check_out_path, check_output_file
 
     if model_dir is not None:
         if not Path(model_dir).is_dir():
@@ -89,10 +89,10 @@ def resolve_eval_device(device: str = "auto") -> str:
 
 def synthetic_benchmark(model_dir: str | Path, ks=range(1, 7), n_per_k: int = 200, seed: int = 0,
                         batch_size: int = SYNTHETIC_BATCH, device: str = "cpu") -> dict:
-    """Exact-match accuracy per k of held-out multi-step problems (red.demo.task), with the
+    """Exact-match accuracy per k of held-out multi-step problems (red.commands.demo.task), with the
     model on ``device``."""
-    from .demo.task import CHARS, evaluate_reasoning
-    from .teacher import load_teacher
+    from red.commands.demo.task import CHARS, evaluate_reasoning
+    from red.model.teacher import load_teacher
 
     model, tok = load_teacher(model_dir, device=device)
     missing = [c for c in CHARS if tok.convert_tokens_to_ids(c) in (None, tok.unk_token_id)]
@@ -146,7 +146,7 @@ def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: in
         report["lm_eval"] = lm_eval_benchmark(model_dir, tasks, num_fewshot, max_gen_toks, apply_chat_template, limit,
                                               batch_size=batch_size or LM_EVAL_BATCH, device=dev)
     if out:
-        from .run import check_output_file, write_file_atomic
+        from red.run.folder import check_output_file, write_file_atomic
 
         # checked again: the file may have appeared while the benchmarks ran
         check_output_file(out, overwrite, is_eval_report, "report", {"model folder": model_dir})

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 import red_kernels as K
 
-from .errors import RedError
-from .teacher import check_safetensors_file
+from red.errors import RedError
+from red.model.teacher import check_safetensors_file
 
 STAT_NAMES = ("raw_abs_sum", "raw_sq_sum", "norm_abs_sum", "norm_sq_sum")
 
@@ -132,7 +132,7 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
     """
     import torch.distributed as dist
 
-    from .distributed import _collective_device, local_tensor, shard_rows
+    from red.distributed import _collective_device, local_tensor, shard_rows
 
     if sequences.dim() != 2 or sequences.shape[0] == 0:
         raise RedError("calibration needs at least one sequence; give a corpus with enough text")
@@ -219,15 +219,15 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
 
 def check_calibration_teacher(cal: Calibration, path: str | Path, teacher_dir: str | Path, arch) -> None:
     """Refuse a calibration file made on another teacher than ``teacher_dir`` (whose
-    ``red.teacher.Arch`` is ``arch``).
+    ``red.model.teacher.Arch`` is ``arch``).
 
     Files written since the teacher's fingerprint is stored (``meta["teacher_fingerprint"]``,
-    set where the teacher folder is known: ``red.pipeline.run_calibration`` and the
+    set where the teacher folder is known: ``red.commands.distill.run_calibration`` and the
     calibration ``red distill`` makes) must match the fingerprint of ``teacher_dir``. Older
     files without one are accepted when their width matches the teacher's: a file from
     another teacher of the same width cannot be told apart then.
     """
-    from .teacher import teacher_matches
+    from red.model.teacher import teacher_matches
 
     if cal.hidden_size != arch.hidden_size:
         raise RedError(f"calibration {path} was made for width {cal.hidden_size}, the teacher has "

@@ -1,0 +1,1 @@
+"""One module per `red` command, and the checks they make before torch is imported."""

@@ -1,0 +1,1 @@
+"""A run's folder, identity, checkpoints and metrics log."""

@@ -1,0 +1,1 @@
+"""Calibration, initialization, start-up, the training loop and its plan."""
