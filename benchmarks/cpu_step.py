@@ -58,10 +58,11 @@ def measure_case(name: str, grad_accums, steps: int, ops: bool, memory: bool, lo
     import torch
     from transformers import LlamaConfig
 
+    from random_teacher import random_teacher  # benchmarks/random_teacher.py
     from red.commands import bench
 
     case = CASES[name]
-    teacher = bench.random_teacher(LlamaConfig(**case["config"]), "cpu", torch.float32, seed=0)
+    teacher = random_teacher(LlamaConfig(**case["config"]), "cpu", torch.float32, seed=0)
     out = []
     for k, ga in enumerate(grad_accums):
         load = os.getloadavg()[0]

@@ -51,6 +51,7 @@ sys.path.insert(0, ROOT)
 
 import red_kernels as rk  # noqa: E402
 from red.commands import bench  # noqa: E402
+from random_teacher import random_teacher  # noqa: E402 (benchmarks/random_teacher.py)
 
 # (b)/(c): op shapes as red.bench.kernel_shapes gives them; T = tokens of a micro-batch
 REAL = dict(D=3072, d=1536, I=8192, V=128256, eps=1e-5, Ts=(4096, 8192))
@@ -239,7 +240,7 @@ class Suite:
             return
         teacher = None
         try:
-            teacher = bench.random_teacher(LlamaConfig(**shape), self.dev, self.dtype, seed=0)
+            teacher = random_teacher(LlamaConfig(**shape), self.dev, self.dtype, seed=0)
         except Exception as e:  # noqa: BLE001 - recorded; the next teacher still runs
             self.add(section="step", name=name, impl="build_teacher", status="error", note=_err(e))
         if teacher is None:

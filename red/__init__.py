@@ -28,7 +28,7 @@ _EXPORTS = {
     "initialize": "train.initialization", "select_channels": "train.initialization", "selection_matrix": "train.initialization",
     "erank": "model.metrics", "hidden_states": "model.metrics", "layer_eranks": "model.metrics", "mean_token_cosine": "model.metrics",
     "spectrum": "model.metrics",
-    "build_student": "commands.distill", "distill": "commands.distill", "export_run": "commands.distill", "run_calibration": "commands.distill",
+    "build_student": "train.startup", "distill": "commands.distill", "export_run": "commands.export", "run_calibration": "commands.calibrate",
     "LossSettings": "model.student", "ProjectedStudent": "model.student",
     "load_teacher": "model.teacher",
     "evaluate": "train.trainer", "train": "train.trainer",

@@ -239,7 +239,7 @@ def _cmd_distill(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from red.config import OPEN_UNIT, SEED, at_least, check_values
-    from red.run.folder import check_out_path, check_separate
+    from red.files import check_out_path, check_separate
     from red.data.sources import expand_source, parse_data_spec
 
     check_values({"--val-fraction": args.val_fraction, "--seed": args.seed, "--workers": args.workers},
@@ -281,7 +281,7 @@ def _cmd_calibrate(args) -> int:
 
     check_calibrate_inputs(args.teacher, args.data, args.out, args.overwrite)  # paths answer before torch
     from red.train.calibration import channel_scores
-    from red.commands.distill import run_calibration
+    from red.commands.calibrate import run_calibration
 
     cal = run_calibration(args.teacher, args.data, args.out, args.calib_samples, args.seq_len, args.text_field,
                           args.txt_split, args.device, args.overwrite, progress=not args.quiet)
@@ -295,7 +295,7 @@ def _cmd_export(args) -> int:
     from red.commands.checks import check_export_inputs
 
     check_export_inputs(args.run, args.out, args.checkpoint, args.overwrite)  # paths answer before torch
-    from red.commands.distill import export_run
+    from red.commands.export import export_run
 
     out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
     print(f"exported to {out}")
@@ -371,7 +371,7 @@ def _cmd_plan(args) -> int:
     from red.commands.checks import check_plan_inputs
 
     check_plan_inputs(args.teacher, args.hidden_size)  # before torch is imported
-    from red.train.plan import plan_command
+    from red.commands.plan import plan_command
 
     print(plan_command(args))
     return 0

@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional
 import yaml
 
 from red.errors import RedError
-from red.run.sinks import REPORT_TO, valid_report_to
 
 INITS = ("red", "lrc", "orthogonal", "random-select")
 SCORES = ("minitron", "rms")
@@ -28,6 +27,36 @@ PRECISION_CHOICES = ("auto", "bf16", "fp32")
 KL_REDUCTIONS = ("mean", "sum")
 DIVERGENCES = ("forward-kl", "reverse-kl", "jsd")
 LOSS_ON = ("assistant", "all")
+
+# --report-to: live metrics sinks beside the JSONL record (red.run.log writes them)
+JSONL = "jsonl"
+TENSORBOARD = "tensorboard"
+WANDB = "wandb"
+REPORT_TO = (JSONL, TENSORBOARD, WANDB)
+
+
+def parse_report_to(value: str) -> list[str]:
+    """The names in a comma-separated ``--report-to`` value (order kept, duplicates and
+    blanks dropped); raises RedError on an unknown name."""
+    names: list[str] = []
+    for part in str(value).split(","):
+        name = part.strip().lower()
+        if not name or name in names:
+            continue
+        if name not in REPORT_TO:
+            raise RedError(f"report_to={value!r} names {name!r}, which is not one of {', '.join(REPORT_TO)}; "
+                           "give a comma-separated list of those (jsonl is always written)")
+        names.append(name)
+    return names
+
+
+def valid_report_to(value) -> bool:
+    """For the config rules table: True when every name is known."""
+    try:
+        parse_report_to(value)
+    except RedError:
+        return False
+    return isinstance(value, str)
 
 
 @dataclass
@@ -374,10 +403,6 @@ def make_config(yaml_path: str | Path | None = None, **overrides) -> DistillConf
     values.update(explicit)
     cfg = DistillConfig(**{k: _coerce(k, v) for k, v in values.items()})
     return cfg.validate()
-
-
-def save_yaml(cfg: DistillConfig, path: str | Path) -> None:
-    Path(path).write_text(config_yaml(cfg))
 
 
 def config_yaml(cfg: DistillConfig) -> str:

@@ -18,7 +18,7 @@ on the ``meta`` device and wrapped into these units before any weight exists
 reads its rows of every teacher tensor from the safetensors (``shard_rows``,
 ``red.model.teacher.load_teacher_shards``), calibrates with one layer gathered at a time
 (``red.train.calibration.calibrate_sharded``) and writes its rows of each projection
-(``write_shard``). No rank holds the whole teacher; ``StartupProbe`` measures what it holds.
+(``write_shard``). No rank holds the whole teacher (``red.train.startup.STARTUP_OBSERVERS`` can watch what it holds).
 
 Batch semantics: ``batch_size`` is the *global* micro-batch. Every rank draws the same
 global micro-batch from the same sampler and takes its contiguous slice of
@@ -28,7 +28,6 @@ checkpoint) means the same thing on 1 or N processes.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -136,11 +135,6 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local, mesh=mesh)
 
 
-def shutdown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def rank_device(ctx: DistContext, device: str) -> str:
     """The device this rank trains on: its own GPU under torchrun, else ``device``."""
     if ctx.distributed and torch.cuda.is_available() and device in ("auto", "cuda"):
@@ -209,74 +203,6 @@ def write_shard(param: torch.Tensor, full: torch.Tensor) -> None:
     local.copy_(full[start:stop] if full.dim() else full)
 
 
-class StartupProbe:
-    """Bytes of teacher tensors this rank holds during start-up, for tests and sizing.
-
-    Off (every call a no-op) unless the environment names ``RED_STARTUP_PROBE`` (a folder:
-    each rank writes ``rank<R>.json`` there: ``world_size``, ``teacher_bytes`` (the whole
-    teacher), ``stages`` (stage -> max bytes), ``peak`` and ``over_budget``) or
-    ``RED_STARTUP_TEACHER_BUDGET`` (bytes: start-up stops with RedError as soon as a sample
-    exceeds it, ``over_budget`` naming the stage). A sample is the local bytes of every
-    teacher parameter (a DTensor's shard, a plain tensor whole, nothing on ``meta``) plus
-    the full-size teacher tensors the caller says are alive (``extra``: one gathered
-    layer, one slice being read). Tensors are counted, not RSS."""
-
-    def __init__(self, rank: int = 0, world_size: int = 1):
-        self.folder = os.environ.get("RED_STARTUP_PROBE") or None
-        budget = os.environ.get("RED_STARTUP_TEACHER_BUDGET")
-        self.budget = int(float(budget)) if budget else None
-        self.enabled = bool(self.folder or self.budget)
-        self.rank, self.world_size = rank, world_size
-        self.teacher = None
-        self.stages: dict[str, int] = {}
-        self.extra = 0
-        self.teacher_bytes = 0
-        self.over_budget: str | None = None
-
-    def watch(self, teacher) -> None:
-        self.teacher = teacher
-        if self.enabled:
-            from red.train.plan import expected_teacher_shapes
-
-            shapes = expected_teacher_shapes(teacher.config)
-            self.teacher_bytes = sum(math.prod(s) for s in shapes.values()) * teacher.dtype.itemsize
-
-    def resident(self) -> int:
-        if self.teacher is None:
-            return 0
-        seen, total = set(), 0
-        for p in self.teacher.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            t = local_tensor(p)
-            if not t.is_meta:
-                total += t.numel() * t.element_size()
-        return total
-
-    def sample(self, stage: str, extra: int = 0) -> None:
-        if not self.enabled:
-            return
-        b = self.resident() + self.extra + extra
-        self.stages[stage] = max(self.stages.get(stage, 0), b)
-        if self.budget is not None and b > self.budget:
-            self.over_budget = stage
-            self.write()  # the record says where, even if this rank is stopped before it reports
-            raise RedError(f"start-up holds {b} bytes of teacher tensors on rank {self.rank} at {stage}, over "
-                           f"RED_STARTUP_TEACHER_BUDGET={self.budget}")
-
-    def write(self) -> None:
-        if not self.folder:
-            return
-        import json
-        from pathlib import Path
-
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        Path(self.folder, f"rank{self.rank}.json").write_text(json.dumps({
-            "world_size": self.world_size, "teacher_bytes": self.teacher_bytes, "stages": self.stages,
-            "peak": max(self.stages.values(), default=0), "over_budget": self.over_budget}))
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a (possibly sharded) parameter or optimizer state.
 
@@ -285,17 +211,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out like ``param``: this rank's shard for a DTensor, else as is.
-    Every rank holds the same ``full`` (read from the same checkpoint), so no
-    communication is needed."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return full.to(param.device)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,10 @@ if TEST_DEVICE.type == "cpu":
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_teacher, write_corpus  # noqa: E402
+from helpers import make_teacher, write_corpus  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
 

@@ -22,7 +22,7 @@ def check_analyze_inputs(samples: int, seq_len: int, out: str | Path | None = No
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise RedError(f"--out {out} is a file; --out takes a folder for analysis.json and the plots")
     if out is not None:
-        from red.run.folder import OwnedFolder
+        from red.files import OwnedFolder
 
         folder = OwnedFolder(out, what="analysis folder")
         clash = folder.conflicts(ANALYZE_FILES)
@@ -38,7 +38,8 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
     teacher run.yaml names) must equal that of ``teacher_dir``. An exported model folder
     must be a model of the teacher's architecture, depth and vocabulary, no wider.
     """
-    from red.model.teacher import Arch, read_teacher_config
+    from red.model.teacher import read_teacher_config
+    from red.model.arch import Arch
 
     arch = Arch.from_config(read_teacher_config(teacher_dir))
     sp = Path(student)
@@ -95,8 +96,10 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None, 
     (default: the last complete one). Returns (student, tokenizer, config)."""
     from red.run.checkpoint import check_checkpoint, list_checkpoints, load_trainable, read_meta
     from red.config import make_config
-    from red.model.student import ProjectedStudent, trainable_shapes
-    from red.model.teacher import Arch, load_teacher, read_teacher_config, teacher_meta
+    from red.model.student import ProjectedStudent
+    from red.model.arch import trainable_shapes
+    from red.model.teacher import load_teacher, read_teacher_config, teacher_meta
+    from red.model.arch import Arch
 
     run = Path(run_dir)
     if not (run / "run.yaml").is_file():
@@ -144,7 +147,7 @@ def analyze(teacher, student, input_ids: torch.Tensor, out_dir: str | Path | Non
     if hasattr(student, "projections"):
         report["projections"] = {n: spectrum(p) for n, p in student.projections().items()}
     if out_dir is not None:
-        from red.run.folder import OwnedFolder
+        from red.files import OwnedFolder
 
         # the rule of every folder red writes into: its own names only, never a user's file of that name
         folder = OwnedFolder(out_dir, what="analysis folder")

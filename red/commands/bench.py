@@ -386,17 +386,6 @@ def shrink_layers(teacher, n: int):
     return teacher
 
 
-def random_teacher(config, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A frozen teacher with random weights made from a transformers ``config`` directly on
-    ``device`` (no download, no host copy of the weights): for benchmarks only."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device).eval().requires_grad_(False)
-
-
 # ------------------------------------------------------------------ steps
 @contextlib.contextmanager
 def compiled_layers(student, **compile_kwargs):
@@ -949,8 +938,9 @@ def bench_teacher(teacher, hidden_size: int, seq_len: int, batch_size: int = 1, 
     ``time.perf_counter()`` value): later measurements are "skipped" rows; the compile
     variant also needs ``compile_reserve_s`` seconds left.
     """
-    from red.commands.distill import build_student, resolve_device
-    from red.model.teacher import Arch, load_teacher
+    from red.train.startup import build_student, resolve_device
+    from red.model.teacher import load_teacher
+    from red.model.arch import Arch
     from red.train.trainer import resolve_precision
 
     if isinstance(teacher, (str, Path)):
@@ -1083,9 +1073,9 @@ def step_ratios(rows: list[dict]) -> dict:
 
 def check_bench_args(arch, hidden_size, seq_len, batch_size, steps, backends, grad_accum: int = 1) -> None:
     """RedError (one line, the fix) for arguments that cannot be benchmarked."""
-    D = arch.hidden_size
-    if not 0 < int(hidden_size) < D:
-        raise RedError(f"--hidden-size {hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
+    from red.model.arch import check_width
+
+    check_width(arch.hidden_size, int(hidden_size))
     if seq_len < 2:
         raise RedError(f"--seq-len {seq_len} must be at least 2 (the LM loss predicts the next token)")
     if batch_size < 1 or steps < 1 or grad_accum < 1:
@@ -1108,8 +1098,9 @@ def run_bench(teacher_dir, hidden_size: int, seq_len: int, batch_size: int = 1, 
     teacher is cut to its first ``CPU_DEFAULT_LAYERS`` layers unless ``layers`` is given;
     the result's ``notes`` say so, and that the numbers are CPU numbers.
     """
-    from red.commands.distill import resolve_device
-    from red.model.teacher import Arch, check_teacher_files, load_teacher, read_teacher_config
+    from red.train.startup import resolve_device
+    from red.model.teacher import check_teacher_files, load_teacher, read_teacher_config
+    from red.model.arch import Arch
     from red.train.trainer import resolve_precision
 
     if precision not in ("auto", "bf16", "fp32"):

@@ -11,76 +11,15 @@ import json
 from pathlib import Path
 
 from red.errors import RedError
-
-SUPPORTED = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # .json: JSON lines under that name
-
-
-def read_teacher_json(path: str | Path) -> dict:
-    """The teacher folder's config.json as a dict, after the path and architecture checks."""
-    p = Path(path)
-    if not str(path):
-        raise RedError("no teacher given; pass --teacher DIR (a local Hugging Face model folder)")
-    if not p.exists():
-        raise RedError(f"teacher folder {p} does not exist; pass --teacher DIR with a local Hugging Face model folder")
-    if not p.is_dir():
-        raise RedError(f"teacher path {p} is not a folder; pass the folder that holds config.json and *.safetensors")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise RedError(f"teacher folder {p} has no config.json; point --teacher at a Hugging Face model folder")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RedError(f"teacher config {cfg_file} is unreadable ({e}); restore the file") from None
-    if not isinstance(raw, dict):
-        raise RedError(f"teacher config {cfg_file} is not a JSON object; restore the file")
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED:
-        names = ", ".join(SUPPORTED.values())
-        raise RedError(f"teacher architecture {model_type!r} is not supported; supported: {names}")
-    return raw
-
-
-def check_width(raw: dict, hidden_size: int) -> None:
-    """A student width strictly between 0 and the teacher's (``raw``: its config.json)."""
-    D = raw.get("hidden_size")
-    if isinstance(D, int) and not 0 < hidden_size < D:
-        raise RedError(f"--hidden-size {hidden_size} must be between 1 and {D - 1} (the teacher's width is {D})")
-
-
-def check_seq_len(raw: dict, seq_len: int) -> None:
-    """``seq_len`` within the teacher's positions (a longer sequence is not what it was
-    trained on, and a huge one would run for ever)."""
-    max_pos = raw.get("max_position_embeddings")
-    if isinstance(max_pos, int) and max_pos > 0 and seq_len > max_pos:
-        raise RedError(f"--seq-len {seq_len} is above the teacher's max_position_embeddings={max_pos}; lower "
-                       f"--seq-len to {max_pos} or less")
+from red.data.sources import check_corpus_path
+from red.model.arch import check_seq_len, check_width, read_teacher_json
 
 
 def check_bench_inputs(teacher: str | Path, hidden_size: int, seq_len: int) -> None:
     """`red bench`'s teacher, width and sequence length, before any heavy import."""
     raw = read_teacher_json(teacher)
-    check_width(raw, hidden_size)
+    check_width(raw.get("hidden_size"), hidden_size)
     check_seq_len(raw, seq_len)
-
-
-def check_corpus_path(path: str | Path) -> Path:
-    """The corpus path names one existing file of a supported format."""
-    p = Path(path)
-    if not str(path):
-        raise RedError("no corpus given; pass --data FILE (.txt, .jsonl or .parquet)")
-    if p.is_dir():
-        raise RedError(f"corpus {p} is a folder, not a file; pass --data with one .txt, .jsonl or .parquet file")
-    if not p.is_file():
-        raise RedError(f"corpus {p} does not exist; pass --data with an existing .txt, .jsonl or .parquet file")
-    if p.suffix.lower() not in CORPUS_SUFFIXES:
-        raise RedError(f"corpus {p} has an unknown format {p.suffix.lower() or '(no suffix)'}; "
-                       "use .txt, .jsonl or .parquet")
-    return p
 
 
 def data_inputs(data) -> list[tuple[str, Path]]:
@@ -119,8 +58,10 @@ def check_run_folder(cfg) -> None:
     """The output folder can take this run: a usable path, apart from every input, no
     symbolic link where red writes, not locked by another process, and in a state these
     flags allow (``red.run.folder.RunDir.check_usable``). Reads only; needs no torch."""
-    from red.run.sinks import parse_report_to, sink_folders
-    from red.run.folder import RUN_WRITES, RunDir, check_out_path, check_separate
+    from red.run.log import sink_folders
+    from red.config import parse_report_to
+    from red.run.folder import RUN_WRITES, RunDir
+    from red.files import check_out_path, check_separate
 
     check_out_path(cfg.out)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -143,7 +84,7 @@ def check_distill_inputs(cfg) -> None:
     from red.config import validate_against_teacher
 
     raw = read_teacher_json(cfg.teacher)
-    check_width(raw, cfg.hidden_size)
+    check_width(raw.get("hidden_size"), cfg.hidden_size)
     validate_against_teacher(cfg, raw)  # --seq-len within the teacher's positions
     check_data_paths(cfg.data)
     if cfg.calibration and not Path(cfg.calibration).is_file():
@@ -176,7 +117,7 @@ def check_calibrate_inputs(teacher: str | Path, data: str | Path, out: str | Pat
     """`red calibrate`'s paths, before any heavy import: the teacher and corpus exist, and
     the output is a new .safetensors file apart from them (or, with ``overwrite``, a
     calibration file red wrote)."""
-    from red.run.folder import check_output_file
+    from red.files import check_output_file
 
     read_teacher_json(teacher)
     check_corpus_path(data)
@@ -191,7 +132,8 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
     """`red export`'s paths, before any heavy import: a run folder with its run.yaml, a
     checkpoint folder when one is named, and an export folder apart from the run folder and
     the run's teacher, empty unless ``overwrite``."""
-    from red.run.folder import RUN_YAML, check_out_path, check_separate
+    from red.run.folder import RUN_YAML
+    from red.files import check_out_path, check_separate
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -216,7 +158,7 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
 def check_analyze_paths(teacher: str | Path, student: str | Path, data: str | Path, out: str | Path | None) -> None:
     """`red analyze`'s paths, before any heavy import: the teacher, a student folder (a run
     folder or an exported model), the corpus, and an output folder path."""
-    from red.run.folder import check_out_path
+    from red.files import check_out_path
 
     read_teacher_json(teacher)
     sp = Path(student)
@@ -236,4 +178,4 @@ def check_plan_inputs(teacher: str | Path, hidden_size: int) -> None:
     """`red plan`'s teacher (a folder or its config.json) and width, before any heavy import."""
     p = Path(teacher)
     raw = read_teacher_json(p.parent if p.name == "config.json" and p.is_file() else p)
-    check_width(raw, hidden_size)
+    check_width(raw.get("hidden_size"), hidden_size)

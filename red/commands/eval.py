@@ -50,7 +50,7 @@ def check_eval_inputs(ks="1-6", n_per_k: int = 200, seed: int = 0, lm_eval_tasks
     writes: apart from the model folder, and an existing file is replaced only with
     ``--overwrite`` and only when it is a report red wrote."""
     from red.config import DEVICE, NON_NEGATIVE, SEED, at_least, check_values
-    from red.run.folder import check_out_path, check_output_file
+    from red.files import check_out_path, check_output_file
 
     if model_dir is not None:
         if not Path(model_dir).is_dir():
@@ -146,7 +146,7 @@ def evaluate_model(model_dir: str | Path, ks="1-6", n_per_k: int = 200, seed: in
         report["lm_eval"] = lm_eval_benchmark(model_dir, tasks, num_fewshot, max_gen_toks, apply_chat_template, limit,
                                               batch_size=batch_size or LM_EVAL_BATCH, device=dev)
     if out:
-        from red.run.folder import check_output_file, write_file_atomic
+        from red.files import check_output_file, write_file_atomic
 
         # checked again: the file may have appeared while the benchmarks ran
         check_output_file(out, overwrite, is_eval_report, "report", {"model folder": model_dir})

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from red.errors import RedError
-from red.commands.checks import check_corpus_path
+from red.data.store import BlockSampler, document_separator
+from red.data.sources import check_corpus_path
 from red.data.sources import iter_rows
 
 
@@ -38,25 +39,6 @@ def read_documents(path: str | Path, text_field: str = "text", txt_split: str = 
     if not docs:
         raise RedError(f"corpus {p} holds no text; give a corpus with at least a few documents")
     return docs
-
-
-def document_separator(tokenizer) -> list[int]:
-    """Tokens that end each document: ``[eos]`` when the tokenizer has one, nothing when
-    it has only a bos (the bos of the next document separates them), and, for a tokenizer
-    with neither, the encoding of a blank line ``"\n\n"`` (the pad token if that encodes to
-    nothing or to unknown tokens), so packed documents are never glued together."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if eos is not None:
-        return [eos]
-    if bos is not None:
-        return []
-    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    if sep and tokenizer.unk_token_id not in sep:
-        return list(sep)
-    if tokenizer.pad_token_id is not None:
-        return [tokenizer.pad_token_id]
-    raise RedError("the tokenizer has no bos, eos or pad token and cannot encode a blank line, so documents "
-                   "could not be told apart when packed; use a tokenizer with an eos token")
 
 
 def tokenize_documents(docs: list[str], tokenizer) -> list[int]:
@@ -152,40 +134,3 @@ def load_corpus(path: str | Path, tokenizer, seq_len: int, val_fraction: float =
     return corpus_from_stores([store], seq_len, min_train_blocks=min_train_blocks)
 
 
-class BlockSampler:
-    """Shuffled micro-batches of training blocks; the position is saved in checkpoints.
-
-    Each epoch is a fresh permutation drawn from ``seed + epoch``, so the data order is a
-    pure function of (seed, epoch, index) and resuming reproduces it bit for bit.
-    """
-
-    def __init__(self, n_blocks: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n_blocks, batch_size, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._perm(0)
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)  # any 64-bit seed
-        return torch.randperm(self.n, generator=g)
-
-    def next(self) -> torch.Tensor:
-        out, count = [], 0
-        while count < self.batch_size:
-            if self.index >= self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._perm(self.epoch)
-            take = min(self.batch_size - count, self.n - self.index)
-            out.append(self._order[self.index: self.index + take])
-            self.index += take
-            count += take
-        return torch.cat(out)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "n": self.n, "batch_size": self.batch_size, "seed": self.seed}
-
-    def load_state_dict(self, s: dict) -> None:
-        if s["n"] != self.n:
-            raise RedError(f"checkpoint was made with {s['n']} training sequences, this corpus packs to {self.n}; "
-                           "resume with the same --data and --seq-len")
-        self.epoch, self.index = int(s["epoch"]), int(s["index"])
-        self._order = self._perm(self.epoch)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterator, Union
 
 from red.errors import RedError
-from red.commands.checks import CORPUS_SUFFIXES, check_corpus_path
 
 Row = Union[str, list]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -415,3 +414,21 @@ def render_chat(messages: list, tokenizer) -> tuple[str, list[tuple[int, int]]]:
                            "use --loss-on all with text rendered beforehand")
         spans.append((len(before), len(upto)))
     return full, spans
+
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # .json: JSON lines under that name
+
+
+def check_corpus_path(path: str | Path) -> Path:
+    """The corpus path names one existing file of a supported format."""
+    p = Path(path)
+    if not str(path):
+        raise RedError("no corpus given; pass --data FILE (.txt, .jsonl or .parquet)")
+    if p.is_dir():
+        raise RedError(f"corpus {p} is a folder, not a file; pass --data with one .txt, .jsonl or .parquet file")
+    if not p.is_file():
+        raise RedError(f"corpus {p} does not exist; pass --data with an existing .txt, .jsonl or .parquet file")
+    if p.suffix.lower() not in CORPUS_SUFFIXES:
+        raise RedError(f"corpus {p} has an unknown format {p.suffix.lower() or '(no suffix)'}; "
+                       "use .txt, .jsonl or .parquet")
+    return p

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from red.errors import RedError
-from red.run.folder import LOCK, FolderLock, file_sha256
+from red.files import LOCK, FolderLock, file_sha256
 from red.data.sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
 
 MANIFEST = STORE_MANIFEST
@@ -339,7 +339,6 @@ def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fra
                     "parts": []}
         known = {}
         store = None
-    from red.data.corpus import document_separator
 
     end = document_separator(tokenizer)
     # 0: a worker per core but one, which this process needs to read, order and write
@@ -798,7 +797,6 @@ class MixtureSampler:
     that component's next block in its own shuffled epoch order (a ``BlockSampler``)."""
 
     def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int):
-        from red.data.corpus import BlockSampler
 
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
         w = np.asarray(weights, dtype=np.float64)
@@ -829,3 +827,60 @@ class MixtureSampler:
         for p, st in zip(self.parts, s["parts"]):
             p.load_state_dict(st)
 
+
+def document_separator(tokenizer) -> list[int]:
+    """Tokens that end each document: ``[eos]`` when the tokenizer has one, nothing when
+    it has only a bos (the bos of the next document separates them), and, for a tokenizer
+    with neither, the encoding of a blank line ``"\n\n"`` (the pad token if that encodes to
+    nothing or to unknown tokens), so packed documents are never glued together."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is not None:
+        return [eos]
+    if bos is not None:
+        return []
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    if sep and tokenizer.unk_token_id not in sep:
+        return list(sep)
+    if tokenizer.pad_token_id is not None:
+        return [tokenizer.pad_token_id]
+    raise RedError("the tokenizer has no bos, eos or pad token and cannot encode a blank line, so documents "
+                   "could not be told apart when packed; use a tokenizer with an eos token")
+
+
+class BlockSampler:
+    """Shuffled micro-batches of training blocks; the position is saved in checkpoints.
+
+    Each epoch is a fresh permutation drawn from ``seed + epoch``, so the data order is a
+    pure function of (seed, epoch, index) and resuming reproduces it bit for bit.
+    """
+
+    def __init__(self, n_blocks: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_blocks, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)  # any 64-bit seed
+        return torch.randperm(self.n, generator=g)
+
+    def next(self) -> torch.Tensor:
+        out, count = [], 0
+        while count < self.batch_size:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._perm(self.epoch)
+            take = min(self.batch_size - count, self.n - self.index)
+            out.append(self._order[self.index: self.index + take])
+            self.index += take
+            count += take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "n": self.n, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s["n"] != self.n:
+            raise RedError(f"checkpoint was made with {s['n']} training sequences, this corpus packs to {self.n}; "
+                           "resume with the same --data and --seq-len")
+        self.epoch, self.index = int(s["epoch"]), int(s["index"])
+        self._order = self._perm(self.epoch)

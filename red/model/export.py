@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from red.errors import RedError
+from red.model.arch import check_width
 from red.model.student import ProjectedStudent
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +115,7 @@ def check_student_width(teacher_config, hidden_size: int, flag: str = "--hidden-
     naming the constraint and the nearest valid widths. Used by `red distill`'s pre-flight,
     `red plan` and `red export` (one rule: the exported config is built and validated)."""
     d = int(hidden_size)
+    check_width(int(teacher_config.hidden_size), d, flag)  # the width rule first, then transformers' own
     err = _width_error(teacher_config, d)
     if err is None:
         return
@@ -123,20 +125,6 @@ def check_student_width(teacher_config, hidden_size: int, flag: str = "--hidden-
     near = " or ".join(str(w) for w in (below, above) if w is not None)
     fix = f"pick {flag} {near}" if near else f"no width below {D} is valid for this teacher"
     raise RedError(f"{flag} {d} is not a valid width for a {teacher_config.model_type} student: {err}; {fix}")
-
-
-def check_run_width(run_dir: str | Path) -> None:
-    """``check_student_width`` for an existing run folder (its run.yaml's teacher and width),
-    before `red export` loads anything; a folder without run.yaml is left to the loader."""
-    from red.config import make_config
-    from red.run.folder import RUN_YAML
-    from red.model.teacher import read_teacher_config
-
-    yaml_file = Path(run_dir, RUN_YAML)
-    if not yaml_file.is_file():
-        return
-    cfg = make_config(yaml_file)
-    check_student_width(read_teacher_config(cfg.teacher, cfg.trust_remote_code), cfg.hidden_size)
 
 
 def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",
@@ -163,7 +151,7 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
     a re-export replaces the previous export's files; a name the export writes that is
     already there and not red's (a user's config.json) is refused, nothing moved.
     ``owned``: the whole folder is red's (a run's ``student/``), so its names are replaced."""
-    from red.run.folder import OwnedFolder, is_write_error, remove_owned, write_error_text
+    from red.files import OwnedFolder, is_write_error, remove_owned, write_error_text
 
     out_dir = Path(out_dir)
     if out_dir.is_symlink():

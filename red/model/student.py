@@ -34,12 +34,8 @@ from torch import nn
 
 import red_kernels as K
 
-from red.errors import RedError
-from red.model.teacher import Arch
+from red.model.arch import PROJ_IN, PROJ_NAMES, PROJ_OUT, Arch, check_width, step_layer_shapes, trainable_shapes  # noqa: F401
 
-PROJ_IN = ("q", "k", "v", "gate", "up")
-PROJ_OUT = ("o", "down")
-PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 CLONE_TERMS = ("q", "k", "v", "attn", "gate", "up", "ffn")
 #: the teacher's linear of each projection name
 TEACHER_LINEAR = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -324,15 +320,6 @@ class StepUnits(nn.Module):
         return fn(*args)
 
 
-def step_layer_shapes(arch: Arch, d: int) -> dict[str, tuple[int, ...]]:
-    """Shape of each of one layer's step weights (``LAYER_WEIGHTS``): [out, d] for q, k, v,
-    gate, up, [d, in] for o and down, [d] for the gains, [D, d] for P_down."""
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    I, D = arch.intermediate_size, arch.hidden_size
-    out = {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (I, d), "up": (I, d), "down": (d, I)}
-    return {**out, "input_norm": (d,), "post_attention_norm": (d,), "down_target": (D, d)}
-
-
 class StudentWeights:
     """The dense width-d student of one optimizer step: W_s = f(W_t, P, gains).
 
@@ -467,9 +454,7 @@ class ProjectedStudent(nn.Module):
         super().__init__()
         arch = Arch.from_config(teacher.config)
         D, d = arch.hidden_size, int(hidden_size)
-        if not 0 < d < D:
-            raise RedError(f"student hidden size {d} must be between 1 and the teacher's hidden size {D} - 1; "
-                           f"pick --hidden-size in (0, {D})")
+        check_width(D, d)
         object.__setattr__(self, "teacher", teacher)
         self.arch = arch
         self.hidden_size = d
@@ -856,16 +841,3 @@ class ProjectedStudent(nn.Module):
         return total, vec
 
 
-def trainable_shapes(arch: Arch, d: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every trainable tensor of a width-``d`` student of ``arch``, in the
-    order of ``ProjectedStudent.state_dict()`` (computed from the config alone)."""
-    D = arch.hidden_size
-    out: dict[str, tuple[int, ...]] = {"embed": (D, d)}
-    if not arch.tied:
-        out["lm_head"] = (D, d)
-    out["final_norm"] = (d,)
-    for i in range(arch.num_layers):
-        out.update({f"layers.{i}.{n}": (D, d) for n in PROJ_NAMES})
-        out[f"layers.{i}.input_norm"] = (d,)
-        out[f"layers.{i}.post_attention_norm"] = (d,)
-    return out

@@ -2,47 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from red.errors import RedError
-from red.commands.checks import SUPPORTED, read_teacher_json  # SUPPORTED re-exported: one list of architectures
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The shape facts of a teacher that the student and the export need."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tied: bool
-    qk_norm: bool
-    rms_norm_eps: float
-
-    @classmethod
-    def from_config(cls, config) -> "Arch":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
-            model_type=config.model_type,
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            tied=bool(getattr(config, "tie_word_embeddings", False)),
-            qk_norm=config.model_type == "qwen3",
-            rms_norm_eps=float(config.rms_norm_eps),
-        )
+from red.model.arch import SUPPORTED, Arch, check_supported_features, read_teacher_json  # noqa: F401 (re-exported)
 
 
 def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
@@ -60,19 +25,6 @@ def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
     return config
 
 
-def check_supported_features(config) -> None:
-    """Refuse configurations of a supported architecture that the student cannot mirror
-    (used by ``read_teacher_config`` and by ``red plan``, so both refuse the same teachers)."""
-    model_type = config.model_type
-    if getattr(config, "use_sliding_window", False):
-        raise RedError("teachers with sliding-window attention are not supported; set use_sliding_window=false in config.json if it is unused")
-    if getattr(config, "mlp_bias", False) or (model_type == "llama" and getattr(config, "attention_bias", False)):
-        raise RedError("Llama teachers with attention_bias or mlp_bias are not supported; use a teacher without those biases")
-    if model_type == "qwen3" and getattr(config, "attention_bias", False):
-        # transformers then gives o_proj a bias too, which the student has no place for
-        raise RedError("Qwen3 teachers with attention_bias are not supported; use a teacher without attention biases")
-
-
 def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  trust_remote_code: bool = False, with_tokenizer: bool = True):
     """Load a frozen teacher (eval mode, no grads) and its tokenizer from a local folder.
@@ -80,7 +32,7 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     Only safetensors weights are read (pickle is never unpickled). Returns
     ``(model, tokenizer)``; ``tokenizer`` is None when ``with_tokenizer`` is False.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     config = read_teacher_config(p, trust_remote_code)
@@ -142,7 +94,7 @@ def load_teacher_shards(model, path: str | Path, on_tensor=None) -> None:
     rows from ``red.distributed.shard_rows``; a plain parameter is read whole), cast to
     the parameter's dtype. A tied head is the embedding (read once, under the embedding's
     name). ``on_tensor(nbytes)`` is called after each tensor with the bytes of the slice
-    just read (still alive then), for ``StartupProbe``. Then the rotary embedding's
+    just read (still alive then), for start-up observers (``red.train.startup``). Then the rotary embedding's
     buffers, which ``to_empty`` left uninitialized, are recomputed from the config."""
     from safetensors import safe_open
 
@@ -293,7 +245,7 @@ def check_teacher_weights(folder: str | Path, config) -> None:
     also stores a head): every parameter ``config``'s architecture has is present with its
     shape, nothing unexpected is there, every tensor is of one float dtype, and the tie
     flag agrees with the file. RedError naming the tensors and the fix otherwise."""
-    from red.train.plan import expected_teacher_shapes
+    from red.model.arch import expected_teacher_shapes
 
     folder = Path(folder)
     check_teacher_files(folder)
@@ -383,7 +335,7 @@ def teacher_fingerprint(path: str | Path) -> str:
     (``red.run.folder.file_sha256``)."""
     import hashlib
 
-    from red.run.folder import file_sha256
+    from red.files import file_sha256
 
     p = Path(path)
     h = hashlib.sha256(b"red-teacher-v2\0")

@@ -55,7 +55,7 @@ from red.run.checkpoint_files import (INDEX, INDEX_FORMAT, SINGLE_FILE, _files_p
                                list_checkpoints, shard_file_name)
 from red.distributed import DistContext, full_tensor, local_tensor
 from red.errors import RedError
-from red.run.folder import file_sha256, is_write_error, write_error_text
+from red.files import file_sha256, is_write_error, write_error_text
 from red.model.teacher import check_safetensors_file
 
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -192,7 +192,7 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
             table["ids"], table["rows"] = ids.to(device), rows.to(device=device, dtype=embed.weight.dtype)
             del rows
             if probe is not None:  # the round's embedding rows count as teacher bytes while they live
-                probe.extra = table["rows"].numel() * table["rows"].element_size()
+                probe.hold(table["rows"].numel() * table["rows"].element_size())
                 probe.sample("calibrate")
             if r < len(mine):
                 cursor["start"], cursor["into"] = mine[r], stats
@@ -209,7 +209,7 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
         del embed.forward
         table.clear()
         if probe is not None:
-            probe.extra = 0
+            probe.hold(0)
     summed = stats.to(_collective_device())
     dist.all_reduce(summed)
     return Calibration(stats=summed.cpu(), tokens_per_seq=T, points=list(points),

@@ -6,14 +6,14 @@ import math
 import torch
 
 from red.errors import RedError
+from red.model.arch import check_width
 from red.model.student import ProjectedStudent
 
 
 def select_channels(scores: torch.Tensor, d: int) -> torch.Tensor:
     """The top-d channels by score, in ascending channel order (int64 [d])."""
     D = scores.numel()
-    if not 0 < d < D:
-        raise RedError(f"cannot select {d} of {D} channels; the student width must be in (0, {D})")
+    check_width(D, d)
     # a stable sort keeps the choice deterministic when scores tie
     top = torch.sort(scores.float(), descending=True, stable=True).indices[:d]
     return torch.sort(top).values.long()

@@ -17,7 +17,6 @@ and the gradient norm are read back together, after the backward and before Adam
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -27,12 +26,16 @@ from tqdm.auto import tqdm
 
 from red.run.checkpoint import load_checkpoint, save_checkpoint
 from red.config import DistillConfig
-from red.data.corpus import BlockSampler, PackedCorpus
+from red.data.corpus import PackedCorpus
+from red.data.store import BlockSampler
 from red.distributed import DistContext, full_tensor
 from red.errors import RedError
+from red.run.log import MetricsLog
 from red.model.metrics import erank
-from red.run.sinks import open_sinks, parse_report_to, sink_folders
-from red.run.folder import CHECKPOINTS, METRICS, RunDir, RunIdentity, emit
+from red.run.log import open_sinks, sink_folders
+from red.config import parse_report_to
+from red.run.folder import CHECKPOINTS, METRICS, RunDir, emit
+from red.run.identity import RunIdentity
 from red.model.student import TERMS, LossSettings, ProjectedStudent, StepShare, scored_targets
 
 
@@ -221,35 +224,6 @@ class StepError(RedError):
     def __init__(self, what: str, detail: str):
         super().__init__(f"non-finite {what} {detail}")
         self.what, self.detail = what, detail
-
-
-class MetricsLog:
-    """Append-only JSONL log; one JSON object per line.
-
-    The JSONL file is the run's record; ``sinks`` (``red.run.sinks``: TensorBoard,
-    W&B) get a copy of every row written, on the writing rank only. ``close()`` closes them."""
-
-    def __init__(self, path: Path, enabled: bool = True, sinks: list | None = None):
-        self.path = path
-        self.enabled = enabled  # False on ranks other than 0: rows are kept, nothing is written
-        self.rows: list[dict] = []
-        self.sinks = list(sinks or []) if enabled else []
-
-    def write(self, row: dict) -> None:
-        row = {k: (float(v) if torch.is_tensor(v) else v) for k, v in row.items()}
-        self.rows.append(row)
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for sink in self.sinks:
-            sink.log(row)
-
-    def close(self) -> None:
-        """Close the live sinks (idempotent); the rows stay readable."""
-        sinks, self.sinks = self.sinks, []
-        for sink in sinks:
-            sink.close()
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from red_kernels import clone_mse, naive_clone_mse
-from kernel_utils import assert_close, randn
+from helpers import assert_close, randn
 
 T, W = 37, 96
 

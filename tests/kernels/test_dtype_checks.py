@@ -11,7 +11,7 @@ import torch
 
 import red_kernels
 from red_kernels import _common, clone_mse, fused_linear_kl
-from kernel_utils import assert_close, randn
+from helpers import assert_close, randn
 
 bf16, fp32 = torch.bfloat16, torch.float32
 D, d, N, V = 96, 48, 37, 300

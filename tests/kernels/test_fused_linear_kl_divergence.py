@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import red_kernels
 from red_kernels import fused_linear_kl, naive_fused_linear_kl
-from kernel_utils import assert_close, rel_err, randn
+from helpers import assert_close, rel_err, randn
 
 N, d, D, V = 37, 48, 96, 300
 B = 3  # n_sequences for kl_reduction="sum" (any positive number: the rows need not divide)

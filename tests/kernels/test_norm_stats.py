@@ -4,7 +4,7 @@ import torch
 import red_kernels
 from red_kernels import naive_rmsnorm_with_stats, rmsnorm_with_stats
 from red_kernels.norm_stats import _rmsnorm_with_stats_triton
-from kernel_utils import assert_close, randn
+from helpers import assert_close, randn
 
 
 def _ref(x, w, eps):

@@ -271,7 +271,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                   ("--n-per-k", at_least(1, "every model is scored on --n-per-k held-out problems per k")),
                   ("--general-problems", at_least(1)), ("--threads", at_least(0))))
 
-    from red.commands.distill import prepare_output
+    from red.files import prepare_output
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -292,8 +292,9 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
 
     from red.config import DEFAULT_VAL_FRACTION, make_config
     from red.model.metrics import layer_eranks
-    from red.commands.distill import build_student, distill
-    from red.run.folder import OwnedFolder
+    from red.commands.distill import distill
+    from red.train.startup import build_student
+    from red.files import OwnedFolder
     from red.data.store import prepare_store
     from red.model.teacher import load_teacher
 
