@@ -225,10 +225,10 @@ def _cmd_distill(args) -> int:
     cfg = make_config(args.config, **overrides)  # validates: config errors answer before torch is imported
     from red.commands.checks import check_distill_inputs
 
-    check_distill_inputs(cfg)  # wrong paths, architecture or width: also before torch
+    inputs = check_distill_inputs(cfg)  # wrong paths, architecture or width: also before torch
     from red.commands.distill import distill
 
-    result = distill(cfg, progress=not args.quiet)
+    result = distill(cfg, progress=not args.quiet, inputs=inputs)
     if os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 reports
     last = [r for r in result.metrics.rows if "val_loss" in r]

@@ -289,16 +289,10 @@ def validate_plan_inputs(hidden_size: int, seq_len: int, micro_batch: int, gpus:
     check_values({"--hidden-size": hidden_size, "--seq-len": seq_len, "--micro-batch": micro_batch,
                   "--gpus": gpus, "--logits-chunk": logits_chunk}, PLAN_RULES)
 
-def validate_against_teacher(cfg: DistillConfig, teacher_config, n_sequences: int | None = None) -> None:
-    """The checks that need the teacher's config (a transformers config or a dict) and,
-    when given, ``n_sequences``, the number of packed training sequences of the corpus.
-    Call it in the pipeline's preflight once both are known, before anything is written."""
-    get = teacher_config.get if isinstance(teacher_config, dict) else (lambda k: getattr(teacher_config, k, None))
-    max_pos = get("max_position_embeddings")
-    if max_pos and cfg.seq_len > max_pos:
-        raise RedError(f"seq_len={cfg.seq_len} is above the teacher's max_position_embeddings={max_pos}; "
-                       f"lower --seq-len to {max_pos} or less")
-    if n_sequences is not None and not cfg.calibration and cfg.calib_samples > n_sequences:
+def check_calib_samples(cfg: DistillConfig, n_sequences: int) -> None:
+    """Calibration reads ``calib_samples`` training sequences: the corpus must pack to that
+    many (unless a calibration file is given)."""
+    if not cfg.calibration and cfg.calib_samples > n_sequences:
         raise RedError(f"calib_samples={cfg.calib_samples} is more than the {n_sequences} training sequences the "
                        f"corpus packs to at seq_len={cfg.seq_len}; lower --calib-samples or add text")
 

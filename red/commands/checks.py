@@ -8,6 +8,7 @@ its message live here once.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from red.errors import RedError
@@ -22,74 +23,94 @@ def check_bench_inputs(teacher: str | Path, hidden_size: int, seq_len: int) -> N
     check_seq_len(raw, seq_len)
 
 
-def data_inputs(data) -> list[tuple[str, Path]]:
-    """Every path the ``--data`` entries read, each checked to exist and be of a known kind
-    (contents are read later), globs expanded: ("token store", folder), ("saved dataset",
-    folder) or ("data file", file) pairs."""
-    from red.data.sources import expand_source, is_hf_dataset, is_store, split_data
+@dataclass(frozen=True)
+class DataEntryFiles:
+    """One ``--data`` entry as the checks found it: its spec, and the files it reads (globs
+    expanded once; empty for a token store)."""
 
-    out = []
-    for spec in split_data(data):
-        if is_store(spec.path):
-            out.append(("token store", Path(spec.path)))
-            continue
-        for f in expand_source(spec.path):
-            for one in getattr(f, "files", (f,)):
-                out.append(("saved dataset" if is_hf_dataset(one) else "data file", Path(one)))
-    return out
+    spec: object  # red.data.sources.DataSpec
+    store: bool
+    files: tuple
+
+
+@dataclass(frozen=True)
+class DistillInputs:
+    """What `red distill`'s checks before torch found, handed to the run so that nothing is
+    looked up twice: the configuration, the teacher's config.json, and every ``--data``
+    entry with its files."""
+
+    cfg: object  # red.config.DistillConfig
+    teacher: dict
+    data: tuple
+
+    def paths(self) -> list[tuple[str, Path]]:
+        """What the run reads (teacher, every data path, calibration): its output folder
+        must stay apart from each."""
+        from red.data.sources import is_hf_dataset
+
+        found = [("teacher folder", Path(self.cfg.teacher))]
+        for e in self.data:
+            if e.store:
+                found.append(("token store", Path(e.spec.path)))
+            for f in e.files:
+                for one in getattr(f, "files", (f,)):
+                    found.append(("saved dataset" if is_hf_dataset(one) else "data file", Path(one)))
+        if self.cfg.calibration:
+            found.append(("calibration file", Path(self.cfg.calibration)))
+        return found
+
+
+def data_entries(data) -> tuple:
+    """Every ``--data`` entry checked to name something that exists (a file of a supported
+    format, a glob matching such files, a token store or a saved dataset), globs expanded;
+    contents are read later."""
+    from red.data.sources import expand_source, is_store, split_data
+
+    return tuple(DataEntryFiles(spec, True, ()) if is_store(spec.path) else
+                 DataEntryFiles(spec, False, tuple(expand_source(spec.path))) for spec in split_data(data))
 
 
 def check_data_paths(data) -> None:
-    """Every ``--data`` entry names something that exists: a file of a supported format, a
-    glob matching such files, a token store or a saved dataset (contents read later)."""
-    data_inputs(data)
+    """``data_entries`` for commands that only need the check."""
+    data_entries(data)
 
 
-def distill_inputs(cfg) -> list[tuple[str, Path]]:
-    """What a `red distill` run reads (teacher, every data path after glob expansion,
-    calibration): its output folder must stay apart from each."""
-    found = [("teacher folder", Path(cfg.teacher))] + data_inputs(cfg.data)
-    if cfg.calibration:
-        found.append(("calibration file", Path(cfg.calibration)))
-    return found
-
-
-def check_run_folder(cfg) -> None:
+def check_run_folder(inputs: DistillInputs) -> None:
     """The output folder can take this run: a usable path, apart from every input, no
     symbolic link where red writes, not locked by another process, and in a state these
     flags allow (``red.run.folder.RunDir.check_usable``). Reads only; needs no torch."""
-    from red.run.log import sink_folders
     from red.config import parse_report_to
-    from red.run.folder import RUN_WRITES, RunDir
     from red.files import check_out_path, check_separate
+    from red.run.folder import RUN_WRITES, RunDir
+    from red.run.log import sink_folders
 
+    cfg = inputs.cfg
     check_out_path(cfg.out)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise RedError(f"output path {cfg.out} is a file; pass a folder to --out")
-    check_separate(cfg.out, distill_inputs(cfg))
+    check_separate(cfg.out, inputs.paths())
     run = RunDir(cfg.out)
     run.check_links()
-    if run._lock_fd is None:
-        holder = run.holder()
-        if holder is not None:
-            raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish or "
-                           "pick another --out")
+    holder = run.holder()
+    if holder is not None:
+        raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish or "
+                       "pick another --out")
     run.check_usable(cfg.overwrite, cfg.resume, (*RUN_WRITES, *sink_folders(parse_report_to(cfg.report_to))))
 
 
-def check_distill_inputs(cfg) -> None:
+def check_distill_inputs(cfg) -> DistillInputs:
     """What `red distill` can check from paths and config.json alone, before any heavy import:
-    the teacher folder and its architecture, the width against the teacher's, the corpus
-    paths, a given calibration file, and the output folder (``check_run_folder``)."""
-    from red.config import validate_against_teacher
-
+    the teacher folder and its architecture, the width and sequence length against the
+    teacher's, the corpus paths, a given calibration file, and the output folder
+    (``check_run_folder``). Returns what it found, for the run (``red.commands.distill``)."""
     raw = read_teacher_json(cfg.teacher)
     check_width(raw.get("hidden_size"), cfg.hidden_size)
-    validate_against_teacher(cfg, raw)  # --seq-len within the teacher's positions
-    check_data_paths(cfg.data)
+    check_seq_len(raw, cfg.seq_len)
+    inputs = DistillInputs(cfg, raw, data_entries(cfg.data))
     if cfg.calibration and not Path(cfg.calibration).is_file():
         raise RedError(f"calibration file {cfg.calibration} does not exist; run `red calibrate` or drop --calibration")
-    check_run_folder(cfg)
+    check_run_folder(inputs)
+    return inputs
 
 
 def safetensors_metadata(path: str | Path) -> dict | None:

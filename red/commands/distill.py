@@ -14,12 +14,12 @@ import red_kernels
 
 from red.train.calibration import Calibration, calibrate, check_calibration_teacher
 from red.run.checkpoint import check_checkpoint
-from red.config import DistillConfig, config_yaml, validate_against_teacher
+from red.config import DistillConfig, check_calib_samples, config_yaml
 from red.data.corpus import PackedCorpus, corpus_from_stores
 from red.distributed import DistContext, init_distributed, rank_device, shard_student
 from red.errors import RedError
 from red.model.export import check_student_width, export_student
-from red.commands.checks import check_distill_inputs, distill_inputs
+from red.commands.checks import DistillInputs, check_distill_inputs
 from red.run.log import sink_folders
 from red.config import parse_report_to
 from red.train.plan import run_disk_bytes
@@ -28,7 +28,7 @@ from red.run.identity import RunIdentity, resume_changes
 from red.files import write_file_atomic
 from red.model.student import ProjectedStudent
 from red.model.arch import trainable_shapes
-from red.model.teacher import check_teacher_files, check_teacher_weights, load_teacher, load_tokenizer, read_teacher_config
+from red.model.teacher import check_teacher_weights, load_teacher, load_tokenizer, read_teacher_config
 from red.model.arch import Arch
 from red.train.trainer import resolve_precision, train
 from red.run.log import MetricsLog
@@ -48,11 +48,6 @@ class RunResult:
     metrics: MetricsLog
 
 
-def run_inputs(cfg: DistillConfig) -> list:
-    """The paths a run reads (globs expanded), which its output folder must stay apart from."""
-    return distill_inputs(cfg)
-
-
 def run_writes(cfg: DistillConfig) -> tuple:
     """The top-level names a run writes in its folder."""
     return (*RUN_WRITES, *sink_folders(parse_report_to(cfg.report_to)))
@@ -67,52 +62,77 @@ def disk_need(cfg: DistillConfig, arch: Arch) -> int:
     return run_disk_bytes(arch, cfg.hidden_size, cfg.steps, cfg.save_every, cfg.keep_checkpoints, dtype_bytes, files)
 
 
-def check_kernels(cfg: DistillConfig, ctx: DistContext) -> None:
+def check_kernels(cfg: DistillConfig, dev: torch.device) -> None:
     """``--kernels triton`` only where Triton can run: a CUDA device, or the CPU under
     Triton's interpreter (TRITON_INTERPRET=1 set before start)."""
     if cfg.kernels != "triton":
         return
-    dev = resolve_device(rank_device(ctx, cfg.device))
     ok, why = red_kernels._backend.triton_runnable(torch.empty(0, device=dev))
     if not ok:
         raise RedError(f"--kernels triton cannot run on {dev}: {why}; use --kernels torch (or auto)")
 
 
-def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = None):
-    """Every check that can fail on the user's input, run before anything is written.
+@dataclass(frozen=True)
+class DistillPlan:
+    """One `red distill` run with every input checked once (``plan_distill``); the steps
+    below take their parts from it, none looks an input up again.
 
-    Returns ``(tokenizer, data entries, corpus or None, calibration or None, identity or None,
-    cfg)``: the corpus (and the run's identity, which names the data's fingerprint) is None
-    while some --data file still has to be tokenized (``make_data_ready``); ``cfg`` comes back
-    with ``resume`` off when the folder holds no checkpoint yet (nothing to resume: the run
-    starts from step 0) and, when resuming, with run.yaml's schedule history and this
-    invocation's allowed changes appended. Reads the teacher's config, tokenizer and
-    safetensors headers (not its weights), the data (``plan_data``), the given calibration file and the
-    run folder's run.yaml and last checkpoint; checks the output folder is separate from the
-    inputs, writable and has room. Raises RedError naming the first problem.
+    ``corpus`` and ``identity`` (which names the data's fingerprint) are None while some
+    --data file still has to be tokenized into the run folder (``with_data``)."""
+
+    cfg: DistillConfig  # resume and the schedule history settled
+    teacher_config: object  # the teacher's transformers config
+    arch: Arch
+    tokenizer: object
+    data: tuple  # red.data.staging.DataEntry of every --data entry
+    corpus: PackedCorpus | None
+    calibration: Calibration | None
+    identity: RunIdentity | None
+    device: torch.device
+    dtype: torch.dtype
+
+    def with_data(self, corpus: PackedCorpus) -> "DistillPlan":
+        """The plan once the --data files are tokenized: the corpus checked, the identity made."""
+        check_calib_samples(self.cfg, len(corpus.train))
+        check_scored_tokens(list(self.data), self.cfg)
+        return dataclasses.replace(self, corpus=corpus,
+                                   identity=RunIdentity.from_config(self.cfg, self.arch, corpus.fingerprint))
+
+
+def plan_distill(inputs: DistillInputs, run: RunDir, ctx: DistContext | None = None) -> DistillPlan:
+    """Every check that can fail on the user's input, run before anything is written, once.
+
+    ``inputs``: what the checks before torch found (``red.commands.checks.check_distill_inputs``:
+    paths, architecture, width, sequence length, the output folder). Then the teacher's
+    transformers config, tokenizer and safetensors headers (not its weights), the device
+    and precision, the data (``plan_data``), a given calibration file and, to resume, the
+    run folder's run.yaml and last checkpoint; the output folder's room. The plan's ``cfg``
+    comes back with ``resume`` off when the folder holds no checkpoint yet (nothing to
+    resume: the run starts from step 0) and, when resuming, with run.yaml's schedule history
+    and this invocation's allowed changes appended. Raises RedError naming the first problem.
     """
     ctx = ctx or DistContext()
-    check_distill_inputs(cfg)  # paths, architecture, width range, the output folder: the cheapest errors
+    cfg = inputs.cfg
+    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)
     arch = Arch.from_config(tcfg)
     if cfg.batch_size % ctx.world_size:
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     check_student_width(tcfg, cfg.hidden_size)
-    check_kernels(cfg, ctx)
-    check_teacher_files(cfg.teacher)
-    check_teacher_weights(cfg.teacher, tcfg)
+    device = resolve_device(rank_device(ctx, cfg.device))
+    check_kernels(cfg, device)
+    check_teacher_weights(cfg.teacher, tcfg, arch)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     if len(tokenizer) > arch.vocab_size:
         raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
                        f"{arch.vocab_size} rows; use the teacher's own tokenizer")
-    entries = plan_data(cfg, tokenizer, run)
+    entries = plan_data(inputs.data, cfg, tokenizer, run)
     check_store_splits(entries, cfg)
     corpus = None
     if all(e.store is not None for e in entries):
         weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
         corpus = corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
-    validate_against_teacher(cfg, tcfg, len(corpus.train) if corpus is not None else None)
-    if corpus is not None:
+        check_calib_samples(cfg, len(corpus.train))
         check_scored_tokens(entries, cfg)
     cal = None
     if cfg.calibration:
@@ -139,10 +159,6 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     err = None
     if ctx.is_main:
         try:
-            holder = run.holder()
-            if holder is not None and run._lock_fd is None:
-                raise RedError(f"output folder {cfg.out} is in use by process {holder}; wait for it to finish "
-                               "or pick another --out")
             run.check_usable(cfg.overwrite, cfg.resume, run_writes(cfg))
             # what the folder already holds of the run (its checkpoints on --resume) counts toward the need
             need = disk_need(cfg, arch) - run.reusable_bytes(cfg.resume, cfg.overwrite)
@@ -152,7 +168,8 @@ def preflight(cfg: DistillConfig, tcfg, run: RunDir, ctx: DistContext | None = N
     err = ctx.broadcast_error(err)
     if err:
         raise RedError(err)
-    return tokenizer, entries, corpus, cal, identity, cfg
+    return DistillPlan(cfg, tcfg, arch, tokenizer, tuple(entries), corpus, cal, identity, device,
+                       resolve_precision(cfg.precision, device))  # the teacher's dtype is the compute dtype
 
 
 def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch: Arch, n_train: int):
@@ -179,52 +196,52 @@ def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch:
     return dataclasses.replace(cfg, history=history)
 
 
-def distill(cfg: DistillConfig, progress: bool = True) -> RunResult:
+def distill(cfg: DistillConfig, progress: bool = True, inputs: DistillInputs | None = None) -> RunResult:
     """Run a whole distillation as configured and export the student to ``cfg.out/student``.
 
-    The output folder is a ``red.run.folder.RunDir``: locked for the whole run, written only by
-    `red` (temp + rename), never through symbolic links; ``--resume`` continues its last
-    checkpoint under the rules of ``red.run.folder`` (a folder without a checkpoint simply starts
-    again). Under ``torchrun`` (RANK/WORLD_SIZE in the environment) this is one rank of an
-    FSDP2 run: the student and teacher are sharded over the ranks, each micro-batch of
-    ``cfg.batch_size`` sequences is split across them, and rank 0 alone writes run.yaml,
-    metrics, checkpoints, the export and ``result.json``. See ``red.distributed``.
+    ``inputs``: what ``red.commands.checks.check_distill_inputs(cfg)`` found (`red distill`
+    runs it before importing torch); checked here when not given. The output folder is a
+    ``red.run.folder.RunDir``: locked for the whole run, written only by `red` (temp +
+    rename), never through symbolic links; ``--resume`` continues its last checkpoint
+    under the rules of ``red.run.identity`` (a folder without a checkpoint simply starts
+    again). Under ``torchrun`` (RANK/WORLD_SIZE in the environment) this is one rank of a
+    data-parallel run (``red.distributed``): each micro-batch of ``cfg.batch_size``
+    sequences is split across the ranks, and rank 0 alone writes run.yaml, metrics,
+    checkpoints, the export and ``result.json``.
     """
-    cfg.validate()
-    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)
+    if inputs is None:
+        inputs = check_distill_inputs(cfg.validate())
     ctx = init_distributed(cfg.device)
     run = RunDir(cfg.out)
     try:
-        tokenizer, entries, corpus, cal, identity, cfg = preflight(cfg, tcfg, run, ctx)
+        plan = plan_distill(inputs, run, ctx)
+        cfg = plan.cfg
         created = not run.root.exists()
         if ctx.is_main:
             run.lock()  # one writer; a second red on this folder is refused from here on
-            reused = {DATA} if any(e.store is not None and e.target for e in entries) else set()
+            reused = {DATA} if any(e.store is not None and e.target for e in plan.data) else set()
             state = run.prepare(cfg.overwrite, cfg.resume, keep=reused, writes=run_writes(cfg))
             # run.yaml repeats the run; overwrite/resume/allow_change are per-invocation
             run.write_text(RUN_YAML, config_yaml(dataclasses.replace(cfg, overwrite=False, resume=False,
                                                                      allow_change="")))
         ctx.barrier()
-        if corpus is None:  # tokenize the --data files into OUT/data, once
+        if plan.corpus is None:  # tokenize the --data files into OUT/data, once
             try:
-                corpus = make_data_ready(entries, cfg, tokenizer, run, ctx, progress)
-                validate_against_teacher(cfg, tcfg, len(corpus.train))
-                check_scored_tokens(entries, cfg)
+                plan = plan.with_data(make_data_ready(list(plan.data), cfg, plan.tokenizer, run, ctx, progress))
             except RedError:
                 if ctx.is_main and state != "run":
                     run.discard(remove_root=created)  # a failed start leaves nothing behind
                 raise
-            identity = RunIdentity.from_config(cfg, Arch.from_config(tcfg), corpus.fingerprint)
-        return _distill_locked(cfg, run, ctx, tokenizer, corpus, cal, identity, progress)
+        return _distill_locked(plan, run, ctx, progress)
     finally:
         run.unlock()
 
 
-def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, progress) -> RunResult:
+def _distill_locked(plan: DistillPlan, run: RunDir, ctx, progress) -> RunResult:
+    cfg, device, dtype, corpus, cal, tokenizer = plan.cfg, plan.device, plan.dtype, plan.corpus, plan.calibration, \
+        plan.tokenizer
     red_kernels.set_backend(cfg.kernels)
-    device = resolve_device(rank_device(ctx, cfg.device))
     torch.manual_seed(cfg.seed)
-    dtype = resolve_precision(cfg.precision, device)  # the teacher's dtype is the compute dtype
     probe = StartupEvents()
     t_mode, w_mode = sharding(cfg, ctx, device, dtype) if ctx.distributed else ("replicate", "replicate")
     shard_teacher = t_mode == "shard"
@@ -235,7 +252,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
         # one process, a replicated teacher (or RED_SHARDED_STARTUP=0): the whole teacher on
         # this device, then the student's tensors (and the teacher, when sharded) are sharded
         teacher, _ = load_teacher(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                                  with_tokenizer=False)
+                                  with_tokenizer=False, checked_config=plan.teacher_config)
         probe.watch(teacher)
         probe.sample("load")
         if cal is None:
@@ -251,7 +268,7 @@ def _distill_locked(cfg, run: RunDir, ctx, tokenizer, corpus, cal, identity, pro
         probe.sample("sharded")
     probe.done()
     student.shard_step_weights = w_mode == "shard"
-    metrics = train(student, corpus, cfg, run, progress=progress, identity=identity, ctx=ctx)
+    metrics = train(student, corpus, cfg, run, progress=progress, identity=plan.identity, ctx=ctx)
     if ctx.distributed:
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
     if ctx.is_main:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from red.config import DistillConfig, files_val_fraction
 from red.data.corpus import PackedCorpus, corpus_from_stores
-from red.data.sources import DataSpec, expand_source, is_store, iter_rows, render_chat, split_data
+from red.data.sources import DataSpec, iter_rows, render_chat
 from red.data.store import MANIFEST as STORE_MANIFEST
 from red.data.store import TokenStore, prepare_store, source_record, tokenizer_fingerprint
 from red.distributed import DistContext
@@ -27,19 +27,21 @@ class DataEntry:
     target: str = ""
 
 
-def plan_data(cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
-    """Check every --data entry without writing anything: stores are opened (manifest,
-    file sizes, tokenizer); files are checked to exist, and their first rows to parse (the
-    rest is checked while they are tokenized); a store already made from the same files
-    in OUT/data is reused, so a resumed or repeated run never tokenizes again."""
+def plan_data(data, cfg: DistillConfig, tokenizer, run: RunDir) -> list[DataEntry]:
+    """Check every --data entry (``data``: ``red.commands.checks``' entries, globs already
+    expanded) without writing anything: stores are opened and every byte read; files'
+    first rows are parsed (the rest is checked while they are tokenized); a store already
+    made from the same files in OUT/data is reused, so a resumed or repeated run never
+    tokenizes again."""
     entries = []
     fp = tokenizer_fingerprint(tokenizer)
-    for i, spec in enumerate(split_data(cfg.data)):
-        if is_store(spec.path):
+    for i, found in enumerate(data):
+        spec = found.spec
+        if found.store:
             # every byte read once: the store's fingerprint then stands for what is trained on
             entries.append(DataEntry(spec, TokenStore(spec.path, tokenizer, verify=True), [], []))
             continue
-        files = expand_source(spec.path)
+        files = list(found.files)
         _check_first_rows(files, cfg, tokenizer)
         records = [source_record(f) for f in files]
         target = f"{DATA}/{i}"

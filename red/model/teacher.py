@@ -26,17 +26,21 @@ def read_teacher_config(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 trust_remote_code: bool = False, with_tokenizer: bool = True):
+                 trust_remote_code: bool = False, with_tokenizer: bool = True, checked_config=None):
     """Load a frozen teacher (eval mode, no grads) and its tokenizer from a local folder.
 
     Only safetensors weights are read (pickle is never unpickled). Returns
     ``(model, tokenizer)``; ``tokenizer`` is None when ``with_tokenizer`` is False.
+    ``checked_config``: the folder's config, already read and checked against its weights'
+    headers by the caller (``red.commands.distill``'s plan), so not checked again.
     """
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
-    config = read_teacher_config(p, trust_remote_code)
-    check_teacher_weights(p, config)
+    config = checked_config
+    if config is None:
+        config = read_teacher_config(p, trust_remote_code)
+        check_teacher_weights(p, config)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # red shows its own progress; loading bars are noise
@@ -240,12 +244,13 @@ def teacher_weight_files(folder: str | Path) -> list[Path]:
     return [folder / n for n in names]
 
 
-def check_teacher_weights(folder: str | Path, config) -> None:
+def check_teacher_weights(folder: str | Path, config, arch: Arch | None = None) -> None:
     """From the safetensors headers alone (plus the head and embedding when a tied config
     also stores a head): every parameter ``config``'s architecture has is present with its
     shape, nothing unexpected is there, every tensor is of one float dtype, and the tie
-    flag agrees with the file. RedError naming the tensors and the fix otherwise."""
-    from red.model.arch import expected_teacher_shapes
+    flag agrees with the file. RedError naming the tensors and the fix otherwise. ``arch``:
+    ``Arch.from_config(config)`` when the caller has it."""
+    from red.model.arch import has_attention_bias, teacher_shapes
 
     folder = Path(folder)
     check_teacher_files(folder)
@@ -258,7 +263,7 @@ def check_teacher_weights(folder: str | Path, config) -> None:
                                "keep one copy (re-save the checkpoint)")
             headers[k], where[k] = v, f
     headers = {k: v for k, v in headers.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    expected = expected_teacher_shapes(config)
+    expected = teacher_shapes(arch or Arch.from_config(config), has_attention_bias(config))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head = headers.get("lm_head.weight")
     if tied and head is not None:

@@ -4,15 +4,15 @@ Each row is one bad input: exit code 2, exactly one line "red <command>: error: 
 stderr naming the problem, no traceback, no output folder created and nothing that was on
 disk changed. Below the table: the corpus fixes that are not errors (CRLF paragraphs, the
 UTF-8 byte-order mark, packing with a tokenizer without bos/eos, 64-bit seeds) and the
-checks that need the teacher (validate_against_teacher)."""
+checks that need the teacher (check_seq_len, check_calib_samples)."""
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoConfig
 
-from red.config import make_config, validate_against_teacher
+from red.config import check_calib_samples, make_config
+from red.model.arch import check_seq_len
 from red.data.corpus import load_corpus, read_documents, tokenize_documents
 from red.data.store import BlockSampler
 from red.errors import RedError
@@ -174,15 +174,15 @@ def test_any_64_bit_seed_runs():
     assert BlockSampler(10, 4, 3).next().tolist() == BlockSampler(10, 4, 3).next().tolist()
 
 
-def test_validate_against_teacher(teacher_dirs):
-    tcfg = AutoConfig.from_pretrained(teacher_dirs["llama"])  # max_position_embeddings 256
+def test_seq_len_and_calibration_samples_against_the_teacher_and_corpus(teacher_dirs):
+    raw = json.loads((teacher_dirs["llama"] / "config.json").read_text())  # max_position_embeddings 256
+    check_seq_len(raw, 256)
+    with pytest.raises(RedError, match="--seq-len 300 is above the teacher's max_position_embeddings=256"):
+        check_seq_len(raw, 300)
     ok = make_config(teacher="t", data="d", hidden_size=8, out="o", seq_len=256, calib_samples=4)
-    validate_against_teacher(ok, tcfg, n_sequences=4)
-    validate_against_teacher(ok, tcfg.to_dict())
-    with pytest.raises(RedError, match="seq_len=300 is above the teacher's max_position_embeddings=256"):
-        validate_against_teacher(make_config(teacher="t", data="d", hidden_size=8, out="o", seq_len=300), tcfg)
+    check_calib_samples(ok, 4)
     with pytest.raises(RedError, match="calib_samples=4 is more than the 3 training sequences"):
-        validate_against_teacher(ok, tcfg, n_sequences=3)
+        check_calib_samples(ok, 3)
     # a given calibration file needs no sequences of this corpus
-    validate_against_teacher(make_config(teacher="t", data="d", hidden_size=8, out="o", calib_samples=4,
-                                         calibration="cal.safetensors"), tcfg, n_sequences=1)
+    check_calib_samples(make_config(teacher="t", data="d", hidden_size=8, out="o", calib_samples=4,
+                                    calibration="cal.safetensors"), 1)
