@@ -19,7 +19,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from red.config import PRESETS, DistillConfig
+from red.config import EXPORT_DTYPES, PRECISION_CHOICES, PRESETS, TEACHER_DTYPES, TXT_SPLITS, DistillConfig
 from red.errors import RedError
 
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .txt/.jsonl/.parquet file, a glob, or a save_to_disk folder; repeat for several")
     p.add_argument("--out", required=True, help="store folder")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/dataset rows")
-    p.add_argument("--txt-split", default="line", choices=("line", "paragraph", "file"), help="documents of a .txt")
+    p.add_argument("--txt-split", default="line", choices=TXT_SPLITS, help="documents of a .txt")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out, by whole documents")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core but one; 1: in this process)")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet")
-    p.add_argument("--txt-split", default="line", choices=("line", "paragraph", "file"), help="documents of a .txt")
+    p.add_argument("--txt-split", default="line", choices=TXT_SPLITS, help="documents of a .txt")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the --out folder of `red distill`")
     p.add_argument("--out", required=True, help="folder for the exported model")
     p.add_argument("--checkpoint", default=None, help="a checkpoints/step-* folder (default: the last)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weight dtype")
+    p.add_argument("--dtype", default="auto", choices=EXPORT_DTYPES, help="weight dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     from red.commands.demo.run import DemoConfig
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the student's dense step weights on several GPUs: shard (fp32 rows per GPU, gathered per "
                         "layer every micro-batch) or replicate (whole on every GPU, all-reduced once a step)")
     p.add_argument("--activation-checkpointing", action="store_true", help="plan with per-layer activation checkpointing")
-    p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--teacher-dtype", default="bfloat16", choices=TEACHER_DTYPES,
                    help="teacher weight dtype, which is the step's compute dtype")
     p.add_argument("--logits-chunk", type=int, default=0, help="rows per logits chunk of the fused KL kernel (0: its default)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (--calib-samples of red distill)")
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(None: all on CUDA, 2 on the CPU)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="compute dtype: auto is bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="also time the torch path with each layer under torch.compile")
     p.add_argument("--no-ordinary", action="store_true", help="skip the ordinary-training baseline")

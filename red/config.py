@@ -27,6 +27,9 @@ PRECISION_CHOICES = ("auto", "bf16", "fp32")
 KL_REDUCTIONS = ("mean", "sum")
 DIVERGENCES = ("forward-kl", "reverse-kl", "jsd")
 LOSS_ON = ("assistant", "all")
+TXT_SPLITS = ("line", "paragraph", "file")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 
 # --report-to: live metrics sinks beside the JSONL record (red.run.log writes them)
 JSONL = "jsonl"
@@ -241,8 +244,8 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("teacher_sharding", one_of(TEACHER_SHARDING)),
     ("step_weights", one_of(TEACHER_SHARDING)),
     ("precision", one_of(PRECISION_CHOICES)),
-    ("txt_split", one_of(("line", "paragraph", "file"))),
-    ("export_dtype", one_of(("auto", "float32", "bfloat16", "float16"))),
+    ("txt_split", one_of(TXT_SPLITS)),
+    ("export_dtype", one_of(EXPORT_DTYPES)),
     ("device", DEVICE),
     ("steps", at_least(1)),
     ("batch_size", at_least(1)),

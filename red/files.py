@@ -133,6 +133,12 @@ def check_output_file(out: str | Path, overwrite: bool, written_by_red, kind: st
     return p
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``write_file_atomic`` of a text."""
+    write_file_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return Path(path)
+
+
 def write_file_atomic(path: str | Path, write) -> None:
     """``write(tmp)`` into a temporary name next to ``path``, then one rename: ``path`` is
     never half written, and on any error (a full disk) the temporary goes and ``path`` is as
@@ -344,17 +350,7 @@ class OwnedFolder:
     def _write_manifest(self, entries: set, foreign: set) -> None:
         text = json.dumps({"written_by": "red", "entries": sorted(entries | {self.manifest_name}),
                            "foreign": sorted(foreign)}, indent=1)
-        final = self.path(self.manifest_name)
-        tmp = self.path(f".{self.manifest_name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise RedError(f"could not write {final} ({e.strerror or e}); free space or fix permissions") from None
+        write_text_atomic(self.path(self.manifest_name), text)
 
     def conflicts(self, names) -> list[str]:
         """Those of ``names`` that exist here but were not written by red (red must not
@@ -535,12 +531,13 @@ def check_writable(out: str | Path, need_bytes: int = 0) -> None:
         free = free_disk_bytes(p)
         if free < need_bytes:
             raise RedError(f"not enough disk space for {p}: the run's checkpoints and export need about "
-                           f"{_fmt_bytes(need_bytes)}, {_fmt_bytes(free)} are free; free space or pick another --out")
+                           f"{format_bytes(need_bytes)}, {format_bytes(free)} are free; free space or pick another --out")
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
+def format_bytes(n: float, digits: int = 1, width: int = 0) -> str:
+    """``n`` bytes in the largest binary unit it reaches ("1.5 GiB", "812 B"), the number
+    right-aligned in ``width`` characters (tables)."""
+    for unit, k in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 2 ** k:
+            return f"{n / 2 ** k:{width}.{digits}f} {unit}"
+    return f"{int(n):{width}d} B"

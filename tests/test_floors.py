@@ -2,7 +2,7 @@
 its own floor or below, nothing imports in a circle, and the checks that run before torch
 (the architectures and the commands' pre-checks) import no torch.
 
-Floors, bottom up: red.errors; red.files and red.config; red.distributed; red.model;
+Floors, bottom up: red.errors; red.files and red.config; red.distributed and red.dtypes; red.model;
 red.run; red.data; red.train; red.commands; red.cli (and the package's entry points)."""
 import ast
 import subprocess
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOORS = [("red.errors",), ("red.files", "red.config"), ("red.distributed",), ("red.model",), ("red.run",),
+FLOORS = [("red.errors",), ("red.files", "red.config"), ("red.distributed", "red.dtypes"), ("red.model",), ("red.run",),
           ("red.data",), ("red.train",), ("red.commands",), ("red.cli", "red.__main__", "red")]
 
 

@@ -65,6 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import red_kernels
 
+from red.config import PRECISION_CHOICES
 from red.errors import RedError
 
 MB = 2 ** 20
@@ -1103,7 +1104,7 @@ def run_bench(teacher_dir, hidden_size: int, seq_len: int, batch_size: int = 1, 
     from red.model.arch import Arch
     from red.train.trainer import resolve_precision
 
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in PRECISION_CHOICES:
         raise RedError(f"--precision {precision!r} is not one of auto, bf16, fp32")
     from red.commands.checks import check_bench_inputs
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from red.errors import RedError
-from red.files import LOCK, FolderLock, file_sha256
+from red.files import write_text_atomic, LOCK, FolderLock, file_sha256
 from red.data.sources import STORE_MANIFEST, DatasetFiles, Row, expand_source, iter_rows, render_chat
 
 MANIFEST = STORE_MANIFEST
@@ -273,9 +273,7 @@ def _write_manifest(root: Path, manifest: dict) -> None:
     manifest["tokens"] = sum(p["tokens"] for p in manifest["parts"])
     manifest["documents"] = sum(p["documents"] for p in manifest["parts"])
     manifest["fingerprint"] = _content_fingerprint(manifest)
-    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / MANIFEST)
+    write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_field: str = "text",

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from red.errors import RedError
+from red.dtypes import BY_NAME
 from red.model.arch import check_width
 from red.model.student import ProjectedStudent
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IN = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
        "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up"}
@@ -37,7 +37,7 @@ def teacher_dtype(teacher) -> torch.dtype:
         return declared
     d = getattr(teacher.config, "dtype", None) or getattr(teacher.config, "torch_dtype", None)
     if isinstance(d, str):
-        d = _DTYPES.get(d)
+        d = BY_NAME.get(d)
     return d if isinstance(d, torch.dtype) else torch.float32
 
 
@@ -163,7 +163,7 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
     folder = OwnedFolder(out_dir, EXPORT_MANIFEST, "export folder", legacy_key="files")
     previous = folder.manifest()  # an invalid manifest is refused here, before anything is written
     if isinstance(dtype, str):
-        dtype = teacher_dtype(teacher) if dtype == "auto" else _DTYPES[dtype]
+        dtype = teacher_dtype(teacher) if dtype == "auto" else BY_NAME[dtype]
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".staging-{os.getpid()}"
     if tmp.exists():

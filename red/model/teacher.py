@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from red.errors import RedError
+from red.dtypes import BY_NAME
 from red.model.arch import SUPPORTED, Arch, check_supported_features, read_teacher_json  # noqa: F401 (re-exported)
 
 
@@ -329,7 +330,7 @@ def config_dtype(folder: str | Path) -> torch.dtype | None:
     except (OSError, json.JSONDecodeError):
         return None
     d = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(d)
+    return BY_NAME.get(d)
 
 
 def teacher_fingerprint(path: str | Path) -> str:

@@ -55,12 +55,10 @@ from red.run.checkpoint_files import (INDEX, INDEX_FORMAT, SINGLE_FILE, _files_p
                                list_checkpoints, shard_file_name)
 from red.distributed import DistContext, full_tensor, local_tensor
 from red.errors import RedError
+from red.dtypes import FROM_SAFETENSORS, SAFETENSORS
 from red.files import file_sha256, is_write_error, write_error_text
 from red.model.teacher import check_safetensors_file
 
-_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -162,7 +160,7 @@ def local_state(student, optimizer, rank: int, world: int) -> tuple[dict[str, to
     entries: dict[str, dict] = {}
     for name, t, dtype in items:
         pieces = _pieces(t, world)
-        entries[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(t.shape),
+        entries[name] = {"dtype": SAFETENSORS[dtype], "shape": list(t.shape),
                          "shards": [{"file": r} if a is None else {"file": r, "start": a, "stop": b}
                                     for r, a, b in pieces]}
         if any(r == rank for r, _, _ in pieces):
@@ -358,7 +356,6 @@ def _save_sharded(root: Path, final: Path, step: int, student, optimizer, schedu
 
 
 # -- reading --------------------------------------------------------------------------------------
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class _Layout:
@@ -462,7 +459,7 @@ class _Reader:
             if a < b:
                 parts.append(self._file(s["file"]).get_slice(name)[a - s["start"]: b - s["start"]])
         if not parts:
-            return torch.empty((0, *e["shape"][1:]), dtype=_TORCH_DTYPES[e["dtype"]])
+            return torch.empty((0, *e["shape"][1:]), dtype=FROM_SAFETENSORS[e["dtype"]])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def whole(self, name: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from red.errors import RedError
-from red.files import LOCK, MANIFEST, OwnedFolder, _tree_bytes
+from red.files import write_text_atomic, LOCK, MANIFEST, OwnedFolder, _tree_bytes
 
 RUN_YAML = "run.yaml"
 METRICS = "metrics.jsonl"
@@ -189,16 +189,7 @@ class RunDir(OwnedFolder):
         final = self.path(name)
         if record:
             self.own(name)
-        tmp = self.path(f".{name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise RedError(f"could not write {final} ({e.strerror or e}); free space or fix permissions") from None
+        write_text_atomic(final, text)
         return final
 
     def write_json(self, name: str, obj, record: bool = True) -> Path:

@@ -108,15 +108,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
 from red.errors import RedError
+from red.dtypes import BYTES, NAME_OF
+from red.files import format_bytes
 from red.model.arch import (Arch, has_attention_bias, step_layer_shapes,
                             student_weight_elements, teacher_shapes, trainable_shapes)
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = BYTES  # by config.json name
 #: torch dtype -> the name plan_memory takes
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = NAME_OF
 CATEGORIES = ("teacher", "projections", "gradients", "optimizer", "weights", "weight_grads", "gathered",
               "activations", "logits", "step_buffers")
 #: the categories held through the whole step; the others are the two phases ``total`` takes the larger of
@@ -519,10 +520,9 @@ def _read_config(teacher) -> dict:
 
 
 def _gib(b: float) -> str:
-    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if b >= 2 ** k:
-            return f"{b / 2 ** k:10.2f} {unit}"
-    return f"{int(b):10d} B  "
+    """A plan table's cell: two decimals, aligned."""
+    text = format_bytes(b, digits=2, width=10)
+    return text if not text.endswith(" B") else text + "  "
 
 
 # -- speed ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from red.data.corpus import PackedCorpus
 from red.data.store import BlockSampler
 from red.distributed import DistContext, full_tensor
 from red.errors import RedError
+from red.dtypes import PRECISIONS
 from red.run.log import MetricsLog
 from red.model.metrics import erank
 from red.run.log import open_sinks, sink_folders
@@ -119,7 +120,6 @@ def setting_at(cfg: DistillConfig, key: str, step: int):
     return value
 
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:

@@ -12,7 +12,6 @@ import red.data.sources as sources
 import red.data.staging as staging
 import red.files as files
 import red.model.arch as arch
-import red.model.teacher as teacher
 import red.run.identity as identity
 from red.cli import main
 from red.config import DistillConfig

@@ -137,9 +137,10 @@ def test_an_early_stop_does_not_wedge_the_folder(how, teacher_dirs, corpus_file,
                 pytest.skip("needs a machine without CUDA")
             assert distill(t, corpus_file, out, "--device", "cuda") == 2
             capfd.readouterr()
+            assert not out.exists()  # the device is checked with every other input, before anything is written
         else:
             _kill(_start_held(t, corpus_file, out, "train:1"))  # killed after step 1, before checkpoint 2
-        assert (out / "run.yaml").is_file() and not list_checkpoints(out / "checkpoints")
+            assert (out / "run.yaml").is_file() and not list_checkpoints(out / "checkpoints")
 
     out = tmp_path / "run"
     stop_early(out)

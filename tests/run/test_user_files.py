@@ -64,7 +64,7 @@ def test_overwrite_never_claims_the_folders_own_names(teacher_dirs, corpus_file,
     (out / "data" / "notes.txt").write_text("mine")
     before = tree(out)
     # red writes data/ (the tokenized corpus): refused, not adopted
-    line = one_line(capfd, distill(t, corpus_file, out, "--overwrite"), "already holds data", "red did not write")
+    one_line(capfd, distill(t, corpus_file, out, "--overwrite"), "already holds data", "red did not write")
     assert tree(out) == before and [p.name for p in out.iterdir()] == ["data"]
     shutil.rmtree(out / "data")
     (out / "student").mkdir()

@@ -111,7 +111,7 @@ def _split(text: str) -> list[str]:
 
 
 def _runs(cfg: DemoConfig) -> list[RunSpec]:
-    from red.config import DistillConfig, KL_REDUCTIONS, PRESETS
+    from red.config import INITS, KL_REDUCTIONS, PRESETS, DistillConfig
 
     if cfg.tune_lr not in TUNE_CHOICES:
         raise RedError(f"unknown --tune-lr {cfg.tune_lr!r}; use {', '.join(TUNE_CHOICES)}")
@@ -125,8 +125,8 @@ def _runs(cfg: DemoConfig) -> list[RunSpec]:
             raise RedError(f"unknown preset {p!r} in --presets; use {', '.join(PRESETS)}")
         base.append((p, p, None))
     for i in _split(cfg.inits):
-        if i not in ("orthogonal", "random-select", "lrc", "red"):
-            raise RedError(f"unknown init {i!r} in --inits; use orthogonal, random-select, lrc or red")
+        if i not in INITS:
+            raise RedError(f"unknown init {i!r} in --inits; use {', '.join(INITS)}")
         base.append((f"red-loss+{i}", "red", i))
     if not base:
         raise RedError("nothing to run: give at least one preset or init")
