@@ -395,6 +395,59 @@ def _check_shapes(config, arch: Arch, d: int, micro_batch: int, N: int, dtypes: 
             raise RedError(f"{name} {dt!r} is not one of {', '.join(DTYPE_BYTES)}")
 
 
+def _check_memory_inputs(hidden_size: int, seq_len: int, micro_batch: int, gpus: int, logits_chunk: int,
+                         teacher_sharding: str, step_weights: str, grad_accum: int, disk_gb_per_s: float) -> None:
+    """``plan_memory``'s own argument checks (RedError), before any config is read, in the
+    order a user meets them."""
+    from red.config import validate_plan_inputs
+
+    validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)  # red plan's own rules
+    if step_weights not in STEP_WEIGHTS:
+        raise RedError(f"--step-weights {step_weights!r} is not one of {', '.join(STEP_WEIGHTS)}")
+    if teacher_sharding not in TEACHER_SHARDINGS:
+        raise RedError(f"--teacher-sharding {teacher_sharding!r} is not one of {', '.join(TEACHER_SHARDINGS)}")
+    if int(grad_accum) < 1:
+        raise RedError(f"--grad-accum {grad_accum} must be at least 1")
+    if not disk_gb_per_s > 0:
+        raise RedError(f"--disk-gb-per-s {disk_gb_per_s} must be above 0")
+
+
+def _persistent_memory(arch: Arch, d: int, t_shapes: dict, s_shapes: dict, N: int, tb: int, cb: int,
+                       sharded_teacher: bool, sharded_weights: bool) -> dict:
+    """Bytes per GPU of the ``PERSISTENT`` categories, held through the whole step: the
+    teacher, the fp32 trainables with their gradients and AdamW state, and the step's
+    weights with their gradient sums (fp32 rows per GPU for the layers when sharded)."""
+    shard = lambda shapes, n=N: sum(_sharded_numel(s, n) for s in shapes.values())
+    products, casts = step_weight_elements(arch, d)
+    in_place = cb == 4 and N == 1  # an fp32 step on one GPU uses the fp32 masters of the casts themselves
+    out = {
+        "teacher": tb * shard(t_shapes, N if sharded_teacher else 1),
+        "projections": 4 * shard(s_shapes),
+        "gradients": 4 * shard(s_shapes),
+        "optimizer": 4 * 2 * shard(s_shapes) + 4 * len(s_shapes),
+        "weights": cb * (products + (0 if in_place else casts)),
+        "weight_grads": (4 + (cb if cb < 4 else 0)) * (products + casts),
+    }
+    if sharded_weights:  # the layers' step weights and their sums: fp32 rows on each GPU (FSDP2); the root whole
+        layer_rows = arch.num_layers * shard(step_layer_shapes(arch, d))
+        root = step_root_elements(arch, d)
+        out["weights"] = 4 * layer_rows + cb * root
+        out["weight_grads"] = 4 * layer_rows + (4 + (cb if cb < 4 else 0)) * root
+    return out
+
+
+def _gathered_bytes(arch: Arch, d: int, t_shapes: dict, tb: int, cb: int, sharded_teacher: bool,
+                    sharded_weights: bool) -> int:
+    """Bytes gathered while a micro-batch runs: a layer's step weights and the prefetched
+    next (sharded step weights), the sharded teacher's root and one of its layers."""
+    out = 2 * cb * step_layer_elements(arch, d) if sharded_weights else 0  # a layer + the prefetched
+    if sharded_teacher:
+        layer_t = sum(_numel(s) for k, s in t_shapes.items() if k.startswith("model.layers.0."))
+        root_t = sum(_numel(s) for k, s in t_shapes.items() if not k.startswith("model.layers."))
+        out += tb * (root_t + layer_t)
+    return out
+
+
 def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
                 activation_checkpointing: bool = False, teacher_dtype: str = "bfloat16",
                 compute_dtype: str | None = None, logits_chunk: int = 0, calib_samples: int = 16,
@@ -412,17 +465,8 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     ``{"per_gpu": {category: bytes, ..., "total": bytes}, "startup": {...},
     "checkpoint": {...}, "communication": {...}, "inputs": {...}}``.
     """
-    from red.config import validate_plan_inputs
-
-    validate_plan_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk)  # red plan's own rules
-    if step_weights not in STEP_WEIGHTS:
-        raise RedError(f"--step-weights {step_weights!r} is not one of {', '.join(STEP_WEIGHTS)}")
-    if teacher_sharding not in TEACHER_SHARDINGS:
-        raise RedError(f"--teacher-sharding {teacher_sharding!r} is not one of {', '.join(TEACHER_SHARDINGS)}")
-    if int(grad_accum) < 1:
-        raise RedError(f"--grad-accum {grad_accum} must be at least 1")
-    if not disk_gb_per_s > 0:
-        raise RedError(f"--disk-gb-per-s {disk_gb_per_s} must be above 0")
+    _check_memory_inputs(hidden_size, seq_len, micro_batch, gpus, logits_chunk, teacher_sharding, step_weights,
+                         grad_accum, disk_gb_per_s)
     raw, config, arch = _teacher_arch(teacher)
     d, N = int(hidden_size), int(gpus)
     compute_dtype = compute_dtype or teacher_dtype
@@ -430,28 +474,9 @@ def plan_memory(teacher: str | Path | dict, hidden_size: int, seq_len: int, micr
     tb, cb = DTYPE_BYTES[teacher_dtype], DTYPE_BYTES[compute_dtype]
     t_shapes, s_shapes = teacher_shapes(arch, has_attention_bias(config)), trainable_shapes(arch, d)
     sharded_teacher = N > 1 and teacher_sharding == "shard"
-    shard = lambda shapes, n=N: sum(_sharded_numel(s, n) for s in shapes.values())
-    products, casts = step_weight_elements(arch, d)
-    in_place = cb == 4 and N == 1  # an fp32 step on one GPU uses the fp32 masters of the casts themselves
-    out = {
-        "teacher": tb * shard(t_shapes, N if sharded_teacher else 1),
-        "projections": 4 * shard(s_shapes),
-        "gradients": 4 * shard(s_shapes),
-        "optimizer": 4 * 2 * shard(s_shapes) + 4 * len(s_shapes),
-        "weights": cb * (products + (0 if in_place else casts)),
-        "weight_grads": (4 + (cb if cb < 4 else 0)) * (products + casts),
-    }
     sharded_weights = N > 1 and step_weights == "shard"
-    if sharded_weights:  # the layers' step weights and their sums: fp32 rows on each GPU (FSDP2); the root whole
-        layer_rows = arch.num_layers * shard(step_layer_shapes(arch, d))
-        root = step_root_elements(arch, d)
-        out["weights"] = 4 * layer_rows + cb * root
-        out["weight_grads"] = 4 * layer_rows + (4 + (cb if cb < 4 else 0)) * root
-    out["gathered"] = 2 * cb * step_layer_elements(arch, d) if sharded_weights else 0  # a layer + the prefetched
-    if sharded_teacher:
-        layer_t = sum(_numel(s) for k, s in t_shapes.items() if k.startswith("model.layers.0."))
-        root_t = sum(_numel(s) for k, s in t_shapes.items() if not k.startswith("model.layers."))
-        out["gathered"] += tb * (root_t + layer_t)
+    out = _persistent_memory(arch, d, t_shapes, s_shapes, N, tb, cb, sharded_teacher, sharded_weights)
+    out["gathered"] = _gathered_bytes(arch, d, t_shapes, tb, cb, sharded_teacher, sharded_weights)
     batch = micro_batch // N
     tokens = batch * seq_len
     saved, live = activation_bytes(arch, d, batch, seq_len, cb, activation_checkpointing)
@@ -622,25 +647,22 @@ def _optimizer(nparams: int, pb: int, grad_accum: int, accumulate: bool) -> _Wor
     return w
 
 
-def step_work(arch: Arch, d: int, batch: int, seq_len: int, grad_accum: int = 1, cb: int = 2, gpus: int = 1,
-              activation_checkpointing: bool = False, logits_chunk: int = 0) -> dict:
-    """The work of one optimizer step on one GPU: ``{"red": {part: _Work}, "ordinary":
-    {part: _Work}, "teacher_logits": _Work}`` (see ``plan_speed``)."""
-    D, V, L, I = arch.hidden_size, arch.vocab_size, arch.num_layers, arch.intermediate_size
-    q, kv = _attention_dims(arch)
-    B, T, ga = batch, seq_len, grad_accum
+def _teacher_forward_work(w: _Work, arch: Arch, B: int, T: int, cb: int, ga: int, ac: int) -> None:
+    """The teacher's lockstep forward (no grad): its embedding rows, every layer (again in
+    the recompute of activation checkpointing) and the final norm; its logits are counted
+    in ``lm_head``, where the fused kernel makes them."""
+    n, D = B * T, arch.hidden_size
+    w.move(2 * n * D * cb, ga)
+    _layer_ops(arch, D, B, T, cb, w, w, w, ga * arch.num_layers * ac)
+    w.move(n * D * _norm_bytes(cb), ga)
+
+
+def _student_work(red: dict, arch: Arch, d: int, B: int, T: int, cb: int, ga: int, ac: int) -> None:
+    """The student's layers forward (twice with checkpointing) and backward, its final norm
+    and its embedding: rows of W_s's head when tied, the teacher's rows times P_e (and P_e's
+    gradient) when untied."""
+    D, V, L = arch.hidden_size, arch.vocab_size, arch.num_layers
     n = B * T
-    ac = 2 if activation_checkpointing else 1  # forwards per micro-batch
-    chunk = min(n, int(logits_chunk)) if logits_chunk else default_logits_chunk(n, V, d)
-    chunks = math.ceil(n / chunk)
-    acc = max(cb, 4)
-    red = {p: _Work() for p in RED_PARTS}
-    # the teacher: embedding rows, every layer (again in the recompute), the final norm
-    t = red["teacher_forward"]
-    t.move(2 * n * D * cb, ga)
-    _layer_ops(arch, D, B, T, cb, t, t, t, ga * L * ac)
-    t.move(n * D * _norm_bytes(cb), ga)
-    # the student: its layers forward (twice with checkpointing) and backward, its embedding
     g, a, e = red["student_gemms"], red["attention"], red["student_elementwise"]
     _layer_ops(arch, d, B, T, cb, g, a, e, ga * L * ac)
     _layer_ops(arch, d, B, T, cb, g, a, e, ga * L, forward=False, backward=True)
@@ -651,53 +673,72 @@ def step_work(arch: Arch, d: int, batch: int, seq_len: int, grad_accum: int = 1,
         e.move(2 * n * D * cb, ga)
         g.gemm(n, D, d, cb, ga)
         g.gemm(D, n, d, cb, ga)
-    # clone terms: the six same-space taps (s, t read, g written; backward: one addcmul),
-    # the FFN target t·P_down, its tap, its mean square, and P_down's gradient
-    c = red["clone_terms"]
+
+
+def _clone_terms_work(w: _Work, arch: Arch, d: int, n: int, cb: int, ga: int, ac: int) -> None:
+    """The clone terms of ``n`` tokens: the six same-space taps (s, t read, g written;
+    backward: one addcmul), the FFN target t·P_down, its tap, its mean square, and P_down's
+    gradient."""
+    D, I, L = arch.hidden_size, arch.intermediate_size, arch.num_layers
+    q, kv = _attention_dims(arch)
     tapped = 2 * q + 2 * kv + 2 * I + d
-    c.move(3 * n * tapped * cb + n * D * cb, ga * L * ac)
-    c.gemm(n, D, d, cb, ga * L * ac)
-    c.move(3 * n * tapped * cb + 2 * n * d * cb, ga * L)
-    c.gemm(D, n, d, cb, ga * L)
-    # LM head (fused linear-KL): per chunk the student and teacher logits (the head weights
-    # read again each chunk), the KL/CE kernel (two passes over both, the gradient written
-    # in place), dh, dW accumulated in fp32; backward scales both gradients
-    h = red["lm_head"]
-    h.gemm(n, d, V, cb, ga, b_reads=chunks)
-    h.gemm(n, D, V, cb, ga, b_reads=chunks)
-    h.move(5 * n * V * cb, ga)
-    h.gemm(n, V, d, cb, ga, b_reads=chunks)
-    h.gemm(V, n, d, cb, ga, out_bytes=acc, c_rw=2 * chunks)
-    h.move(2 * n * d * cb + (3 * V * d * acc + V * d * cb if cb < 4 else 2 * V * d * acc), ga)
-    # weight products, once per step: make W_s (P cast, one GEMM per matrix), fold each
-    # micro-batch's gradients into fp32 sums, all-reduce them (N > 1), weight_backward
-    wp = red["weight_products"]
+    w.move(3 * n * tapped * cb + n * D * cb, ga * L * ac)
+    w.gemm(n, D, d, cb, ga * L * ac)
+    w.move(3 * n * tapped * cb + 2 * n * d * cb, ga * L)
+    w.gemm(D, n, d, cb, ga * L)
+
+
+def _lm_head_work(w: _Work, arch: Arch, d: int, n: int, cb: int, ga: int, chunks: int) -> None:
+    """The LM head (fused linear-KL) over ``n`` rows in ``chunks`` chunks: per chunk the
+    student and teacher logits (the head weights read again each chunk), the KL/CE kernel
+    (two passes over both, the gradient written in place), dh, dW accumulated in fp32;
+    backward scales both gradients."""
+    D, V = arch.hidden_size, arch.vocab_size
+    acc = max(cb, 4)
+    w.gemm(n, d, V, cb, ga, b_reads=chunks)
+    w.gemm(n, D, V, cb, ga, b_reads=chunks)
+    w.move(5 * n * V * cb, ga)
+    w.gemm(n, V, d, cb, ga, b_reads=chunks)
+    w.gemm(V, n, d, cb, ga, out_bytes=acc, c_rw=2 * chunks)
+    w.move(2 * n * d * cb + (3 * V * d * acc + V * d * cb if cb < 4 else 2 * V * d * acc), ga)
+
+
+def _weight_products_work(w: _Work, arch: Arch, d: int, cb: int, ga: int, gpus: int, trainable: int) -> None:
+    """The step's weight products, once per optimizer step: make W_s (P cast, one GEMM per
+    matrix), fold each micro-batch's gradients into fp32 sums, all-reduce them (N > 1) and
+    ``weight_backward``; ``trainable`` elements of P and the gains are cast down."""
+    D, V, L, I = arch.hidden_size, arch.vocab_size, arch.num_layers, arch.intermediate_size
+    q, kv = _attention_dims(arch)
     products, casts = step_weight_elements(arch, d)
     E = products + casts
-    low = cb < 4
     layer_in = ((q, D), (kv, D), (kv, D), (I, D), (I, D))  # W_t [out, D] · P [D, d]
     layer_out = ((D, q), (D, I))  # Pᵀ [d, D] · W_t [D, in]
     for out_rows, _ in layer_in:
-        wp.gemm(out_rows, D, d, cb, L)
-        wp.gemm(D, out_rows, d, cb, L)  # dP = W_tᵀ · dW_s
+        w.gemm(out_rows, D, d, cb, L)
+        w.gemm(D, out_rows, d, cb, L)  # dP = W_tᵀ · dW_s
     for _, in_cols in layer_out:
-        wp.gemm(d, D, in_cols, cb, L)
-        wp.gemm(D, in_cols, d, cb, L)  # dP = W_t · dW_sᵀ
-    wp.gemm(V, D, d, cb)
-    wp.gemm(D, V, d, cb)
-    trainable = sum(_numel(s) for s in trainable_shapes(arch, d).values())
-    if low:
-        wp.move((4 + cb) * trainable)  # P and the gains cast down to make W_s
+        w.gemm(d, D, in_cols, cb, L)
+        w.gemm(D, in_cols, d, cb, L)  # dP = W_t · dW_sᵀ
+    w.gemm(V, D, d, cb)
+    w.gemm(D, V, d, cb)
+    if cb < 4:
+        w.move((4 + cb) * trainable)  # P and the gains cast down to make W_s
         # weight_backward: each gradient sum cast down for its GEMM, each dP cast up
-        wp.move((4 + cb) * products + (cb + 4) * (7 * L + 1) * D * d)
-        wp.move((cb + 4) * E + (ga - 1) * (cb + 8) * E)  # fold each micro-batch into the fp32 sums
+        w.move((4 + cb) * products + (cb + 4) * (7 * L + 1) * D * d)
+        w.move((cb + 4) * E + (ga - 1) * (cb + 8) * E)  # fold each micro-batch into the fp32 sums
     else:
-        wp.move(12 * E, ga - 1)  # autograd adds each later micro-batch into .grad
-    wp.move(12 * L * D * d)  # P_down: the GEMM's dP plus the target's own gradient
+        w.move(12 * E, ga - 1)  # autograd adds each later micro-batch into .grad
+    w.move(12 * L * D * d)  # P_down: the GEMM's dP plus the target's own gradient
     if gpus > 1:
-        wp.move(16 * E)  # concatenated and copied for the all-reduce
-    red["optimizer"] = _optimizer(trainable, 4, ga, False)
-    # ordinary training of the same student as a transformers model, in the compute dtype
+        w.move(16 * E)  # concatenated and copied for the all-reduce
+
+
+def _ordinary_work(arch: Arch, d: int, B: int, T: int, cb: int, ga: int, ac: int) -> dict:
+    """Ordinary training of the same student as a transformers model, in the compute dtype
+    (the baseline RED is compared with): its layers, full logits with its own
+    cross-entropy, and AdamW over its own weights; ``{part: _Work}`` by ``ORDINARY_PARTS``."""
+    V, L = arch.vocab_size, arch.num_layers
+    n = B * T
     ordinary = {p: _Work() for p in ORDINARY_PARTS}
     og, oa, oe = ordinary["student_gemms"], ordinary["attention"], ordinary["student_elementwise"]
     _layer_ops(arch, d, B, T, cb, og, oa, oe, ga * L * ac)
@@ -712,9 +753,52 @@ def step_work(arch: Arch, d: int, batch: int, seq_len: int, grad_accum: int = 1,
     oh.gemm(V, n, d, cb, ga)
     nparams = L * (student_weight_elements(arch, d) + 2 * d) + d + V * d * (1 if arch.tied else 2)
     ordinary["optimizer"] = _optimizer(nparams, cb, ga, True)
+    return ordinary
+
+
+def step_work(arch: Arch, d: int, batch: int, seq_len: int, grad_accum: int = 1, cb: int = 2, gpus: int = 1,
+              activation_checkpointing: bool = False, logits_chunk: int = 0) -> dict:
+    """The work of one optimizer step on one GPU: ``{"red": {part: _Work}, "ordinary":
+    {part: _Work}, "teacher_logits": _Work}`` (see ``plan_speed``)."""
+    D, V = arch.hidden_size, arch.vocab_size
+    B, T, ga = batch, seq_len, grad_accum
+    n = B * T
+    ac = 2 if activation_checkpointing else 1  # forwards per micro-batch
+    chunk = min(n, int(logits_chunk)) if logits_chunk else default_logits_chunk(n, V, d)
+    red = {p: _Work() for p in RED_PARTS}
+    _teacher_forward_work(red["teacher_forward"], arch, B, T, cb, ga, ac)
+    _student_work(red, arch, d, B, T, cb, ga, ac)
+    _clone_terms_work(red["clone_terms"], arch, d, n, cb, ga, ac)
+    _lm_head_work(red["lm_head"], arch, d, n, cb, ga, math.ceil(n / chunk))
+    trainable = sum(_numel(s) for s in trainable_shapes(arch, d).values())
+    _weight_products_work(red["weight_products"], arch, d, cb, ga, gpus, trainable)
+    red["optimizer"] = _optimizer(trainable, 4, ga, False)
     tl = _Work()  # the teacher's own logits, which its forward alone would make (the floor)
     tl.gemm(n, D, V, cb, ga)
-    return {"red": red, "ordinary": ordinary, "teacher_logits": tl}
+    return {"red": red, "ordinary": _ordinary_work(arch, d, B, T, cb, ga, ac), "teacher_logits": tl}
+
+
+def _speed_summary(parts: dict, compute_dtype: str) -> dict:
+    """``{part: {"flops", "bytes", "ms": {device: ms}}}`` of ``{part: _Work}`` plus their
+    "total": the numbers ``plan_speed`` reports and ``format_speed`` prints."""
+    out = {}
+    for name, w in parts.items():
+        out[name] = {"flops": w.flops, "bytes": w.bytes,
+                     "ms": {dev: 1e3 * w.seconds(spec["flops"][compute_dtype], spec["bandwidth"])
+                            for dev, spec in DEVICES.items()}}
+    out["total"] = {"flops": sum(v["flops"] for v in out.values()), "bytes": sum(v["bytes"] for v in out.values()),
+                    "ms": {dev: sum(v["ms"][dev] for v in out.values()) for dev in DEVICES}}
+    return out
+
+
+def _speed_ratios(red: dict, ordinary: dict, teacher_forward: dict) -> tuple[dict, dict]:
+    """``(ratio, floor_ratio)`` by device: ordinary training's modelled time over RED's, and
+    over ordinary plus the teacher's own forward (the best a distillation step can do)."""
+    ratio, floor = {}, {}
+    for dev in DEVICES:
+        o, r, t = ordinary["total"]["ms"][dev], red["total"]["ms"][dev], teacher_forward["ms"][dev]
+        ratio[dev], floor[dev] = o / r, o / (o + t)
+    return ratio, floor
 
 
 def plan_speed(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro_batch: int, gpus: int = 1,
@@ -762,24 +846,10 @@ def plan_speed(teacher: str | Path | dict, hidden_size: int, seq_len: int, micro
     _check_shapes(config, arch, d, micro_batch, N, {"compute dtype": compute_dtype})
     cb = DTYPE_BYTES[compute_dtype]
     work = step_work(arch, d, micro_batch // N, seq_len, int(grad_accum), cb, N, activation_checkpointing, logits_chunk)
-
-    def summary(parts: dict) -> dict:
-        out = {}
-        for name, w in parts.items():
-            out[name] = {"flops": w.flops, "bytes": w.bytes,
-                         "ms": {dev: 1e3 * w.seconds(spec["flops"][compute_dtype], spec["bandwidth"])
-                                for dev, spec in DEVICES.items()}}
-        out["total"] = {"flops": sum(v["flops"] for v in out.values()), "bytes": sum(v["bytes"] for v in out.values()),
-                        "ms": {dev: sum(v["ms"][dev] for v in out.values()) for dev in DEVICES}}
-        return out
-
-    red, ordinary = summary(work["red"]), summary(work["ordinary"])
-    teacher_forward = summary({"teacher_forward": work["red"]["teacher_forward"],
-                               "teacher_logits": work["teacher_logits"]})["total"]
-    ratio, floor = {}, {}
-    for dev in DEVICES:
-        o, r, t = ordinary["total"]["ms"][dev], red["total"]["ms"][dev], teacher_forward["ms"][dev]
-        ratio[dev], floor[dev] = o / r, o / (o + t)
+    red, ordinary = _speed_summary(work["red"], compute_dtype), _speed_summary(work["ordinary"], compute_dtype)
+    teacher_forward = _speed_summary({"teacher_forward": work["red"]["teacher_forward"],
+                                      "teacher_logits": work["teacher_logits"]}, compute_dtype)["total"]
+    ratio, floor = _speed_ratios(red, ordinary, teacher_forward)
     return {"red": red, "ordinary": ordinary, "teacher_forward": teacher_forward, "ratio": ratio,
             "floor_ratio": floor, "devices": DEVICES, "inputs": {
                 "model_type": raw.get("model_type"), "num_layers": arch.num_layers,
