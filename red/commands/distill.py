@@ -99,6 +99,89 @@ class DistillPlan:
                                    identity=RunIdentity.from_config(self.cfg, self.arch, corpus.fingerprint))
 
 
+def _plan_teacher(cfg: DistillConfig, ctx: DistContext):
+    """``(tcfg, arch, device, tokenizer)``: the teacher's transformers config, its Arch, this
+    rank's device and the tokenizer, after the checks they allow (the global micro-batch
+    against the processes, the student's width, the kernels on the device, the
+    safetensors headers, the tokenizer against the embedding)."""
+    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)
+    arch = Arch.from_config(tcfg)
+    if cfg.batch_size % ctx.world_size:
+        raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
+                       f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
+    check_student_width(tcfg, cfg.hidden_size)
+    device = resolve_device(rank_device(ctx, cfg.device))
+    check_kernels(cfg, device)
+    check_teacher_weights(cfg.teacher, tcfg, arch)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    if len(tokenizer) > arch.vocab_size:
+        raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
+                       f"{arch.vocab_size} rows; use the teacher's own tokenizer")
+    return tcfg, arch, device, tokenizer
+
+
+def _plan_corpus(entries: list, cfg: DistillConfig):
+    """The training corpus over the entries' stores, checked against the calibration size
+    and the scored tokens; None while some entry has no store (its data is not this run's
+    yet, which only a resume reports)."""
+    if not all(e.store is not None for e in entries):
+        return None
+    weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
+    corpus = corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
+    check_calib_samples(cfg, len(corpus.train))
+    check_scored_tokens(entries, cfg)
+    return corpus
+
+
+def _plan_calibration(cfg: DistillConfig, arch: Arch) -> Calibration | None:
+    """A given --calibration file, loaded and checked against the teacher; None without one."""
+    if not cfg.calibration:
+        return None
+    cal = Calibration.load(cfg.calibration)
+    # width, and the teacher's fingerprint when the file has one (older files: width only)
+    check_calibration_teacher(cal, cfg.calibration, cfg.teacher, arch)
+    return cal
+
+
+def _plan_resume(cfg: DistillConfig, run: RunDir, entries: list, corpus, identity: RunIdentity | None,
+                 arch: Arch) -> DistillConfig:
+    """The config this invocation runs with as far as --resume goes: the run folder's history
+    appended when it holds a checkpoint, ``resume`` off when it holds none yet; RedError for
+    a resume with other data, or --allow-change without --resume."""
+    if run.state() == "run" and cfg.resume:
+        if corpus is None:
+            from red.config import load_yaml
+
+            # a changed setting is named first; then the data
+            resume_changes(load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}, cfg, cfg.allowed_changes())
+            changed = ", ".join(str(e.spec.path) for e in entries if e.store is None)
+            raise RedError(f"--resume with another corpus: {changed} is not the data this run was tokenized from "
+                           f"({cfg.out}/{DATA} holds other files or settings); resume with the run's own --data")
+        return _resume_config(cfg, run, identity, arch, len(corpus.train))
+    if cfg.resume:
+        return dataclasses.replace(cfg, resume=False)  # no checkpoint yet: nothing to resume, start at 0
+    if cfg.allow_change:
+        raise RedError("--allow-change only applies with --resume")
+    return cfg
+
+
+def _check_output(cfg: DistillConfig, run: RunDir, arch: Arch, ctx: DistContext) -> None:
+    """Rank 0 alone checks (and later writes) the output folder and its room; the others
+    hear its verdict, so every rank raises the same RedError or none does."""
+    err = None
+    if ctx.is_main:
+        try:
+            run.check_usable(cfg.overwrite, cfg.resume, run_writes(cfg))
+            # what the folder already holds of the run (its checkpoints on --resume) counts toward the need
+            need = disk_need(cfg, arch) - run.reusable_bytes(cfg.resume, cfg.overwrite)
+            check_writable(cfg.out, need_bytes=max(need, 1))
+        except RedError as e:
+            err = str(e)
+    err = ctx.broadcast_error(err)
+    if err:
+        raise RedError(err)
+
+
 def plan_distill(inputs: DistillInputs, run: RunDir, ctx: DistContext | None = None) -> DistillPlan:
     """Every check that can fail on the user's input, run before anything is written, once.
 
@@ -113,61 +196,14 @@ def plan_distill(inputs: DistillInputs, run: RunDir, ctx: DistContext | None = N
     """
     ctx = ctx or DistContext()
     cfg = inputs.cfg
-    tcfg = read_teacher_config(cfg.teacher, cfg.trust_remote_code)
-    arch = Arch.from_config(tcfg)
-    if cfg.batch_size % ctx.world_size:
-        raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
-                       f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
-    check_student_width(tcfg, cfg.hidden_size)
-    device = resolve_device(rank_device(ctx, cfg.device))
-    check_kernels(cfg, device)
-    check_teacher_weights(cfg.teacher, tcfg, arch)
-    tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    if len(tokenizer) > arch.vocab_size:
-        raise RedError(f"the tokenizer in {cfg.teacher} has {len(tokenizer)} tokens but the teacher's embedding has "
-                       f"{arch.vocab_size} rows; use the teacher's own tokenizer")
+    tcfg, arch, device, tokenizer = _plan_teacher(cfg, ctx)
     entries = plan_data(inputs.data, cfg, tokenizer, run)
     check_store_splits(entries, cfg)
-    corpus = None
-    if all(e.store is not None for e in entries):
-        weights = [e.spec.weight for e in entries] if entries[0].spec.weight is not None else None
-        corpus = corpus_from_stores([e.store for e in entries], cfg.seq_len, weights)
-        check_calib_samples(cfg, len(corpus.train))
-        check_scored_tokens(entries, cfg)
-    cal = None
-    if cfg.calibration:
-        cal = Calibration.load(cfg.calibration)
-        # width, and the teacher's fingerprint when the file has one (older files: width only)
-        check_calibration_teacher(cal, cfg.calibration, cfg.teacher, arch)
+    corpus = _plan_corpus(entries, cfg)
+    cal = _plan_calibration(cfg, arch)
     identity = RunIdentity.from_config(cfg, arch, corpus.fingerprint) if corpus is not None else None
-    state = run.state()
-    if state == "run" and cfg.resume:
-        if corpus is None:
-            from red.config import load_yaml
-
-            # a changed setting is named first; then the data
-            resume_changes(load_yaml(run.run_yaml) if run.run_yaml.is_file() else {}, cfg, cfg.allowed_changes())
-            changed = ", ".join(str(e.spec.path) for e in entries if e.store is None)
-            raise RedError(f"--resume with another corpus: {changed} is not the data this run was tokenized from "
-                           f"({cfg.out}/{DATA} holds other files or settings); resume with the run's own --data")
-        cfg = _resume_config(cfg, run, identity, arch, len(corpus.train))
-    elif cfg.resume:
-        cfg = dataclasses.replace(cfg, resume=False)  # no checkpoint yet: nothing to resume, start at 0
-    elif cfg.allow_change:
-        raise RedError("--allow-change only applies with --resume")
-    # rank 0 alone checks (and later writes) the output folder; the others hear its verdict
-    err = None
-    if ctx.is_main:
-        try:
-            run.check_usable(cfg.overwrite, cfg.resume, run_writes(cfg))
-            # what the folder already holds of the run (its checkpoints on --resume) counts toward the need
-            need = disk_need(cfg, arch) - run.reusable_bytes(cfg.resume, cfg.overwrite)
-            check_writable(cfg.out, need_bytes=max(need, 1))
-        except RedError as e:
-            err = str(e)
-    err = ctx.broadcast_error(err)
-    if err:
-        raise RedError(err)
+    cfg = _plan_resume(cfg, run, entries, corpus, identity, arch)
+    _check_output(cfg, run, arch, ctx)
     return DistillPlan(cfg, tcfg, arch, tokenizer, tuple(entries), corpus, cal, identity, device,
                        resolve_precision(cfg.precision, device))  # the teacher's dtype is the compute dtype
 
