@@ -245,16 +245,10 @@ def teacher_weight_files(folder: str | Path) -> list[Path]:
     return [folder / n for n in names]
 
 
-def check_teacher_weights(folder: str | Path, config, arch: Arch | None = None) -> None:
-    """From the safetensors headers alone (plus the head and embedding when a tied config
-    also stores a head): every parameter ``config``'s architecture has is present with its
-    shape, nothing unexpected is there, every tensor is of one float dtype, and the tie
-    flag agrees with the file. RedError naming the tensors and the fix otherwise. ``arch``:
-    ``Arch.from_config(config)`` when the caller has it."""
-    from red.model.arch import has_attention_bias, teacher_shapes
-
-    folder = Path(folder)
-    check_teacher_files(folder)
+def _read_teacher_headers(folder: Path) -> tuple[dict, dict]:
+    """``(headers, where)``: every tensor's safetensors header entry over the teacher's weight
+    files (those with an ignored suffix dropped) and the file each came from; RedError for a
+    tensor stored twice."""
     headers: dict[str, dict] = {}
     where: dict[str, Path] = {}
     for f in teacher_weight_files(folder):
@@ -263,17 +257,13 @@ def check_teacher_weights(folder: str | Path, config, arch: Arch | None = None) 
                 raise RedError(f"teacher tensor {k!r} is stored twice ({where[k].name} and {f.name}); "
                                "keep one copy (re-save the checkpoint)")
             headers[k], where[k] = v, f
-    headers = {k: v for k, v in headers.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    expected = teacher_shapes(arch or Arch.from_config(config), has_attention_bias(config))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    head = headers.get("lm_head.weight")
-    if tied and head is not None:
-        if not _head_is_embedding(headers, where):
-            raise RedError(f"teacher config.json in {folder} says tie_word_embeddings: true but the weights hold an "
-                           "lm_head.weight that differs from model.embed_tokens.weight; set "
-                           "\"tie_word_embeddings\": false in config.json if the head is separate, or drop "
-                           "lm_head.weight from the safetensors")
-        headers = {k: v for k, v in headers.items() if k != "lm_head.weight"}
+    return {k: v for k, v in headers.items() if not k.endswith(_IGNORED_SUFFIXES)}, where
+
+
+def _check_teacher_names(folder: Path, config, headers: dict, expected: dict, tied: bool) -> None:
+    """The stored tensor names against the architecture's: RedError naming what is missing or
+    unexpected, with the likeliest fix (another model's folder, the tie flag, lost shards,
+    another model's config.json)."""
     missing = [k for k in expected if k not in headers]
     unexpected = [k for k in headers if k not in expected]
     if missing and set(headers).isdisjoint(expected):
@@ -290,11 +280,11 @@ def check_teacher_weights(folder: str | Path, config, arch: Arch | None = None) 
         raise RedError(f"teacher weights in {folder} hold {len(unexpected)} tensor(s) a {config.model_type} with this "
                        f"config.json does not have: {_names(unexpected)}; check that config.json belongs to "
                        "these weights")
-    bad = [f"{k} {tuple(headers[k]['shape'])} (expected {tuple(s)})" for k, s in expected.items()
-           if tuple(headers[k]["shape"]) != tuple(s)]
-    if bad:
-        raise RedError(f"teacher weights in {folder} do not match config.json's shapes: {_names(bad, 3)}; "
-                       "check that config.json belongs to these weights")
+
+
+def _check_teacher_dtypes(folder: Path, headers: dict) -> None:
+    """RedError when a stored tensor is not a float (a quantized or integer checkpoint) or
+    the tensors mix float dtypes (naming the ones that differ from the most common)."""
     not_float = [f"{k} ({v['dtype']})" for k, v in headers.items() if v["dtype"] not in FLOAT_DTYPES]
     if not_float:
         raise RedError(f"teacher weights in {folder} hold non-float tensors: {_names(not_float)}; quantized or "
@@ -307,6 +297,36 @@ def check_teacher_weights(folder: str | Path, config, arch: Arch | None = None) 
         odd = [f"{k} ({d})" for d, ks in dtypes.items() if d != common for k in ks]
         raise RedError(f"teacher weights in {folder} mix dtypes: most are {common} but {_names(odd)}; re-save the "
                        f"checkpoint in one dtype")
+
+
+def check_teacher_weights(folder: str | Path, config, arch: Arch | None = None) -> None:
+    """From the safetensors headers alone (plus the head and embedding when a tied config
+    also stores a head): every parameter ``config``'s architecture has is present with its
+    shape, nothing unexpected is there, every tensor is of one float dtype, and the tie
+    flag agrees with the file. RedError naming the tensors and the fix otherwise. ``arch``:
+    ``Arch.from_config(config)`` when the caller has it."""
+    from red.model.arch import has_attention_bias, teacher_shapes
+
+    folder = Path(folder)
+    check_teacher_files(folder)
+    headers, where = _read_teacher_headers(folder)
+    expected = teacher_shapes(arch or Arch.from_config(config), has_attention_bias(config))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = headers.get("lm_head.weight")
+    if tied and head is not None:
+        if not _head_is_embedding(headers, where):
+            raise RedError(f"teacher config.json in {folder} says tie_word_embeddings: true but the weights hold an "
+                           "lm_head.weight that differs from model.embed_tokens.weight; set "
+                           "\"tie_word_embeddings\": false in config.json if the head is separate, or drop "
+                           "lm_head.weight from the safetensors")
+        headers = {k: v for k, v in headers.items() if k != "lm_head.weight"}
+    _check_teacher_names(folder, config, headers, expected, tied)
+    bad = [f"{k} {tuple(headers[k]['shape'])} (expected {tuple(s)})" for k, s in expected.items()
+           if tuple(headers[k]["shape"]) != tuple(s)]
+    if bad:
+        raise RedError(f"teacher weights in {folder} do not match config.json's shapes: {_names(bad, 3)}; "
+                       "check that config.json belongs to these weights")
+    _check_teacher_dtypes(folder, headers)
 
 
 def _head_is_embedding(headers: dict, where: dict) -> bool:
