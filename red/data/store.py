@@ -324,26 +324,52 @@ def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fra
                     overwrite, progress, records, created: bool, fresh: bool) -> "TokenStore":
     """``prepare_store`` once the store's lock is held: its manifest is read again here."""
     fp = tokenizer_fingerprint(tokenizer)
-    if append:
-        store = TokenStore(root, tokenizer)  # read under the lock: another append may have added a part
-        manifest = store.manifest
-        known = {s["sha256"]: s["path"] for p in manifest["parts"] for s in p["sources"]}
-    else:
-        if overwrite and (root / MANIFEST).is_file():
-            _remove_store(root)
-        manifest = {"format": FORMAT, "version": VERSION, "dtype": token_dtype(len(tokenizer)).name,
-                    "tokenizer": {"fingerprint": fp, "vocab_size": len(tokenizer),
-                                  "class": type(tokenizer).__name__},
-                    "parts": []}
-        known = {}
-        store = None
-
+    store, manifest, known = _locked_manifest(root, tokenizer, fp, append, overwrite)
     end = document_separator(tokenizer)
     # 0: a worker per core but one, which this process needs to read, order and write
     # (measured on 2 cores: 2 workers were slower than 1 at 100 M tokens)
     workers = workers or max(1, (os.cpu_count() or 1) - 1)
     writer = _PartWriter(root, len(manifest["parts"]), np.dtype(manifest["dtype"]),
                          manifest["tokenizer"]["vocab_size"], tokenizer.unk_token_id)
+    records, per_source, val, part_files = _write_part(writer, files, root, tokenizer, end, text_field, txt_split,
+                                                       val_fraction, seed + len(manifest["parts"]), workers,
+                                                       progress, records, known)
+    for r, (docs, toks) in zip(records, per_source):
+        r["documents"], r["tokens"] = docs, toks
+        r["kind"] = "chat" if writer.has_mask else "text"
+    manifest["parts"].append({"files": part_files, "tokens": writer.tokens, "documents": writer.documents,
+                              "has_mask": writer.has_mask, "sources": records, "text_field": text_field,
+                              "txt_split": txt_split, "val_fraction": val_fraction, "split_seed": seed,
+                              "val": val})
+    _commit_manifest(root, manifest, part_files)
+    del store
+    return TokenStore(root, tokenizer)
+
+
+def _locked_manifest(root: Path, tokenizer, fp: str, append: bool, overwrite: bool) -> tuple:
+    """``(store, manifest, known)`` under the lock: with ``append`` the store as it is now
+    (another append may have added a part) and its sources by sha256; else a new empty
+    manifest for ``tokenizer`` (fingerprint ``fp``), once ``overwrite`` has removed the old
+    store's own files."""
+    if append:
+        store = TokenStore(root, tokenizer)  # read under the lock: another append may have added a part
+        manifest = store.manifest
+        known = {s["sha256"]: s["path"] for p in manifest["parts"] for s in p["sources"]}
+        return store, manifest, known
+    if overwrite and (root / MANIFEST).is_file():
+        _remove_store(root)
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": token_dtype(len(tokenizer)).name,
+                "tokenizer": {"fingerprint": fp, "vocab_size": len(tokenizer),
+                              "class": type(tokenizer).__name__},
+                "parts": []}
+    return None, manifest, {}
+
+
+def _write_part(writer: "_PartWriter", files, root: Path, tokenizer, end, text_field, txt_split, val_fraction,
+                split_seed: int, workers: int, progress, records, known: dict) -> tuple:
+    """Encode the sources into the new part's files: ``(records, per_source, val, part_files)``.
+    A source the store already holds is refused first; on any failure the part's
+    temporaries go and the store is as it was (an OSError, e.g. a full disk, as RedError)."""
     try:
         records = records or [source_record(f) for f in files]
         for r in records:
@@ -357,7 +383,7 @@ def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fra
                            "few documents")
         writer.close()
         ends = np.fromfile(writer._tmp("ends"), dtype=np.uint64)
-        val = choose_val_ranges(ends, val_fraction, seed + len(manifest["parts"]))
+        val = choose_val_ranges(ends, val_fraction, split_seed)
         part_files = writer.finish()
     except OSError as e:  # a full disk, an I/O error: the part's temporaries go, the store is as it was
         writer.abort()
@@ -366,13 +392,12 @@ def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fra
     except BaseException:
         writer.abort()
         raise
-    for r, (docs, toks) in zip(records, per_source):
-        r["documents"], r["tokens"] = docs, toks
-        r["kind"] = "chat" if writer.has_mask else "text"
-    manifest["parts"].append({"files": part_files, "tokens": writer.tokens, "documents": writer.documents,
-                              "has_mask": writer.has_mask, "sources": records, "text_field": text_field,
-                              "txt_split": txt_split, "val_fraction": val_fraction, "split_seed": seed,
-                              "val": val})
+    return records, per_source, val, part_files
+
+
+def _commit_manifest(root: Path, manifest: dict, part_files: dict) -> None:
+    """Write the manifest that lists the new part; if that fails (e.g. the disk filled up)
+    the unlisted part's files go, so the store is as it was before this call."""
     try:
         _write_manifest(root, manifest)
     except OSError as e:  # e.g. the disk filled up: the new part is not listed, so it goes
@@ -380,8 +405,6 @@ def _prepare_locked(files, root: Path, tokenizer, text_field, txt_split, val_fra
             (root / f["name"]).unlink(missing_ok=True)
         raise RedError(f"could not write {root / MANIFEST} ({e.strerror or e}); the store is as it was before "
                        "this call: free space and run red prepare again") from None
-    del store
-    return TokenStore(root, tokenizer)
 
 
 _STORE_TMP = re.compile(r"^\.(part-\d{5}\.(tokens|ends|mask)|" + re.escape(MANIFEST) + r")\.tmp-\d+$")
