@@ -34,6 +34,53 @@ def _read_full(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _init_selected(student: ProjectedStudent, channels: torch.Tensor | None, set_value, read) -> torch.Tensor:
+    """"red" and "random-select": every P = P_S for the global channel set S (checked
+    against the widths), the gains the teacher's RMSNorm gains at S; returns S."""
+    D, d = student.arch.hidden_size, student.hidden_size
+    teacher = student.teacher
+    if channels is None:
+        raise RedError("the red init needs a channel set; calibrate first (or pass --calibration)")
+    channels = channels.long().cpu()
+    if channels.numel() != d or channels.min() < 0 or channels.max() >= D or channels.unique().numel() != d:
+        raise RedError(f"channel set must hold {d} distinct channels in [0, {D}); recalibrate for this width")
+    P = selection_matrix(channels, D)
+    for p in student.projections().values():
+        set_value(p, P)
+    for i, layer in enumerate(student.layers):
+        tl = teacher.model.layers[i]
+        set_value(layer.input_norm, read(tl.input_layernorm.weight).float()[channels])
+        set_value(layer.post_attention_norm, read(tl.post_attention_layernorm.weight).float()[channels])
+    set_value(student.final_norm, read(teacher.model.norm.weight).float()[channels])
+    student.channels = channels
+    return channels
+
+
+def _init_random(student: ProjectedStudent, method: str, std: float | None, g: torch.Generator, set_value,
+                 sharded: bool) -> None:
+    """"lrc" (Gaussian P) and "orthogonal" (orthonormal columns), drawn from ``g`` matrix by
+    matrix in one fixed order so every rank and a single process agree; gains = 1."""
+    D, d = student.arch.hidden_size, student.hidden_size
+    if method == "lrc":
+        s = 1.0 / math.sqrt(D) if std is None else float(std)
+        for p in student.projections().values():
+            set_value(p, torch.randn(D, d, generator=g) * s)
+    elif method == "orthogonal":
+        for p in student.projections().values():
+            q, r = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
+            set_value(p, (q * torch.sign(torch.diagonal(r))).float())
+    else:
+        raise RedError(f"unknown init {method!r}; use red, lrc, orthogonal or random-select")
+    for gain in student.gains().values():
+        if sharded:
+            from red.distributed import local_tensor
+
+            local_tensor(gain).fill_(1.0)
+        else:
+            gain.fill_(1.0)
+    student.channels = None
+
+
 @torch.no_grad()
 def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | None = None,
                std: float | None = 0.02, seed: int = 0, sharded: bool = False) -> torch.Tensor | None:
@@ -58,41 +105,9 @@ def initialize(student: ProjectedStudent, method: str, channels: torch.Tensor | 
         set_value, read = _set_full, _read_full
     D, d = student.arch.hidden_size, student.hidden_size
     g = torch.Generator().manual_seed(seed)
-    teacher = student.teacher
     if method in ("red", "random-select"):
         if method == "random-select":
             channels = torch.sort(torch.randperm(D, generator=g)[:d]).values
-        if channels is None:
-            raise RedError("the red init needs a channel set; calibrate first (or pass --calibration)")
-        channels = channels.long().cpu()
-        if channels.numel() != d or channels.min() < 0 or channels.max() >= D or channels.unique().numel() != d:
-            raise RedError(f"channel set must hold {d} distinct channels in [0, {D}); recalibrate for this width")
-        P = selection_matrix(channels, D)
-        for p in student.projections().values():
-            set_value(p, P)
-        for i, layer in enumerate(student.layers):
-            tl = teacher.model.layers[i]
-            set_value(layer.input_norm, read(tl.input_layernorm.weight).float()[channels])
-            set_value(layer.post_attention_norm, read(tl.post_attention_layernorm.weight).float()[channels])
-        set_value(student.final_norm, read(teacher.model.norm.weight).float()[channels])
-        student.channels = channels
-        return channels
-    if method == "lrc":
-        s = 1.0 / math.sqrt(D) if std is None else float(std)
-        for p in student.projections().values():
-            set_value(p, torch.randn(D, d, generator=g) * s)
-    elif method == "orthogonal":
-        for p in student.projections().values():
-            q, r = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
-            set_value(p, (q * torch.sign(torch.diagonal(r))).float())
-    else:
-        raise RedError(f"unknown init {method!r}; use red, lrc, orthogonal or random-select")
-    for gain in student.gains().values():
-        if sharded:
-            from red.distributed import local_tensor
-
-            local_tensor(gain).fill_(1.0)
-        else:
-            gain.fill_(1.0)
-    student.channels = None
+        return _init_selected(student, channels, set_value, read)
+    _init_random(student, method, std, g, set_value, sharded)
     return None
