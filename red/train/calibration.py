@@ -111,6 +111,94 @@ def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: b
                              "num_layers": len(teacher.model.layers)})
 
 
+def _gather_layers_on_entry(teacher, probe) -> list:
+    """Hooks that all-gather each decoder layer and the final norm whole when its forward
+    starts and put the shards back when it ends, so no more than one layer is whole at a
+    time; returns the hooks' handles."""
+    from red.distributed import local_tensor
+
+    swapped: dict[int, list] = {}
+
+    def gather(module, args):
+        from torch.distributed.tensor import DTensor
+
+        held, nbytes = [], 0
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if isinstance(p, DTensor):
+                    full = p.full_tensor()
+                    nbytes += local_tensor(p).numel() * p.element_size()  # the shard stays alive too
+                    held.append((mod, name, p))
+                    mod._parameters[name] = torch.nn.Parameter(full, requires_grad=False)
+        swapped[id(module)] = held
+        if probe is not None:  # the full layer is now among the teacher's parameters
+            probe.sample("calibrate", extra=nbytes)
+
+    def release(module, args, output):
+        for mod, name, p in swapped.pop(id(module), []):
+            mod._parameters[name] = p
+
+    hooks = []
+    for m in [*teacher.model.layers, teacher.model.norm]:
+        hooks += [m.register_forward_pre_hook(gather), m.register_forward_hook(release)]
+    return hooks
+
+
+def _round_embedding_rows(embed, batches: torch.Tensor, shard: tuple[int, int], D: int, device, table: dict) -> None:
+    """The embedding rows of the round's distinct tokens (``batches``: every rank's batch of
+    the round), assembled from every rank's shard of rows ``shard`` = [a, b) (an all-reduce
+    of exact rows and zeros, so exact), into ``table`` for the patched embedding forward."""
+    import torch.distributed as dist
+
+    from red.distributed import _collective_device, local_tensor
+
+    a, b = shard
+    ids = batches.reshape(-1).unique()  # sorted
+    rows = torch.zeros(len(ids), D, dtype=torch.float32, device=_collective_device())
+    held = (ids >= a) & (ids < b)
+    rows[held.to(rows.device)] = local_tensor(embed.weight)[(ids[held] - a).to(device)].float().to(rows.device)
+    dist.all_reduce(rows)
+    table["ids"], table["rows"] = ids.to(device), rows.to(device=device, dtype=embed.weight.dtype)
+
+
+def _round_batch(sequences: torch.Tensor, mine: list, r: int, batch_size: int, cursor: dict, stats: torch.Tensor,
+                 scratch: torch.Tensor) -> torch.Tensor:
+    """Rank ``r``'s batch of a round whose batches start at ``mine``, with ``cursor`` pointed
+    at where its statistics go; a rank without a batch this round runs the round's first
+    into ``scratch`` (zeroed, dropped) so that every rank makes the same collectives."""
+    if r < len(mine):
+        cursor["start"], cursor["into"] = mine[r], stats
+        return sequences[mine[r]: mine[r] + batch_size]
+    cursor["start"], cursor["into"] = 0, scratch.zero_()
+    return sequences[mine[0]: mine[0] + batch_size]
+
+
+def _patch_forwards(points: dict, cursor: dict, embed, table: dict) -> None:
+    """Swap in calibration's forwards: each norm point records its statistics where
+    ``cursor`` says, and the embedding looks the round's tokens up in ``table`` (the rows
+    ``_round_embedding_rows`` assembled) instead of its sharded weight."""
+    for pi, (name, module) in enumerate(points.items()):
+        module.forward = _stats_forward(pi, module, cursor)
+
+    def embed_forward(ids):
+        return table["rows"][torch.searchsorted(table["ids"], ids)]
+
+    embed.forward = embed_forward
+
+
+def _undo_calibration_patches(hooks: list, points: dict, embed, table: dict, probe) -> None:
+    """Put the teacher back as calibration found it: the gathering hooks removed, the
+    statistics and embedding forwards unpatched, the round's rows dropped."""
+    for h in hooks:
+        h.remove()
+    for module in points.values():
+        del module.forward
+    del embed.forward
+    table.clear()
+    if probe is not None:
+        probe.hold(0)
+
+
 @torch.no_grad()
 def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4, progress: bool = True,
                       probe=None) -> Calibration:
@@ -142,74 +230,26 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
     stats = torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32)
     scratch = torch.zeros(len(points), batch_size, len(STAT_NAMES), D, dtype=torch.float32)
     cursor = {"start": 0, "into": stats}
-
-    swapped: dict[int, list] = {}
-
-    def gather(module, args):
-        from torch.distributed.tensor import DTensor
-
-        held, nbytes = [], 0
-        for mod in module.modules():
-            for name, p in list(mod._parameters.items()):
-                if isinstance(p, DTensor):
-                    full = p.full_tensor()
-                    nbytes += local_tensor(p).numel() * p.element_size()  # the shard stays alive too
-                    held.append((mod, name, p))
-                    mod._parameters[name] = torch.nn.Parameter(full, requires_grad=False)
-        swapped[id(module)] = held
-        if probe is not None:  # the full layer is now among the teacher's parameters
-            probe.sample("calibrate", extra=nbytes)
-
-    def release(module, args, output):
-        for mod, name, p in swapped.pop(id(module), []):
-            mod._parameters[name] = p
-
     embed = teacher.model.embed_tokens
     table = {}
-
-    def embed_forward(ids):
-        return table["rows"][torch.searchsorted(table["ids"], ids)]
-
-    hooks = []
-    for m in [*teacher.model.layers, teacher.model.norm]:
-        hooks += [m.register_forward_pre_hook(gather), m.register_forward_hook(release)]
-    for pi, (name, module) in enumerate(points.items()):
-        module.forward = _stats_forward(pi, module, cursor)
-    embed.forward = embed_forward
+    hooks = _gather_layers_on_entry(teacher, probe)
+    _patch_forwards(points, cursor, embed, table)
     device = local_tensor(embed.weight).device
     starts = list(range(0, N, batch_size))
     W, r = ctx.world_size, ctx.rank
-    rounds = range(0, len(starts), W)
-    a, b = shard_rows(embed.weight)
+    shard = shard_rows(embed.weight)
     try:
-        for k in tqdm(rounds, desc="calibrate", disable=not progress, leave=False):
+        for k in tqdm(range(0, len(starts), W), desc="calibrate", disable=not progress, leave=False):
             mine = starts[k: k + W]
-            ids = torch.cat([sequences[s: s + batch_size] for s in mine]).reshape(-1).unique()  # sorted
-            rows = torch.zeros(len(ids), D, dtype=torch.float32, device=_collective_device())
-            held = (ids >= a) & (ids < b)
-            rows[held.to(rows.device)] = local_tensor(embed.weight)[(ids[held] - a).to(device)].float().to(rows.device)
-            dist.all_reduce(rows)
-            table["ids"], table["rows"] = ids.to(device), rows.to(device=device, dtype=embed.weight.dtype)
-            del rows
+            _round_embedding_rows(embed, torch.cat([sequences[s: s + batch_size] for s in mine]), shard, D,
+                                  device, table)
             if probe is not None:  # the round's embedding rows count as teacher bytes while they live
                 probe.hold(table["rows"].numel() * table["rows"].element_size())
                 probe.sample("calibrate")
-            if r < len(mine):
-                cursor["start"], cursor["into"] = mine[r], stats
-                batch = sequences[mine[r]: mine[r] + batch_size]
-            else:
-                cursor["start"], cursor["into"] = 0, scratch.zero_()
-                batch = sequences[mine[0]: mine[0] + batch_size]
+            batch = _round_batch(sequences, mine, r, batch_size, cursor, stats, scratch)
             teacher.model(input_ids=batch.to(device), use_cache=False)
     finally:
-        for h in hooks:
-            h.remove()
-        for module in points.values():
-            del module.forward
-        del embed.forward
-        table.clear()
-        if probe is not None:
-            probe.hold(0)
+        _undo_calibration_patches(hooks, points, embed, table, probe)
     summed = stats.to(_collective_device())
     dist.all_reduce(summed)
     return Calibration(stats=summed.cpu(), tokens_per_seq=T, points=list(points),
