@@ -288,28 +288,17 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, eval_ks, gen_ks, long_ks,
               t_start: float, progress: bool) -> dict:
     """``run_demo`` once its folder is ready and locked."""
-    from transformers import AutoModelForCausalLM
-
-    from red.config import DEFAULT_VAL_FRACTION, make_config
+    from red.config import make_config
     from red.model.metrics import layer_eranks
     from red.commands.distill import distill
-    from red.train.startup import build_student
     from red.files import OwnedFolder
-    from red.data.store import prepare_store
     from red.model.teacher import load_teacher
 
     runs_dir = OwnedFolder(out / "runs", what="demo runs folder")  # lists each run folder the demo made
 
     teacher, tok = load_teacher(teacher_dir)
     D = teacher.config.hidden_size
-    data = out / "general.txt"
-    write_general_corpus(data, cfg.general_problems, gen_ks, long_ks, cfg.long_share)
-    # tokenized once for every run: the store a run would make of general.txt itself
-    # (same split settings), so the runs read the same blocks without re-tokenizing
-    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DEFAULT_VAL_FRACTION,
-                          seed=0, overwrite=cfg.overwrite, progress=False)
-    probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
-    probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
+    store, probe, probe_general = _demo_data(cfg, out, tok, eval_ks, gen_ks, long_ks)
 
     def score(model):
         t0 = time.perf_counter()
@@ -342,55 +331,11 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
     for spec in runs:
         for i, seed in enumerate(seeds):
             if spec.tuned and i == 0:
-                # the grid, on the first seed; the winner is that seed's run, the rest are
-                # recorded by their general validation loss and never scored on reasoning
-                tried, losses, extended = {}, {}, []
-
-                def attempt(lr):
-                    tried[lr] = train(spec, seed, lr, f"{spec.folder}-lr{lr:g}-s{seed}")
-                    losses[lr] = general_val_loss(tried[lr][1].metrics.rows)
-
-                for lr in grid:
-                    attempt(lr)
-                lr = pick_lr(losses)
-                # a pick at an edge of the grid may not be the best: step past it, a few times at most
-                while at_grid_edge(lr, list(tried)) and len(extended) < cfg.lr_grid_extend:
-                    extended.append(next_lr(lr, tried))
-                    if progress:
-                        print(f"[demo] {spec.name}: {lr:g} is the grid's edge; trying {extended[-1]:g}")
-                    attempt(extended[-1])
-                    lr = pick_lr(losses)
-                report["tuning"][spec.name] = {
-                    "seed": seed, "criterion": TUNE_CRITERION, "chosen_lr": lr, "steps": cfg.steps,
-                    "at_edge": at_grid_edge(lr, list(tried)), "extended": extended,
-                    "grid": [{"lr": g, TUNE_CRITERION: losses[g], "train_s": tried[g][2]} for g in sorted(tried)]}
-                if progress:
-                    print(f"[demo] {spec.name}: lr {lr:g} has the lowest general validation loss of "
-                          + ", ".join(f"{g:g}: {v:.4f}" for g, v in losses.items()))
-                    if at_grid_edge(lr, list(tried)):
-                        print(f"[demo] note: {lr:g} is still at the edge of the learning rates tried; a wider "
-                              "--lr-grid (or --lr-grid-extend) may find a better one")
-                dc, res, train_s = tried[lr]
+                lr, (dc, res, train_s), report["tuning"][spec.name] = _tune_lr(cfg, spec, seed, grid, train, progress)
             else:
                 lr = report["tuning"][spec.name]["chosen_lr"] if spec.tuned else cfg.lr
                 dc, res, train_s = train(spec, seed, lr, f"{spec.folder}-s{seed}")
-            student = AutoModelForCausalLM.from_pretrained(res.out / "student").eval()
-            torch.manual_seed(seed)  # the run's own initialization, rebuilt for its eRank at step 0
-            init_student = build_student(teacher, cfg.hidden_size, dc.init, res.calibration, dc.score,
-                                         dc.init_std, dc.norm_eps, seed)
-            row = {"name": spec.name, "preset": spec.preset, "init": dc.init, "seed": seed,
-                   "temperature": dc.temperature, "kl_reduction": dc.kl_reduction, "lr": lr, "tuned": spec.tuned,
-                   "out": str(res.out), "train_s": train_s, **score(student),
-                   "layer_erank_step0": layer_eranks(init_student, probe),
-                   "val_lm": general_val_loss(res.metrics.rows),
-                   "metrics": res.metrics.rows,
-                   "projection_singular_values": {
-                       n: torch.linalg.svdvals(p.detach().double()).tolist()
-                       for n, p in res.student.projections().items()}}
-            del init_student
-            evals = [r for r in res.metrics.rows if "erank_last" in r]
-            row["erank_last_step0"] = evals[0]["erank_last"] if evals and evals[0]["step"] == 0 else None
-            row["erank_last_final"] = evals[-1]["erank_last"] if evals else None
+            row = _run_row(cfg, spec, seed, lr, dc, res, train_s, teacher, score, probe)
             report["runs"].append(row)
             # the runs so far, in case the demo is stopped (report.json is rewritten whole at the end)
             (out / "report.partial.json").write_text(json.dumps(report))
@@ -398,6 +343,92 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
                 a = row["accuracy"]
                 print(f"[demo] {spec.name} s{seed}: general {a['general']:.2f}, reasoning {a['reasoning']:.2f} "
                       f"({train_s:.0f}s train)")
+    _finish_report(report, out, eval_ks, t_start)
+    return report
+
+
+def _demo_data(cfg: DemoConfig, out: Path, tok, eval_ks, gen_ks, long_ks):
+    """``(store, probe, probe_general)``: the general corpus written and tokenized once for
+    every run, and the held-out blocks every model's eRank (all k) and next-token loss
+    (general k) are measured on."""
+    from red.config import DEFAULT_VAL_FRACTION
+    from red.data.store import prepare_store
+
+    data = out / "general.txt"
+    write_general_corpus(data, cfg.general_problems, gen_ks, long_ks, cfg.long_share)
+    # tokenized once for every run: the store a run would make of general.txt itself
+    # (same split settings), so the runs read the same blocks without re-tokenizing
+    store = prepare_store([str(data)], out / "general-store", tok, val_fraction=DEFAULT_VAL_FRACTION,
+                          seed=0, overwrite=cfg.overwrite, progress=False)
+    probe = _heldout_text_ids(tok, eval_ks, cfg.seq_len, 8)
+    probe_general = _heldout_text_ids(tok, gen_ks, cfg.seq_len, 8, seed=321)
+    return store, probe, probe_general
+
+
+def _tune_lr(cfg: DemoConfig, spec: RunSpec, seed: int, grid: list, train, progress: bool):
+    """The grid, on the first seed: ``(lr, (config, result, train seconds) of the winning run,
+    the report's tuning entry)``. The winner is that seed's run; the rest are recorded by
+    their general validation loss and never scored on reasoning. A pick at an edge of the
+    grid may not be the best, so the grid is stepped past it, --lr-grid-extend times at most."""
+    tried, losses, extended = {}, {}, []
+
+    def attempt(lr):
+        tried[lr] = train(spec, seed, lr, f"{spec.folder}-lr{lr:g}-s{seed}")
+        losses[lr] = general_val_loss(tried[lr][1].metrics.rows)
+
+    for lr in grid:
+        attempt(lr)
+    lr = pick_lr(losses)
+    while at_grid_edge(lr, list(tried)) and len(extended) < cfg.lr_grid_extend:
+        extended.append(next_lr(lr, tried))
+        if progress:
+            print(f"[demo] {spec.name}: {lr:g} is the grid's edge; trying {extended[-1]:g}")
+        attempt(extended[-1])
+        lr = pick_lr(losses)
+    tuning = {"seed": seed, "criterion": TUNE_CRITERION, "chosen_lr": lr, "steps": cfg.steps,
+              "at_edge": at_grid_edge(lr, list(tried)), "extended": extended,
+              "grid": [{"lr": g, TUNE_CRITERION: losses[g], "train_s": tried[g][2]} for g in sorted(tried)]}
+    if progress:
+        print(f"[demo] {spec.name}: lr {lr:g} has the lowest general validation loss of "
+              + ", ".join(f"{g:g}: {v:.4f}" for g, v in losses.items()))
+        if at_grid_edge(lr, list(tried)):
+            print(f"[demo] note: {lr:g} is still at the edge of the learning rates tried; a wider "
+                  "--lr-grid (or --lr-grid-extend) may find a better one")
+    return lr, tried[lr], tuning
+
+
+def _run_row(cfg: DemoConfig, spec: RunSpec, seed: int, lr: float, dc, res, train_s: float, teacher, score,
+             probe) -> dict:
+    """One run's row of the report: its settings, the distilled student's scores, the eRank
+    of its own initialization (rebuilt) and at the end, its metrics and projection spectra."""
+    from transformers import AutoModelForCausalLM
+
+    from red.model.metrics import layer_eranks
+    from red.train.startup import build_student
+
+    student = AutoModelForCausalLM.from_pretrained(res.out / "student").eval()
+    torch.manual_seed(seed)  # the run's own initialization, rebuilt for its eRank at step 0
+    init_student = build_student(teacher, cfg.hidden_size, dc.init, res.calibration, dc.score,
+                                 dc.init_std, dc.norm_eps, seed)
+    row = {"name": spec.name, "preset": spec.preset, "init": dc.init, "seed": seed,
+           "temperature": dc.temperature, "kl_reduction": dc.kl_reduction, "lr": lr, "tuned": spec.tuned,
+           "out": str(res.out), "train_s": train_s, **score(student),
+           "layer_erank_step0": layer_eranks(init_student, probe),
+           "val_lm": general_val_loss(res.metrics.rows),
+           "metrics": res.metrics.rows,
+           "projection_singular_values": {
+               n: torch.linalg.svdvals(p.detach().double()).tolist()
+               for n, p in res.student.projections().items()}}
+    del init_student
+    evals = [r for r in res.metrics.rows if "erank_last" in r]
+    row["erank_last_step0"] = evals[0]["erank_last"] if evals and evals[0]["step"] == 0 else None
+    row["erank_last_final"] = evals[-1]["erank_last"] if evals else None
+    return row
+
+
+def _finish_report(report: dict, out: Path, eval_ks, t_start: float) -> None:
+    """The summary over seeds and the wall time added; report.json, the plots and table.txt
+    written, and the partial report (kept in case the demo stopped) removed."""
     report["summary"] = summarize(report, eval_ks)
     report["wall_s"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -405,7 +436,6 @@ def _run_demo(cfg: DemoConfig, out: Path, teacher_dir: Path, runs, grid, seeds, 
     plot_demo(report, out, eval_ks)
     table = format_table(report, eval_ks)
     (out / "table.txt").write_text(table + "\n")
-    return report
 
 
 def _mean_std(xs):
@@ -501,16 +531,22 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     if plt is None:
         return []
     paths = []
-
-    def save(fig, name):
+    for draw, name in ((_plot_accuracy_vs_k, "accuracy_vs_k.png"),
+                       (_plot_general_vs_reasoning, "general_vs_reasoning.png"),
+                       (_plot_erank_layers, "erank_layers.png"), (_plot_spectra, "spectra.png"),
+                       (_plot_loss_curves, "loss_curves.png")):
+        fig = draw(plt, report, ks)
         fig.tight_layout()
         paths.append(out / name)
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    return paths
 
-    names = list(report["summary"])
+
+def _plot_accuracy_vs_k(plt, report: dict, ks):
+    """Held-out accuracy against the number of steps k, per model (mean ± std over seeds)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for n in names:
+    for n in report["summary"]:
         s = report["summary"][n]
         m = [100 * s[f"k{k}"][0] for k in ks]
         e = [100 * (s[f"k{k}"][1] or 0) for k in ks]
@@ -521,8 +557,12 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("Accuracy vs steps k (students distilled on general data)")
     ax.legend()
-    save(fig, "accuracy_vs_k.png")
+    return fig
 
+
+def _plot_general_vs_reasoning(plt, report: dict, ks):
+    """General (k <= 2) beside reasoning (k >= 3) accuracy, one pair of bars per model."""
+    names = list(report["summary"])
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(names))
     gen = [100 * (report["summary"][n]["general"][0] or 0) for n in names]
@@ -538,8 +578,12 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("General vs reasoning accuracy per model")
     ax.legend(fontsize=8)
-    save(fig, "general_vs_reasoning.png")
+    return fig
 
+
+def _plot_erank_layers(plt, report: dict, ks):
+    """Per-layer eRank of the teacher and of each student at step 0 and at the end."""
+    names = list(report["summary"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(report["teacher"]["layer_erank"], marker="o", color="k", label="teacher")
     for i, n in enumerate(names[1:]):
@@ -552,8 +596,11 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("eRank")
     ax.set_title("Per-layer effective rank on held-out problems (mean over seeds)")
     ax.legend(fontsize=7)
-    save(fig, "erank_layers.png")
+    return fig
 
+
+def _plot_spectra(plt, report: dict, ks):
+    """The singular values of every projection, one panel per run of the first seed."""
     seed0 = [r for r in report["runs"] if r["seed"] == report["runs"][0]["seed"]]
     fig, axes = plt.subplots(1, len(seed0), figsize=(4 * len(seed0), 3.5), squeeze=False)
     for ax, r in zip(axes[0], seed0):
@@ -562,8 +609,11 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
         ax.set_title(f"{r['name']}: projection spectra")
         ax.set_xlabel("index")
         ax.set_ylabel("singular value")
-    save(fig, "spectra.png")
+    return fig
 
+
+def _plot_loss_curves(plt, report: dict, ks):
+    """The training loss of every run against the step."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in report["runs"]:
         rows = [m for m in r["metrics"] if "loss" in m]
@@ -573,5 +623,4 @@ def plot_demo(report: dict, out: Path, ks) -> list[Path]:
     ax.set_ylabel("training loss (KL + LM + α·clone)")
     ax.set_title("Training loss")
     ax.legend(fontsize=7)
-    save(fig, "loss_curves.png")
-    return paths
+    return fig
