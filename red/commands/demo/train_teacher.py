@@ -155,37 +155,29 @@ def majority_baseline(k, n, seed):
 
 def write_card(out: Path, args, cfg, n_params, acc, wall_s, steps_done, final_loss, machine,
                note=""):
+    """README.md of ``out``, the teacher's model card: what it is, how it was trained, what it
+    scores and the command that makes it again, every number taken from the run."""
     ks = [int(k) for k in args.ks.split(",")]
-    base = {k: majority_baseline(k, acc["n_per_k"], args.seed) for k in ks}
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    head = "| k | " + " | ".join(str(k) for k in ks) + " | general (k≤2) | reasoning (k≥3) |"
-    sep = "|---" * (len(ks) + 3) + "|"
-    row = ("| answer exact match, % | " + " | ".join(f"{100 * acc[f'k{k}']:.1f}" for k in ks)
-           + f" | {100 * acc['general']:.1f} | {100 * acc['reasoning']:.1f} |")
-    row2 = ("| whole completion exact, % | "
-            + " | ".join(f"{100 * acc[f'cot_k{k}']:.1f}" for k in ks) + " | | |")
-    row3 = ("| most frequent answer (baseline), % | "
-            + " | ".join(f"{100 * base[k]:.1f}" for k in ks) + " | | |")
-    arch = getattr(args, "arch", "llama")
-    cmd = "python -m red.commands.demo.train_teacher " + (f"--arch {arch} " if arch != "llama" else "")
-    cmd += f"--out {args.out} --seed {args.seed} --steps {args.steps}"
-    defaults = parse_args([])
-    for name in ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay",
-                 "grad_clip", "layers", "hidden", "intermediate", "heads", "ks", "eval_every",
-                 "eval_n", "final_eval_n", "threads", "log_every", "init_from"):
-        if getattr(args, name) != getattr(defaults, name):
-            cmd += f" --{name.replace('_', '-')} {getattr(args, name)}"
-    cls = type(cfg).__name__.replace("Config", "ForCausalLM")
+    text = (_card_intro(out, args, cfg) + _card_architecture(cfg, n_params, size)
+            + _card_training(args, cfg, ks, steps_done, final_loss, wall_s, machine)
+            + _card_accuracy(args, acc, ks) + _card_regenerate(out, args, note))
+    (out / "README.md").write_text(text, encoding="utf-8")
+
+
+def _card_class(cfg) -> str:
+    """The transformers class name of ``cfg``'s model (``LlamaConfig`` -> ``LlamaForCausalLM``)."""
+    return type(cfg).__name__.replace("Config", "ForCausalLM")
+
+
+def _card_intro(out: Path, args, cfg) -> str:
+    """The card's title and opening paragraph: what the teacher is and what it is for."""
+    cls = _card_class(cfg)
     init_from = getattr(args, "init_from", "")
-    init_line = ("Initialization: random (`initializer_range` 0.02)." if not init_from else
-                 f"Initialization: the weights of `{init_from}` (`--init-from`), then every weight trained."
-                 + (" Its q/k-norm gains, absent from that Llama checkpoint, start at the mean per-head RMS "
-                    "of the queries and keys on one training batch." if cfg.model_type == "qwen3" else "")
-                 + f" {WARM_START_NOTE}")
     qk = (" It is Qwen3-shaped: every attention layer RMS-normalizes its queries and keys per head "
           "(q/k-norm), so the demo's result is not tied to one model family."
           if cfg.model_type == "qwen3" else "")
-    text = f"""# {out.name}: tiny {"Qwen3" if cfg.model_type == "qwen3" else "Llama"} teacher for the RED CPU demo
+    return f"""# {out.name}: tiny {"Qwen3" if cfg.model_type == "qwen3" else "Llama"} teacher for the RED CPU demo
 
 A {cfg.num_hidden_layers}-layer `{cls}` trained {"from scratch" if not init_from else "(from a warm start, see Training)"} on the synthetic
 multi-step reasoning task of `red/commands/demo/task.py` (chains of mod-10 `+`/`-` with variable
@@ -193,7 +185,13 @@ lookups, chain of thought written out, k = number of steps). It is the teacher t
 demo distils into narrower students (RED channel-selection init vs LRC random init).
 Everything here was produced by the command below; nothing was edited by hand.{qk}
 
-## Architecture
+"""
+
+
+def _card_architecture(cfg, n_params: int, size: int) -> str:
+    """The card's architecture table, from the model's config."""
+    cls = _card_class(cfg)
+    return f"""## Architecture
 
 | | |
 |---|---|
@@ -211,7 +209,18 @@ Everything here was produced by the command below; nothing was edited by hand.{q
 | parameters | {n_params:,} (float32) |
 | files on disk | {size / 1e6:.2f} MB in total |
 
-## Training
+"""
+
+
+def _card_training(args, cfg, ks: list, steps_done: int, final_loss: float, wall_s: float, machine: str) -> str:
+    """The card's training section: data, schedule, initialization, loss and wall time."""
+    init_from = getattr(args, "init_from", "")
+    init_line = ("Initialization: random (`initializer_range` 0.02)." if not init_from else
+                 f"Initialization: the weights of `{init_from}` (`--init-from`), then every weight trained."
+                 + (" Its q/k-norm gains, absent from that Llama checkpoint, start at the mean per-head RMS "
+                    "of the queries and keys on one training batch." if cfg.model_type == "qwen3" else "")
+                 + f" {WARM_START_NOTE}")
+    return f"""## Training
 
 - Data: an endless stream of `split="train"` problems, k cycling through {ks}, each
   document `[bos] + chars + [eos]`, concatenated and cut into blocks of {args.seq_len}
@@ -228,7 +237,21 @@ Everything here was produced by the command below; nothing was edited by hand.{q
 - Per-step log: `train_log.jsonl` (loss and lr; checkpoint evaluations with
   {args.eval_n} problems per k).
 
-## Held-out accuracy (measured)
+"""
+
+
+def _card_accuracy(args, acc: dict, ks: list) -> str:
+    """The card's held-out accuracy table, beside always giving the most frequent answer."""
+    base = {k: majority_baseline(k, acc["n_per_k"], args.seed) for k in ks}
+    head = "| k | " + " | ".join(str(k) for k in ks) + " | general (k≤2) | reasoning (k≥3) |"
+    sep = "|---" * (len(ks) + 3) + "|"
+    row = ("| answer exact match, % | " + " | ".join(f"{100 * acc[f'k{k}']:.1f}" for k in ks)
+           + f" | {100 * acc['general']:.1f} | {100 * acc['reasoning']:.1f} |")
+    row2 = ("| whole completion exact, % | "
+            + " | ".join(f"{100 * acc[f'cot_k{k}']:.1f}" for k in ks) + " | | |")
+    row3 = ("| most frequent answer (baseline), % | "
+            + " | ".join(f"{100 * base[k]:.1f}" for k in ks) + " | | |")
+    return f"""## Held-out accuracy (measured)
 
 `red.commands.demo.task.evaluate_reasoning(model, tokenizer, ks={ks}, n_per_k={acc['n_per_k']}, seed={args.seed})`:
 greedy decoding from `[bos] + question + ":"`, the completion must be `…#<answer>` then eos.
@@ -241,7 +264,27 @@ problems would score.
 {row2}
 {row3}
 
-## Regenerate
+"""
+
+
+def _card_command(args) -> str:
+    """The command line that makes this teacher again: the options that differ from the defaults."""
+    arch = getattr(args, "arch", "llama")
+    cmd = "python -m red.commands.demo.train_teacher " + (f"--arch {arch} " if arch != "llama" else "")
+    cmd += f"--out {args.out} --seed {args.seed} --steps {args.steps}"
+    defaults = parse_args([])
+    for name in ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay",
+                 "grad_clip", "layers", "hidden", "intermediate", "heads", "ks", "eval_every",
+                 "eval_n", "final_eval_n", "threads", "log_every", "init_from"):
+        if getattr(args, name) != getattr(defaults, name):
+            cmd += f" --{name.replace('_', '-')} {getattr(args, name)}"
+    return cmd
+
+
+def _card_regenerate(out: Path, args, note: str) -> str:
+    """The card's last sections: the command that remakes the teacher, and how to load it."""
+    cmd = _card_command(args)
+    return f"""## Regenerate
 
 ```
 {cmd}
@@ -262,7 +305,6 @@ tok = AutoTokenizer.from_pretrained("red/assets/{out.name}")
 print(evaluate_reasoning(model, tok, n_per_k=200, seed=0))
 ```
 """
-    (out / "README.md").write_text(text, encoding="utf-8")
 
 
 def rewrite_card(out: Path, threads: int):
@@ -289,19 +331,11 @@ def rewrite_card(out: Path, threads: int):
     print(json.dumps(acc))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.card_only:
-        return rewrite_card(Path(args.out), args.threads)
-    from tqdm.auto import tqdm
+def _new_model(args, tok):
+    """A randomly initialized Llama (or, ``--arch qwen3``, Qwen3: q/k-norm) of the shape the
+    arguments give, with ``tok``'s vocabulary and special tokens and a tied head."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ks = [int(k) for k in args.ks.split(",")]
-    tok = build_tokenizer()
     shape = dict(
         vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -310,29 +344,25 @@ def main(argv=None):
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id)
     if args.arch == "qwen3":  # q/k-norm is part of Qwen3's attention; no biases, no sliding window
-        cfg = Qwen3Config(**shape, attention_bias=False, use_sliding_window=False)
-        model = Qwen3ForCausalLM(cfg)
-    else:
-        cfg = LlamaConfig(**shape)
-        model = LlamaForCausalLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    data = batches(tok, ks, args.seed, args.batch_size, args.seq_len)
-    warm = warm_start(model, args.init_from, next(data)) if args.init_from else None
+        return Qwen3ForCausalLM(Qwen3Config(**shape, attention_bias=False, use_sliding_window=False))
+    return LlamaForCausalLM(LlamaConfig(**shape))
+
+
+def _make_optimizer(model, args):
+    """AdamW (0.9, 0.98) with weight decay on the matrices only (not on gains or biases)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
-    machine = machine_description(args.threads)
-    log = open(out / "train_log.jsonl", "w", encoding="utf-8")
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.98))
 
-    def logj(rec):
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
 
-    logj({"event": "start", "args": vars(args), "n_params": n_params, "machine": machine,
-          "argv": sys.argv, "warm_start": warm})
-    t0 = time.time()
+def _train_steps(model, opt, data, tok, ks, args, out: Path, logj, t0: float) -> list:
+    """The training loop: ``args.steps`` steps on ``data`` at ``lr_at``'s schedule, the mean
+    loss logged every ``--log-every`` steps, and every ``--eval-every`` steps (but the last)
+    an evaluation logged and a checkpoint saved; returns the last ``--log-every`` losses."""
+    from tqdm.auto import tqdm
+
     recent = []
     model.train()
     bar = tqdm(range(args.steps), desc="teacher", dynamic_ncols=True, mininterval=10)
@@ -360,6 +390,35 @@ def main(argv=None):
                 f"k{k}={100 * acc[f'k{k}']:.0f}" for k in ks))
             save(model, tok, out)  # a usable checkpoint even if the run is stopped
             model.train()
+    return recent
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.card_only:
+        return rewrite_card(Path(args.out), args.threads)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ks = [int(k) for k in args.ks.split(",")]
+    tok = build_tokenizer()
+    model = _new_model(args, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = batches(tok, ks, args.seed, args.batch_size, args.seq_len)
+    warm = warm_start(model, args.init_from, next(data)) if args.init_from else None
+    opt = _make_optimizer(model, args)
+    machine = machine_description(args.threads)
+    log = open(out / "train_log.jsonl", "w", encoding="utf-8")
+
+    def logj(rec):
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    logj({"event": "start", "args": vars(args), "n_params": n_params, "machine": machine,
+          "argv": sys.argv, "warm_start": warm})
+    t0 = time.time()
+    recent = _train_steps(model, opt, data, tok, ks, args, out, logj, t0)
     train_s = time.time() - t0
     final_loss = sum(recent) / len(recent)
     acc = evaluate_reasoning(model, tok, ks=ks, n_per_k=args.final_eval_n, seed=args.seed)
