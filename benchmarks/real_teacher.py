@@ -244,7 +244,9 @@ def part_corpus(work: Path, test_share: float = 0.1) -> dict:
                 "and pydoc topics (one per topic)", documents=len(docs), train_documents=len(train),
                 test_documents=len(test), train_chars=sum(len(r["text"]) for r in train),
                 test_chars=sum(len(r["text"]) for r in test), store_tokens=store.get("tokens"),
-                store_manifest={k: store.get(k) for k in ("tokens", "documents", "val_fraction", "seed")},
+                store_manifest=dict(tokens=store["tokens"], documents=store["documents"],
+                                    val_fraction=store["parts"][0]["val_fraction"],
+                                    seed=store["parts"][0]["split_seed"]),
                 test_names=[r["name"] for r in test])
 
 
