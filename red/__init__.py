@@ -4,7 +4,7 @@ The public Python API; each name is documented where it is defined::
 
     from red import (load_teacher, load_corpus, calibrate, channel_scores, select_channels,
                      build_student, ProjectedStudent, make_config, distill, train,
-                     export_student, erank, layer_eranks, analyze)
+                     export_student, erank, layer_eranks, analyze, import_gguf)
 
 The names are resolved on first use (PEP 562), so ``import red`` -- and with it
 ``red --help`` and every one-line user error -- does not pay for importing torch and
@@ -25,6 +25,7 @@ _EXPORTS = {
     "prepare_store": "data.store", "TokenStore": "data.store",
     "RedError": "errors",
     "export_student": "model.export",
+    "import_gguf": "model.gguf",
     "initialize": "train.initialization", "select_channels": "train.initialization", "selection_matrix": "train.initialization",
     "erank": "model.metrics", "hidden_states": "model.metrics", "layer_eranks": "model.metrics", "mean_token_cosine": "model.metrics",
     "spectrum": "model.metrics",
@@ -39,7 +40,7 @@ __all__ = [
     "make_config", "PackedCorpus", "load_corpus", "read_documents", "prepare_store", "TokenStore", "RedError", "export_student", "initialize",
     "select_channels", "selection_matrix", "erank", "hidden_states", "layer_eranks", "mean_token_cosine",
     "spectrum", "build_student", "distill", "export_run", "run_calibration", "LossSettings", "ProjectedStudent",
-    "load_teacher", "evaluate", "train",
+    "load_teacher", "evaluate", "train", "import_gguf",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The `red` command: calibrate, distill, export, analyze, plan, bench.
+"""The `red` command: calibrate, distill, export, analyze, plan, bench, import.
 
 Every option of `red distill` comes from a field of DistillConfig, so YAML keys and
 flags are the same names (hidden_size <-> --hidden-size). User errors print one line
@@ -62,6 +62,20 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _add_import_parser(sub, fmt) -> None:
+    """`red import`'s arguments (the dtype choices are config's, as red distill's --teacher-dtype)."""
+    p = sub.add_parser("import", help="turn a GGUF file (Llama, Qwen2, Qwen3) into a teacher folder", formatter_class=fmt,
+                       description="Dequantize a llama.cpp GGUF file into an ordinary Hugging Face teacher folder: "
+                       "safetensors in --dtype, config.json, generation_config.json and the tokenizer with its chat "
+                       "template. Needs the gguf package (pip install 'red[gguf]').")
+    p.add_argument("--gguf", required=True, help="the .gguf file")
+    p.add_argument("--out", required=True, help="teacher folder to write")
+    p.add_argument("--dtype", default="bfloat16", choices=TEACHER_DTYPES,
+                   help="weight dtype (float32 keeps the dequantized values exactly)")
+    p.add_argument("--overwrite", action="store_true", help="replace a teacher folder an earlier red import wrote")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip counting the kernels of a RED and an ordinary micro-batch (two more steps of each)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress still goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    _add_import_parser(sub, fmt)
 
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
@@ -405,7 +421,14 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": _cmd_prepare, "plan": _cmd_plan, "bench": _cmd_bench, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
+def _cmd_import(args) -> int:
+    from red.commands.import_gguf import import_command
+
+    print(import_command(args.gguf, args.out, args.dtype, args.overwrite, progress=not args.quiet))
+    return 0
+
+
+COMMANDS = {"import": _cmd_import, "prepare": _cmd_prepare, "plan": _cmd_plan, "bench": _cmd_bench, "demo": _cmd_demo, "eval": _cmd_eval, "distill": _cmd_distill, "calibrate": _cmd_calibrate, "export": _cmd_export, "analyze": _cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -379,6 +379,14 @@ class OwnedFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_manifest(entries | set(new), foreign)
 
+    def forget(self, *names: str) -> None:
+        """Drop ``names`` from the manifest: entries red wrote here that are gone now (a
+        later write no longer makes them), so the manifest lists only what is there."""
+        m = self._read()
+        if m is None or not set(names) & m[0]:
+            return
+        self._write_manifest(m[0] - set(names), m[1])
+
     def clash_message(self, names) -> str:
         listed = ", ".join(names)
         return (f"{self.what} {self.root} already holds {listed}, which red did not write, and red would write "

@@ -1,6 +1,6 @@
-"""What the tests share: tiny teachers and corpora, the CLI's one-line errors, comparing
-two runs, multi-process runs, and the fault injection and start-up probe that child
-processes run.
+"""What the tests share: tiny teachers and corpora, tiny GGUF files, the CLI's one-line
+errors, comparing two runs, multi-process runs, and the fault injection and start-up probe
+that child processes run.
 
 ``python -m helpers hold POINT:STEP <red arguments>`` runs `red` with a hook on
 ``red.run.folder.HOOKS`` that stops (sleeping) when the run reaches POINT at STEP, so that
@@ -100,6 +100,146 @@ def write_corpus(path: Path, n_lines: int = 400, seed: int = 0) -> Path:
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n_lines)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# -- Tiny GGUF files written with the ``gguf`` package's writer (no download), for the tests
+# of `red import`: a random transformers model's weights in llama.cpp's layout and
+# quantization types, with a byte-level BPE tokenizer and a chat template.
+GGUF_CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+GGUF_SPECIALS = ["<pad>", "<|im_start|>", "<s>", "<|im_end|>"]  # ids 0..3: pad, -, bos, eos (tiny_config's ids)
+GGUF_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+# weight -> quantization type in the file: every type the real SmolLM2 file uses (Q4_1,
+# Q8_0, F32) and a few more; all dequantize exactly to what gguf.dequantize gives
+GGUF_TYPES = {"token_embd": "Q8_0", "output": "Q8_0", "attn_q": "Q4_1", "attn_k": "F16", "attn_v": "BF16",
+              "attn_output": "Q4_1", "ffn_gate": "Q8_0", "ffn_up": "Q5_0", "ffn_down": "F32"}
+_GGUF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+               "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gguf_vocabulary() -> list[str]:
+    """Special tokens, the 256 byte-level characters, then one token per merge."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return GGUF_SPECIALS + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in GGUF_MERGES]
+
+
+def llama_cpp_rows(w, n_heads: int):
+    """Transformers' query/key rows in llama.cpp's order (its converter's permutation,
+    written from its description: per head, the two rotary halves are interleaved)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_quantized(w, kind: str):
+    """(bytes or array to write, raw dtype, what the file dequantizes back to)."""
+    import gguf
+    import numpy as np
+
+    q = gguf.GGMLQuantizationType[kind]
+    if kind == "F32":
+        return w.astype(np.float32), None, w.astype(np.float32)
+    if kind == "F16":
+        return w.astype(np.float16), None, w.astype(np.float16).astype(np.float32)
+    data = gguf.quantize(w.astype(np.float32), q)
+    return data, q, gguf.dequantize(data, q).reshape(w.shape).astype(np.float32)
+
+
+def _add_gguf_metadata(w, cfg, chat_template: str) -> None:
+    """The shape keys llama.cpp writes, and the byte-level BPE tokenizer of ``gguf_vocabulary()``."""
+    for add, value in ((w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, cfg.max_position_embeddings),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
+                       (w.add_key_length, cfg.head_dim), (w.add_value_length, cfg.head_dim),
+                       (w.add_rope_dimension_count, cfg.head_dim),
+                       (w.add_rope_freq_base, float(cfg.rope_parameters["rope_theta"])),
+                       (w.add_layer_norm_rms_eps, float(cfg.rms_norm_eps)), (w.add_vocab_size, cfg.vocab_size)):
+        add(value)
+    tokens = gguf_vocabulary()
+    assert len(tokens) == cfg.vocab_size, (len(tokens), cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(GGUF_SPECIALS) + [1] * (len(tokens) - len(GGUF_SPECIALS)))  # 3: control, 1: normal
+    w.add_token_merges(GGUF_MERGES)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+
+def write_gguf(path: Path, model, arch: str | None = None, types: dict | None = None, extra_tensors=None,
+               chat_template: str = GGUF_CHAT_TEMPLATE) -> dict[str, torch.Tensor]:
+    """Write ``model`` (a transformers Llama/Qwen2/Qwen3 whose vocabulary is
+    ``gguf_vocabulary()``) as a GGUF file of architecture ``arch`` (default the model's) and
+    return the state dict the file holds (each weight quantized and dequantized as the file
+    stores it): the reference an import must reproduce. ``extra_tensors``: {GGUF name:
+    (array, raw dtype or None)} written as they are."""
+    import gguf
+
+    cfg = model.config
+    arch = arch or cfg.model_type
+    types = {**GGUF_TYPES, **(types or {})}
+    w = gguf.GGUFWriter(str(path), arch)
+    _add_gguf_metadata(w, cfg, chat_template)
+    held = {}
+
+    def put(gguf_name: str, hf: str, t: torch.Tensor, kind: str, rows_heads: int | None = None):
+        a = t.detach().float().numpy()
+        if a.ndim == 1:
+            kind = "F32"  # norms and biases: llama.cpp keeps them in F32
+        data, raw, back = _gguf_quantized(a, kind)
+        if rows_heads is not None:  # the file holds llama.cpp's row order; rows quantize on their own
+            data, _, _ = _gguf_quantized(llama_cpp_rows(a, rows_heads), kind)
+        w.add_tensor(gguf_name, data, raw_dtype=raw)
+        held[hf] = torch.from_numpy(back.copy())
+
+    sd = model.state_dict()
+    put("token_embd.weight", "model.embed_tokens.weight", sd["model.embed_tokens.weight"], types["token_embd"])
+    put("output_norm.weight", "model.norm.weight", sd["model.norm.weight"], "F32")
+    if not cfg.tie_word_embeddings:
+        put("output.weight", "lm_head.weight", sd["lm_head.weight"], types["output"])
+    for i in range(cfg.num_hidden_layers):
+        for g, h in _GGUF_BLOCK.items():
+            for suffix in ("weight", "bias"):
+                k = f"model.layers.{i}.{h}.{suffix}"
+                if k in sd:
+                    perm = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(g) \
+                        if arch == "llama" and suffix == "weight" else None
+                    put(f"blk.{i}.{g}.{suffix}", k, sd[k], types.get(g, "F32"), perm)
+    for name, (a, raw) in (extra_tensors or {}).items():
+        w.add_tensor(name, a, raw_dtype=raw)
+    finish_gguf(w)
+    return held
+
+
+def finish_gguf(w) -> None:
+    """Write a ``gguf.GGUFWriter``'s header, metadata and tensors, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_gguf_model(arch: str = "llama", seed: int = 0):
+    """A random transformers model of ``tiny_config``'s shape over ``gguf_vocabulary()``,
+    with randomized norms and biases (so a dropped one shows)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(gguf_vocabulary())))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 1.0))
+    return model.eval()
 
 
 # -- Helpers shared by the tests of user errors: run the `red` CLI in-process, check that an

@@ -72,7 +72,8 @@ def test_no_import_circles():
             visit(m)
 
 
-@pytest.mark.parametrize("module", ["red.model.arch", "red.commands.checks", "red.config", "red.files", "red.cli"])
+@pytest.mark.parametrize("module", ["red.model.arch", "red.model.gguf", "red.commands.checks", "red.commands.import_gguf",
+                                    "red.config", "red.files", "red.cli"])
 def test_the_checks_before_torch_import_no_torch(module):
     code = f"import sys, {module}; heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; " \
            "assert not heavy, heavy[:5]"

@@ -137,9 +137,11 @@ def measure(fn, device, warmup: int = 1, reps: int = 3, memory: bool = True) -> 
     """Time ``fn()`` (``warmup`` untimed calls, then ``reps`` timed ones) and its peak memory.
 
     Returns ``ms`` (median), ``ms_all``, ``first_ms`` (the first warm-up call, which holds
-    any compilation) and ``step_mem_bytes`` (peak above the level at the start of the timed
-    calls; None when not measurable). On CUDA the peak is read over the timed calls
-    themselves; on the CPU it needs an extra, untimed call under a dispatch mode.
+    any compilation), ``cpu_ms_all`` (the process's CPU time of each timed call, all its
+    threads: beside the wall time it tells a busy machine, where wall exceeds CPU time over
+    the threads, from slow work) and ``step_mem_bytes`` (peak above the level at the start
+    of the timed calls; None when not measurable). On CUDA the peak is read over the timed
+    calls themselves; on the CPU it needs an extra, untimed call under a dispatch mode.
     """
     device = torch.device(device)
     first = None
@@ -153,17 +155,18 @@ def measure(fn, device, warmup: int = 1, reps: int = 3, memory: bool = True) -> 
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    ts = []
+    ts, cpu = [], []
     for _ in range(max(reps, 1)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         ts.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
     if device.type == "cuda":
         mem = max(0, torch.cuda.max_memory_allocated(device) - base) if memory else None
     elif memory:
         mem = peak_extra_bytes(fn, device)
-    return {"ms": statistics.median(ts), "ms_all": ts, "first_ms": first, "step_mem_bytes": mem}
+    return {"ms": statistics.median(ts), "ms_all": ts, "cpu_ms_all": cpu, "first_ms": first, "step_mem_bytes": mem}
 
 
 def time_kernel_ms(fn, device) -> float:
@@ -542,7 +545,8 @@ def _step_row(name, variant, batches, m, resident) -> dict:
     mem = m["step_mem_bytes"]
     tokens = sum(b.numel() for b in batches)
     return dict(kind_of_row="step", name=name, variant=variant, status="ok", tokens=int(tokens),
-                micro_batches=len(batches), ms=m["ms"], ms_all=m["ms_all"], tokens_per_s=tokens / (m["ms"] * 1e-3),
+                micro_batches=len(batches), ms=m["ms"], ms_all=m["ms_all"], cpu_ms=statistics.median(m["cpu_ms_all"]),
+                cpu_ms_all=m["cpu_ms_all"], tokens_per_s=tokens / (m["ms"] * 1e-3),
                 step_mem_bytes=mem, resident_bytes=resident, peak_mem_bytes=None if mem is None else resident + mem)
 
 

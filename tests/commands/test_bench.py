@@ -41,6 +41,8 @@ def test_bench_json(teacher_dirs, run_cli):
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["ms"] > 0, r
         assert r["tokens"] == 64 and r["micro_batches"] == 2  # all variants see the same micro-batches
         assert r["resident_bytes"] > 0
+        # the process's CPU time of every timed step beside its wall time (all threads: it may exceed the wall)
+        assert len(r["cpu_ms_all"]) == len(r["ms_all"]) and r["cpu_ms"] > 0
         if bench.CPU_MEMORY_AVAILABLE:
             assert r["peak_mem_bytes"] == r["resident_bytes"] + r["step_mem_bytes"]
     assert steps["torch"]["name"] == "red_step" and steps["ordinary"]["name"] == "ordinary_step"

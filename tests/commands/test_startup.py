@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "triton", "red_kernels")
-SUBCOMMANDS = ("distill", "calibrate", "export", "demo", "eval", "plan", "bench", "analyze")
+SUBCOMMANDS = ("distill", "calibrate", "export", "demo", "eval", "plan", "bench", "analyze", "import")
 
 
 def _red(args, cwd):
