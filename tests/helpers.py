@@ -102,6 +102,37 @@ def write_corpus(path: Path, n_lines: int = 400, seed: int = 0) -> Path:
     return path
 
 
+def make_spm_teacher(folder: Path, corpus: Path, seed: int = 0) -> Path:
+    """A tiny Llama teacher whose tokenizer is a SentencePiece BPE model trained here on
+    ``corpus`` (as Llama 2 and Mistral ship theirs): ``tokenizer.model`` beside the
+    ``tokenizer.json`` transformers converts it to, and the ``special_tokens_map.json`` an
+    older transformers writes. Needs the ``sentencepiece`` package."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=f"{tmp}/sp", vocab_size=80, model_type="bpe",
+                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+                                       minloglevel=2, num_threads=1)
+        src = Path(tmp) / "src"
+        src.mkdir()
+        shutil.copyfile(f"{tmp}/sp.model", src / "tokenizer.model")
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **specials}))
+        tok = AutoTokenizer.from_pretrained(src)
+        tok.save_pretrained(folder)
+        shutil.copyfile(src / "tokenizer.model", folder / "tokenizer.model")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    torch.manual_seed(seed)
+    cfg = tiny_config("llama", len(tok))
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, None
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder
+
+
 # -- Helpers shared by the tests of user errors: run the `red` CLI in-process, check that an
 def snapshot(*folders: Path) -> dict:
     """path -> sha256 of every file under ``folders`` (missing folders: empty)."""

@@ -273,7 +273,7 @@ def _distill_locked(plan: DistillPlan, run: RunDir, ctx, progress) -> RunResult:
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
     if ctx.is_main:
         run.own(STUDENT)
-        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True, owned=True)
+        export_student(student, cfg.teacher, run.student, dtype=cfg.export_dtype, overwrite=True, owned=True)
         last = {k: v for r in metrics.rows for k, v in r.items()}
         run.write_json(RESULT, {"status": "ok", "steps": cfg.steps, "world_size": ctx.world_size, "last": last})
     ctx.barrier()

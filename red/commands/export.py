@@ -19,8 +19,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     out = Path(out)
     check_export_inputs(run_dir, out, checkpoint, overwrite)
     check_run_width(run_dir)
-    student, tok, _ = load_run_student(run_dir, checkpoint)
-    return export_student(student, tok, out, dtype=dtype, overwrite=overwrite)
+    student, _, cfg = load_run_student(run_dir, checkpoint)
+    return export_student(student, cfg.teacher, out, dtype=dtype, overwrite=overwrite)
 
 
 def check_run_width(run_dir: str | Path) -> None:

@@ -4,6 +4,12 @@ Every teacher tensor is mapped to its student counterpart by name (so the file u
 teacher's own key names), the config gets ``hidden_size = d``, an explicit ``head_dim``,
 the tie flag the student was trained with and the ``rms_norm_eps`` used in training.
 The result loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+
+The tokenizer is the teacher's own files, copied byte for byte (``TOKENIZER_FILES``), never
+saved again through transformers: a re-save writes the installed version's format (5.x
+names ``TokenizersBackend`` and drops ``special_tokens_map.json`` and a SentencePiece
+``tokenizer.model``), which older transformers and llama.cpp's converter then read
+differently from the teacher.
 """
 from __future__ import annotations
 
@@ -127,10 +133,53 @@ def check_student_width(teacher_config, hidden_size: int, flag: str = "--hidden-
     raise RedError(f"{flag} {d} is not a valid width for a {teacher_config.model_type} student: {err}; {fix}")
 
 
+#: The files of a Hugging Face tokenizer an export copies from the teacher's folder, where
+#: present: the fast tokenizer, its config and special tokens, SentencePiece / BPE /
+#: WordPiece vocabularies (what older transformers and llama.cpp's converter read), the
+#: chat template files, and transformers' folder of named chat templates.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "additional_chat_templates")
+
+
+def tokenizer_folder(tokenizer) -> Path:
+    """The folder whose tokenizer files an export copies: ``tokenizer`` itself when it is a
+    path, else the folder a loaded tokenizer was read from (its ``name_or_path``)."""
+    if isinstance(tokenizer, (str, Path)):
+        folder = Path(tokenizer)
+    else:
+        folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    found = [n for n in TOKENIZER_FILES if (folder / n).exists()] if str(folder) and folder.is_dir() else []
+    if not found:
+        raise RedError(f"no tokenizer files to copy from {str(folder) or 'a tokenizer made in memory'}: an export "
+                       "copies the teacher's tokenizer files byte for byte; pass the teacher's folder (or a "
+                       "tokenizer loaded from it)")
+    return folder
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` of ``src`` into ``dst`` byte for byte (a link in the
+    teacher's folder, as in a Hugging Face cache, is read through: its bytes are copied).
+    Returns the names copied."""
+    src, dst = Path(src), Path(dst)
+    names = []
+    for name in TOKENIZER_FILES:
+        p = src / name
+        if p.is_dir():
+            shutil.copytree(p, dst / name, symlinks=False)
+        elif p.is_file():
+            shutil.copyfile(p, dst / name)
+        else:
+            continue
+        names.append(name)
+    return names
+
+
 def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",
                    overwrite: bool = False, owned: bool = False) -> Path:
     """Write ``out_dir`` as a Hugging Face checkpoint: config.json, model.safetensors,
-    tokenizer files (and generation_config.json when the teacher has one).
+    the teacher's tokenizer files copied byte for byte (and generation_config.json when the
+    teacher has one). ``tokenizer``: the teacher's folder, or a tokenizer loaded from it.
 
     The files are written into a staging folder inside ``out_dir`` (nothing is written
     outside it) and moved into place only once all of them are complete; an existing
@@ -138,13 +187,14 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
     only the files an export wrote (``_write_export``).
     """
     return _write_export(student.teacher, student.hidden_size, student.norm_eps, merged_state_dict(student),
-                         tokenizer, out_dir, dtype, overwrite, owned)
+                         tokenizer_folder(tokenizer) if tokenizer is not None else None, out_dir, dtype, overwrite,
+                         owned)
 
 
 EXPORT_MANIFEST = ".red-export.json"
 
 
-def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite,
+def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, out_dir, dtype, overwrite,
                   owned: bool = False) -> Path:
     """Write the export into a staging folder inside ``out_dir``, then move each file into
     place. ``out_dir`` is an ``red.run.folder.OwnedFolder`` with the manifest ``.red-export.json``:
@@ -177,8 +227,8 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
             gen = getattr(teacher, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, tmp)
         except Exception as e:
             if not is_write_error(e):
                 raise
