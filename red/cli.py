@@ -64,13 +64,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
-                                     "into a student that keeps its reasoning.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
+def _add_distill_parser(sub) -> None:
+    """`red distill`: the DistillConfig fields as flags, beside --config and --quiet."""
     p = sub.add_parser("distill", help="calibrate, initialize, train and export a student", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Distill TEACHER into a student of width --hidden-size. Options override --config "
                                    "(YAML with the same keys, e.g. OUT/run.yaml), which overrides the preset.")
@@ -78,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: False)")
     _add_config_options(p)
 
+
+def _add_prepare_parser(sub) -> None:
+    """`red prepare`: tokenize sources into a token store."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("prepare", help="tokenize a corpus once into a token store for red distill --data",
                        formatter_class=fmt, description="Tokenize --data sources (files, globs, saved Hugging Face "
                        "datasets; chat rows with the tokenizer's chat template) into a memory-mapped token store: "
@@ -97,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer folder's own code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_calibrate_parser(sub) -> None:
+    """`red calibrate`: the teacher's channel statistics into a file."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("calibrate", help="measure teacher channel statistics", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--data", required=True, help="corpus (.txt, .jsonl, .parquet)")
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_export_parser(sub) -> None:
+    """`red export`: a run's checkpoint as a Hugging Face model folder."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("export", help="export a run's checkpoint as a Hugging Face model", formatter_class=fmt)
     p.add_argument("--run", required=True, help="the --out folder of `red distill`")
     p.add_argument("--out", required=True, help="folder for the exported model")
@@ -116,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=EXPORT_DTYPES, help="weight dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
+
+def _add_demo_parser(sub) -> None:
+    """`red demo`: the DemoConfig fields as flags."""
     from red.commands.demo.run import DemoConfig
     p = sub.add_parser("demo", help="show reasoning collapse (lrc) and RED's fix on the bundled tiny teacher",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -124,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output (default: False)")
     _add_config_options(p, DemoConfig)
 
+
+def _add_eval_parser(sub) -> None:
+    """`red eval`: the synthetic benchmark and lm-eval tasks."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("eval", help="score a model: synthetic reasoning benchmark, optional lm-eval tasks",
                        formatter_class=fmt)
     p.add_argument("--model", required=True, help="model folder (e.g. OUT/student)")
@@ -142,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report red wrote at --out")
 
+
+def _add_plan_parser(sub) -> None:
+    """`red plan`: memory, communication and speed from config.json alone."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("plan", help="memory, communication and speed of a distillation run, from the teacher's config alone",
                        formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
                        "optimizer state, the step's dense weights and their gradient sums, gathered teacher layers, "
@@ -173,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ordinary training")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+
+def _add_bench_parser(sub) -> None:
+    """`red bench`: kernel and step timings on the teacher's shapes."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,
                        description="Time every red_kernels op at the teacher's shapes against its eager composition "
                        "(ms, peak memory, achieved TB/s or TFLOP/s, fraction of the device ceiling measured in the same "
@@ -202,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress still goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
+
+def _add_analyze_parser(sub) -> None:
+    """`red analyze`: per-layer eRank of teacher and student."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--student", required=True, help="a `red distill` run folder or an exported model folder")
@@ -210,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="sequences to analyze")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet")
+
+
+#: one parser builder per command, in the order `red --help` lists them
+PARSER_BUILDERS = (_add_distill_parser, _add_prepare_parser, _add_calibrate_parser, _add_export_parser,
+                   _add_demo_parser, _add_eval_parser, _add_plan_parser, _add_bench_parser, _add_analyze_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
+                                     "into a student that keeps its reasoning.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for add_parser in PARSER_BUILDERS:
+        add_parser(sub)
     return parser
 
 

@@ -140,8 +140,18 @@ def plan_distill(inputs: DistillInputs, run: RunDir, ctx: DistContext | None = N
         # width, and the teacher's fingerprint when the file has one (older files: width only)
         check_calibration_teacher(cal, cfg.calibration, cfg.teacher, arch)
     identity = RunIdentity.from_config(cfg, arch, corpus.fingerprint) if corpus is not None else None
-    state = run.state()
-    if state == "run" and cfg.resume:
+    cfg = _resume_or_start(cfg, run, identity, arch, entries, corpus)
+    _check_run_folder(cfg, run, arch, ctx)
+    return DistillPlan(cfg, tcfg, arch, tokenizer, tuple(entries), corpus, cal, identity, device,
+                       resolve_precision(cfg.precision, device))  # the teacher's dtype is the compute dtype
+
+
+def _resume_or_start(cfg: DistillConfig, run: RunDir, identity: RunIdentity | None, arch: Arch, entries,
+                     corpus: PackedCorpus | None) -> DistillConfig:
+    """The config this invocation runs with: ``_resume_config`` when ``--resume`` finds a
+    checkpoint, ``resume`` off when it finds none (the run starts at step 0); a resume whose
+    data no longer matches its stores is refused, naming a changed setting first."""
+    if run.state() == "run" and cfg.resume:
         if corpus is None:
             from red.config import load_yaml
 
@@ -150,12 +160,17 @@ def plan_distill(inputs: DistillInputs, run: RunDir, ctx: DistContext | None = N
             changed = ", ".join(str(e.spec.path) for e in entries if e.store is None)
             raise RedError(f"--resume with another corpus: {changed} is not the data this run was tokenized from "
                            f"({cfg.out}/{DATA} holds other files or settings); resume with the run's own --data")
-        cfg = _resume_config(cfg, run, identity, arch, len(corpus.train))
-    elif cfg.resume:
-        cfg = dataclasses.replace(cfg, resume=False)  # no checkpoint yet: nothing to resume, start at 0
-    elif cfg.allow_change:
+        return _resume_config(cfg, run, identity, arch, len(corpus.train))
+    if cfg.resume:
+        return dataclasses.replace(cfg, resume=False)  # no checkpoint yet: nothing to resume, start at 0
+    if cfg.allow_change:
         raise RedError("--allow-change only applies with --resume")
-    # rank 0 alone checks (and later writes) the output folder; the others hear its verdict
+    return cfg
+
+
+def _check_run_folder(cfg: DistillConfig, run: RunDir, arch: Arch, ctx: DistContext) -> None:
+    """Rank 0 alone checks (and later writes) the output folder: usable for this run and
+    with room for it; the other ranks hear its verdict, so every rank raises the same error."""
     err = None
     if ctx.is_main:
         try:
@@ -168,8 +183,6 @@ def plan_distill(inputs: DistillInputs, run: RunDir, ctx: DistContext | None = N
     err = ctx.broadcast_error(err)
     if err:
         raise RedError(err)
-    return DistillPlan(cfg, tcfg, arch, tokenizer, tuple(entries), corpus, cal, identity, device,
-                       resolve_precision(cfg.precision, device))  # the teacher's dtype is the compute dtype
 
 
 def _resume_config(cfg: DistillConfig, run: RunDir, identity: RunIdentity, arch: Arch, n_train: int):

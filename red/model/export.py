@@ -194,6 +194,21 @@ def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dt
 EXPORT_MANIFEST = ".red-export.json"
 
 
+def _write_files(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, folder: Path,
+                 dtype: torch.dtype) -> None:
+    """The export's files, written into ``folder`` (the staging folder ``_write_export``
+    moves into place): the weights in ``dtype``, the student's config, the teacher's
+    generation config and tokenizer files."""
+    sd = {k: v.to(dtype) for k, v in state.items()}
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(folder)
+    gen = getattr(teacher, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, folder)
+
+
 def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, out_dir, dtype, overwrite,
                   owned: bool = False) -> Path:
     """Write the export into a staging folder inside ``out_dir``, then move each file into
@@ -221,14 +236,7 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, ou
     tmp.mkdir()
     try:
         try:
-            sd = {k: v.to(dtype) for k, v in state.items()}
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(tmp)
-            gen = getattr(teacher, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            if tokenizer_dir is not None:
-                copy_tokenizer_files(tokenizer_dir, tmp)
+            _write_files(teacher, hidden_size, norm_eps, state, tokenizer_dir, tmp, dtype)
         except Exception as e:
             if not is_write_error(e):
                 raise
