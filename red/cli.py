@@ -19,7 +19,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from red.config import EXPORT_DTYPES, PRECISION_CHOICES, PRESETS, TEACHER_DTYPES, TXT_SPLITS, DistillConfig
+from red.config import EXPORT_ARCHS, EXPORT_DTYPES, PRECISION_CHOICES, PRESETS, TEACHER_DTYPES, TXT_SPLITS, DistillConfig
 from red.errors import RedError
 
 
@@ -121,6 +121,10 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the exported model")
     p.add_argument("--checkpoint", default=None, help="a checkpoints/step-* folder (default: the last)")
     p.add_argument("--dtype", default="auto", choices=EXPORT_DTYPES, help="weight dtype")
+    p.add_argument("--arch", default="auto", choices=EXPORT_ARCHS,
+                   help="auto: the teacher's architecture; llama: a Qwen2 student written as a Llama with attention "
+                        "biases and a zero o_proj bias (the same logits), for llama.cpp and other stacks whose Qwen2 "
+                        "assumes heads x head_dim = hidden size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
@@ -337,7 +341,7 @@ def _cmd_export(args) -> int:
     check_export_inputs(args.run, args.out, args.checkpoint, args.overwrite)  # paths answer before torch
     from red.commands.export import export_run
 
-    out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
+    out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite, arch=args.arch)
     print(f"exported to {out}")
     return 0
 

@@ -29,6 +29,8 @@ DIVERGENCES = ("forward-kl", "reverse-kl", "jsd")
 LOSS_ON = ("assistant", "all")
 TXT_SPLITS = ("line", "paragraph", "file")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: what an export writes a student as: the teacher's architecture, or a Llama (red.model.export.as_llama)
+EXPORT_ARCHS = ("auto", "llama")
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 
 # --report-to: live metrics sinks beside the JSONL record (red.run.log writes them)
@@ -119,6 +121,7 @@ class DistillConfig:
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (at least 1)"})
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the exported student: auto (teacher's), float32, bfloat16, float16"})
+    export_arch: str = field(default="auto", metadata={"help": "architecture of the exported student: auto (the teacher's) or llama (a Qwen2 student written as a Llama with attention biases and a zero o_proj bias, the same logits; for llama.cpp and other stacks whose Qwen2 assumes heads x head_dim = hidden size)"})
     overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output folder (its contents are replaced)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT (a folder without one starts from step 0)"})
     allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, adam_eps, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
@@ -246,6 +249,7 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("precision", one_of(PRECISION_CHOICES)),
     ("txt_split", one_of(TXT_SPLITS)),
     ("export_dtype", one_of(EXPORT_DTYPES)),
+    ("export_arch", one_of(EXPORT_ARCHS)),
     ("device", DEVICE),
     ("steps", at_least(1)),
     ("batch_size", at_least(1)),

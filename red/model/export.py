@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from red.config import EXPORT_ARCHS
 from red.errors import RedError
 from red.dtypes import BY_NAME
 from red.model.arch import check_width
@@ -105,6 +106,49 @@ def student_config(teacher, hidden_size: int, norm_eps: float, dtype: torch.dtyp
     return cfg
 
 
+def check_export_arch(teacher_config, arch: str, flag: str = "--arch") -> None:
+    """RedError unless a student of this teacher can be written as ``arch`` (``EXPORT_ARCHS``):
+    ``auto`` is the teacher's own architecture; ``llama`` takes a Llama (nothing to do) or
+    a Qwen2 without sliding-window layers (``as_llama``). Checked before anything loads."""
+    if arch not in EXPORT_ARCHS:
+        raise RedError(f"{flag} {arch!r} is not one of {', '.join(EXPORT_ARCHS)}; pick one of those")
+    kind = teacher_config.model_type
+    if arch == "auto" or kind == "llama":
+        return
+    if kind != "qwen2":
+        raise RedError(f"{flag} llama: a {kind} student cannot be written as a Llama (only a Qwen2's layers are "
+                       f"a Llama's with attention biases); use {flag} auto")
+    types = getattr(teacher_config, "layer_types", None) or []
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    if sliding or (not types and getattr(teacher_config, "use_sliding_window", False)):
+        raise RedError(f"{flag} llama: this qwen2 teacher uses sliding-window attention "
+                       f"(layers {', '.join(map(str, sliding)) or 'from max_window_layers on'}), which a Llama has "
+                       f"not; use {flag} auto")
+
+
+def as_llama(cfg, state: dict) -> tuple:
+    """A Qwen2 student's config and weights as a Llama's: the same layers, with
+    ``attention_bias`` (a Llama then biases q, k, v and o; Qwen2 biases q, k, v) and a zero
+    ``o_proj`` bias, so the logits are the Qwen2's. For stacks whose Qwen2 assumes
+    heads x head_dim = hidden_size, which a narrowed student never has (llama.cpp's graph;
+    vLLM's Qwen2 in the versions read, see the README), while their Llama reads head_dim."""
+    from transformers import LlamaConfig
+
+    known = LlamaConfig().to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "_name_or_path"}
+    values = {k: v for k, v in cfg.to_dict().items() if k in known and k not in skip}
+    llama = LlamaConfig(**{**values, "attention_bias": True, "mlp_bias": False})
+    llama.architectures = ["LlamaForCausalLM"]
+    llama.dtype = cfg.dtype
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        o = out[f"model.layers.{i}.self_attn.o_proj.weight"]
+        out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(o.shape[0], dtype=o.dtype)
+    if callable(getattr(llama, "validate", None)):
+        llama.validate()
+    return llama, out
+
+
 def _width_error(teacher_config, d: int) -> str | None:
     try:
         student_config(teacher_config, d, float(getattr(teacher_config, "rms_norm_eps", 1e-6)), torch.float32)
@@ -176,32 +220,38 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 
 def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",
-                   overwrite: bool = False, owned: bool = False) -> Path:
+                   overwrite: bool = False, owned: bool = False, arch: str = "auto") -> Path:
     """Write ``out_dir`` as a Hugging Face checkpoint: config.json, model.safetensors,
     the teacher's tokenizer files copied byte for byte (and generation_config.json when the
     teacher has one). ``tokenizer``: the teacher's folder, or a tokenizer loaded from it.
+    ``arch``: ``auto`` (the teacher's architecture) or ``llama`` (a Qwen2 student written
+    as a Llama, ``as_llama``).
 
     The files are written into a staging folder inside ``out_dir`` (nothing is written
     outside it) and moved into place only once all of them are complete; an existing
     export is replaced (with ``overwrite``) only after the new one is fully written, and
     only the files an export wrote (``_write_export``).
     """
+    check_export_arch(student.teacher.config, arch)
     return _write_export(student.teacher, student.hidden_size, student.norm_eps, merged_state_dict(student),
                          tokenizer_folder(tokenizer) if tokenizer is not None else None, out_dir, dtype, overwrite,
-                         owned)
+                         owned, arch)
 
 
 EXPORT_MANIFEST = ".red-export.json"
 
 
 def _write_files(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, folder: Path,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, arch: str = "auto") -> None:
     """The export's files, written into ``folder`` (the staging folder ``_write_export``
-    moves into place): the weights in ``dtype``, the student's config, the teacher's
-    generation config and tokenizer files."""
+    moves into place): the weights in ``dtype``, the student's config (relabelled as a
+    Llama with ``arch="llama"``), the teacher's generation config and tokenizer files."""
     sd = {k: v.to(dtype) for k, v in state.items()}
+    cfg = student_config(teacher, hidden_size, norm_eps, dtype)
+    if arch == "llama" and cfg.model_type != "llama":
+        cfg, sd = as_llama(cfg, sd)
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(folder)
+    cfg.save_pretrained(folder)
     gen = getattr(teacher, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(folder)
@@ -210,7 +260,7 @@ def _write_files(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, fol
 
 
 def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, out_dir, dtype, overwrite,
-                  owned: bool = False) -> Path:
+                  owned: bool = False, arch: str = "auto") -> Path:
     """Write the export into a staging folder inside ``out_dir``, then move each file into
     place. ``out_dir`` is an ``red.run.folder.OwnedFolder`` with the manifest ``.red-export.json``:
     a re-export replaces the previous export's files; a name the export writes that is
@@ -236,7 +286,7 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, ou
     tmp.mkdir()
     try:
         try:
-            _write_files(teacher, hidden_size, norm_eps, state, tokenizer_dir, tmp, dtype)
+            _write_files(teacher, hidden_size, norm_eps, state, tokenizer_dir, tmp, dtype, arch)
         except Exception as e:
             if not is_write_error(e):
                 raise

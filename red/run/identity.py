@@ -9,7 +9,8 @@ holds the checkpoint metadata and decides what a ``--resume`` may change:
   change only with ``--allow-change KEY``; the change is recorded in ``run.yaml`` under
   ``history`` with the step it took effect, so ``run.yaml`` always reproduces the run;
 - execution settings (device, kernels, activation checkpointing, the placements of a
-  multi-process run, export dtype, the paths of inputs whose contents are unchanged) are free.
+  multi-process run, export dtype and architecture, the paths of inputs whose contents
+  are unchanged) are free.
 
 How a schedule change continues the learning rate: see ``red.train.trainer.lr_schedule``.
 """
@@ -35,8 +36,8 @@ SCHEDULE_KEYS = ("steps", "lr", "adam_eps", "warmup", "grad_clip", "log_every", 
 INPUT_KEYS = ("teacher", "data", "calibration")
 
 
-FREE_KEYS = ("out", "device", "kernels", "activation_checkpointing", "teacher_sharding", "step_weights", "export_dtype", "report_to",
-             "overwrite", "resume", "trust_remote_code", "allow_change", "history")
+FREE_KEYS = ("out", "device", "kernels", "activation_checkpointing", "teacher_sharding", "step_weights", "export_dtype",
+             "export_arch", "report_to", "overwrite", "resume", "trust_remote_code", "allow_change", "history")
 
 
 @dataclasses.dataclass
