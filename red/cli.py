@@ -153,6 +153,11 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation length for lm-eval generative tasks")
     p.add_argument("--apply-chat-template", action="store_true", help="format lm-eval prompts with the model's chat template")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task (for quick checks only)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAML files (your own tasks, e.g. over local data); repeat for "
+                        "several")
+    p.add_argument("--log-samples", action="store_true",
+                   help="keep lm-eval's samples (each document's prompt, responses and metrics) in the --out report")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]; "
                    "holds the model for both benchmarks")
     p.add_argument("--batch-size", type=int, default=None,
@@ -391,15 +396,17 @@ def _cmd_eval(args) -> int:
 
     report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
                             args.max_gen_toks, args.apply_chat_template, args.limit, args.out,
-                            device=args.device, batch_size=args.batch_size, overwrite=args.overwrite)
+                            device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
+                            include_paths=args.include_path or (), log_samples=args.log_samples)
     syn = report.get("synthetic")
     if syn:
         ks = [k for k in syn if k.startswith("k")]
         print("  ".join(f"{k}={100 * syn[k]:.0f}%" for k in ks)
               + f"  general={100 * syn['general']:.0f}%"
               + (f"  reasoning={100 * syn['reasoning']:.0f}%" if syn["reasoning"] is not None else ""))
-    if "lm_eval" in report:
-        print(json.dumps(report["lm_eval"], indent=1))
+    if "lm_eval" in report:  # the scores; the whole record (task configs, versions, samples) is in --out
+        lm = report["lm_eval"]
+        print(json.dumps({"settings": lm["settings"], "results": lm["results"]}, indent=1))
     return 0
 
 
