@@ -2,9 +2,9 @@
 
 AdamW (betas, epsilon and decoupled weight decay on the projections from the config;
 fused on CUDA), linear warmup then a linear, cosine, constant or warmup-stable-decay
-learning rate (``lr_schedule``), global-norm clipping, gradient accumulation, JSONL metrics, tqdm progress, periodic
-validation (loss + last-layer eRank) and atomic checkpoints that ``resume`` continues from
-bit for bit.
+learning rate (``lr_schedule``), global-norm clipping, gradient accumulation, JSONL
+metrics, tqdm progress, periodic validation (loss + last-layer eRank) and atomic
+checkpoints that ``resume`` continues from bit for bit.
 
 Precision policy (README, "Precision policy"): the teacher is held in the compute dtype
 (bf16 under ``--precision bf16``, the default on CUDA; fp32 under ``fp32``, the default on
@@ -94,8 +94,8 @@ def lr_schedule(steps: int, warmup: float, history: list | None = None, lr: floa
     run, which is the old curve itself when nothing but lr changed, and for linear the
     straight line from ``at`` to the floor at the new ``steps``. A run resumed at or after
     the end of its old schedule (extending a finished run) gets a fresh warmup and decay
-    over the added steps (warmup and ``wsd_decay`` as fractions of, or counts within, them).
-    The arguments are the current (last) values.
+    over the added steps (warmup as a fraction of, or a count within, them; ``wsd_decay`` as
+    a fraction of them). The arguments are the current (last) values.
     """
     history = [e for e in (history or []) if set(e["changed"]) & set(LR_KEYS)]
     segments = _schedule_segments({"steps": steps, "warmup": warmup, "lr": 1.0 if lr is None else lr,
