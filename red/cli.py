@@ -19,7 +19,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from red.config import EXPORT_DTYPES, PRECISION_CHOICES, PRESETS, TEACHER_DTYPES, TXT_SPLITS, DistillConfig
+from red.config import EXPORT_ARCHS, EXPORT_DTYPES, PRECISION_CHOICES, PRESETS, TEACHER_DTYPES, TXT_SPLITS, DistillConfig
 from red.errors import RedError
 
 
@@ -64,8 +64,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def _add_import_parser(sub, fmt) -> None:
+def _add_import_parser(sub) -> None:
     """`red import`'s arguments (the dtype choices are config's, as red distill's --teacher-dtype)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("import", help="turn a GGUF file (Llama, Qwen2, Qwen3) into a teacher folder", formatter_class=fmt,
                        description="Dequantize a llama.cpp GGUF file into an ordinary Hugging Face teacher folder: "
                        "safetensors in --dtype, config.json, generation_config.json and the tokenizer with its chat "
@@ -78,13 +79,8 @@ def _add_import_parser(sub, fmt) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
-                                     "into a student that keeps its reasoning.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
+def _add_distill_parser(sub) -> None:
+    """`red distill`: the DistillConfig fields as flags, beside --config and --quiet."""
     p = sub.add_parser("distill", help="calibrate, initialize, train and export a student", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Distill TEACHER into a student of width --hidden-size. Options override --config "
                                    "(YAML with the same keys, e.g. OUT/run.yaml), which overrides the preset.")
@@ -92,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: False)")
     _add_config_options(p)
 
+
+def _add_prepare_parser(sub) -> None:
+    """`red prepare`: tokenize sources into a token store."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("prepare", help="tokenize a corpus once into a token store for red distill --data",
                        formatter_class=fmt, description="Tokenize --data sources (files, globs, saved Hugging Face "
                        "datasets; chat rows with the tokenizer's chat template) into a memory-mapped token store: "
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer folder's own code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_calibrate_parser(sub) -> None:
+    """`red calibrate`: the teacher's channel statistics into a file."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("calibrate", help="measure teacher channel statistics", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--data", required=True, help="corpus (.txt, .jsonl, .parquet)")
@@ -123,13 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_export_parser(sub) -> None:
+    """`red export`: a run's checkpoint as a Hugging Face model folder."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("export", help="export a run's checkpoint as a Hugging Face model", formatter_class=fmt)
     p.add_argument("--run", required=True, help="the --out folder of `red distill`")
     p.add_argument("--out", required=True, help="folder for the exported model")
     p.add_argument("--checkpoint", default=None, help="a checkpoints/step-* folder (default: the last)")
     p.add_argument("--dtype", default="auto", choices=EXPORT_DTYPES, help="weight dtype")
+    p.add_argument("--arch", default="auto", choices=EXPORT_ARCHS,
+                   help="auto: the teacher's architecture; llama: a Qwen2 student written as a Llama with attention "
+                        "biases and a zero o_proj bias (the same logits), for llama.cpp and other stacks whose Qwen2 "
+                        "assumes heads x head_dim = hidden size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
+
+def _add_demo_parser(sub) -> None:
+    """`red demo`: the DemoConfig fields as flags."""
     from red.commands.demo.run import DemoConfig
     p = sub.add_parser("demo", help="show reasoning collapse (lrc) and RED's fix on the bundled tiny teacher",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -138,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output (default: False)")
     _add_config_options(p, DemoConfig)
 
+
+def _add_eval_parser(sub) -> None:
+    """`red eval`: the synthetic benchmark and lm-eval tasks."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("eval", help="score a model: synthetic reasoning benchmark, optional lm-eval tasks",
                        formatter_class=fmt)
     p.add_argument("--model", required=True, help="model folder (e.g. OUT/student)")
@@ -149,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation length for lm-eval generative tasks")
     p.add_argument("--apply-chat-template", action="store_true", help="format lm-eval prompts with the model's chat template")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task (for quick checks only)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAML files (your own tasks, e.g. over local data); repeat for "
+                        "several")
+    p.add_argument("--log-samples", action="store_true",
+                   help="keep lm-eval's samples (each document's prompt, responses and metrics) in the --out report")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]; "
                    "holds the model for both benchmarks")
     p.add_argument("--batch-size", type=int, default=None,
@@ -156,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report red wrote at --out")
 
+
+def _add_plan_parser(sub) -> None:
+    """`red plan`: memory, communication and speed from config.json alone."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("plan", help="memory, communication and speed of a distillation run, from the teacher's config alone",
                        formatter_class=fmt, description="Print what each GPU holds (teacher, projections, gradients, "
                        "optimizer state, the step's dense weights and their gradient sums, gathered teacher layers, "
@@ -187,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ordinary training")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+
+def _add_bench_parser(sub) -> None:
+    """`red bench`: kernel and step timings on the teacher's shapes."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("bench", help="time red_kernels and the distillation step on your teacher", formatter_class=fmt,
                        description="Time every red_kernels op at the teacher's shapes against its eager composition "
                        "(ms, peak memory, achieved TB/s or TFLOP/s, fraction of the device ceiling measured in the same "
@@ -216,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress still goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
-    _add_import_parser(sub, fmt)
 
+def _add_analyze_parser(sub) -> None:
+    """`red analyze`: per-layer eRank of teacher and student."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("analyze", help="per-layer eRank of teacher vs student, projection spectra", formatter_class=fmt)
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--student", required=True, help="a `red distill` run folder or an exported model folder")
@@ -226,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="sequences to analyze")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet")
+
+
+#: one parser builder per command, in the order `red --help` lists them
+PARSER_BUILDERS = (_add_distill_parser, _add_prepare_parser, _add_calibrate_parser, _add_export_parser,
+                   _add_demo_parser, _add_eval_parser, _add_plan_parser, _add_bench_parser, _add_import_parser,
+                   _add_analyze_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="red", description="RED distillation: narrow a Hugging Face teacher "
+                                     "into a student that keeps its reasoning.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for add_parser in PARSER_BUILDERS:
+        add_parser(sub)
     return parser
 
 
@@ -313,7 +362,7 @@ def _cmd_export(args) -> int:
     check_export_inputs(args.run, args.out, args.checkpoint, args.overwrite)  # paths answer before torch
     from red.commands.export import export_run
 
-    out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite)
+    out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.overwrite, arch=args.arch)
     print(f"exported to {out}")
     return 0
 
@@ -363,15 +412,17 @@ def _cmd_eval(args) -> int:
 
     report = evaluate_model(args.model, args.ks, args.n_per_k, args.seed, args.lm_eval_tasks, args.num_fewshot,
                             args.max_gen_toks, args.apply_chat_template, args.limit, args.out,
-                            device=args.device, batch_size=args.batch_size, overwrite=args.overwrite)
+                            device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
+                            include_paths=args.include_path or (), log_samples=args.log_samples)
     syn = report.get("synthetic")
     if syn:
         ks = [k for k in syn if k.startswith("k")]
         print("  ".join(f"{k}={100 * syn[k]:.0f}%" for k in ks)
               + f"  general={100 * syn['general']:.0f}%"
               + (f"  reasoning={100 * syn['reasoning']:.0f}%" if syn["reasoning"] is not None else ""))
-    if "lm_eval" in report:
-        print(json.dumps(report["lm_eval"], indent=1))
+    if "lm_eval" in report:  # the scores; the whole record (task configs, versions, samples) is in --out
+        lm = report["lm_eval"]
+        print(json.dumps({"settings": lm["settings"], "results": lm["results"]}, indent=1))
     return 0
 
 

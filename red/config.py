@@ -29,6 +29,10 @@ DIVERGENCES = ("forward-kl", "reverse-kl", "jsd")
 LOSS_ON = ("assistant", "all")
 TXT_SPLITS = ("line", "paragraph", "file")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: shapes of the learning rate after warmup (red.train.trainer.lr_schedule)
+LR_SCHEDULERS = ("linear", "cosine", "constant", "wsd")
+#: what an export writes a student as: the teacher's architecture, or a Llama (red.model.export.as_llama)
+EXPORT_ARCHS = ("auto", "llama")
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 
 # --report-to: live metrics sinks beside the JSONL record (red.run.log writes them)
@@ -99,11 +103,16 @@ class DistillConfig:
     cross_doc_attention: bool = field(default=True, metadata={"help": "let packed documents attend to the documents before them in a sequence; --no-cross-doc-attention makes attention block-diagonal per document with positions restarting at each one"})
     # optimisation
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
+    batch_size: int = field(default=8, metadata={"help": "the GLOBAL micro-batch: sequences per micro-batch summed over all processes (under torchrun each of N ranks takes batch_size / N); TRL's per_device_train_batch_size is per GPU, so its per_device x GPUs is this; a step sees batch_size x grad_accum sequences"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (transformers' gradient_accumulation_steps)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate of AdamW (transformers' learning_rate)"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "shape of the learning rate after the linear warmup (transformers' lr_scheduler_type): linear (to --min-lr at the last step; linear), cosine (half a cosine to --min-lr; cosine_with_min_lr), constant (the peak throughout; constant_with_warmup; --min-lr unused), wsd (warmup, stable at the peak, then half a cosine to --min-lr over the last --wsd-decay of the steps; warmup_stable_decay)"})
+    min_lr: float = field(default=0.0, metadata={"help": "the learning rate a decaying --lr-scheduler ends at, absolute, at most --lr (transformers' min_lr in lr_scheduler_kwargs)"})
+    wsd_decay: float = field(default=0.1, metadata={"help": "with --lr-scheduler wsd: the share of --steps the final decay takes, 0 < x <= 1 (transformers' num_decay_steps / max_steps)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay (transformers' weight_decay) on the projections P (which pulls the student's weights W P toward 0 with them); the norm gains get none, as transformers' Trainer leaves biases and norm weights out"})
+    adam_betas: str = field(default="0.9,0.999", metadata={"help": "AdamW's B1,B2 (transformers' adam_beta1, adam_beta2), each 0 <= B < 1"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon, added to the root of the second moment (transformers' adam_epsilon); a larger value bounds how far a near-zero gradient can move a weight"})
-    warmup: float = field(default=0.005, metadata={"help": "warmup: fraction of steps if < 1, else a step count"})
+    warmup: float = field(default=0.005, metadata={"help": "linear warmup from 0 to --lr: fraction of steps if < 1, else a step count (transformers' warmup_ratio / warmup_steps)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 disables)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data order and everything else"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer (teacher and student) in backward instead of storing its activations"})
@@ -119,9 +128,10 @@ class DistillConfig:
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (at least 1)"})
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the exported student: auto (teacher's), float32, bfloat16, float16"})
+    export_arch: str = field(default="auto", metadata={"help": "architecture of the exported student: auto (the teacher's) or llama (a Qwen2 student written as a Llama with attention biases and a zero o_proj bias, the same logits; for llama.cpp and other stacks whose Qwen2 assumes heads x head_dim = hidden size)"})
     overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output folder (its contents are replaced)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in OUT (a folder without one starts from step 0)"})
-    allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, adam_eps, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
+    allow_change: str = field(default="", metadata={"help": "with --resume: comma-separated schedule settings (steps, lr, lr_scheduler, min_lr, wsd_decay, weight_decay, adam_betas, adam_eps, warmup, grad_clip, log_every, eval_every, val_batches, save_every, keep_checkpoints) allowed to differ from run.yaml; the change is recorded there"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the teacher folder's own Python code (off by default)"})
     report_to: str = field(default="jsonl", metadata={"help": "comma-separated live metrics sinks: jsonl, tensorboard (OUT/tensorboard, pip install 'red[tensorboard]'), wandb (offline unless WANDB_MODE is set, pip install 'red[wandb]'); metrics.jsonl is the record and is always written"})
     history: list = field(default_factory=list, metadata={"help": "schedule changes made on --resume, with the step each took effect (written by red into run.yaml)", "cli": False})
@@ -143,6 +153,9 @@ class DistillConfig:
         if self.resume and self.overwrite:
             raise RedError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                            "--overwrite replaces it; pick one")
+        if self.min_lr > self.lr:
+            raise RedError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the decay ends at --min-lr, so give "
+                           "one at most --lr (0: decay to 0)")
         if self.warmup >= 1 and self.warmup > self.steps:
             raise RedError(f"warmup={self.warmup:g} steps is longer than steps={self.steps}; lower --warmup "
                            "(a value below 1 is a fraction of --steps)")
@@ -246,6 +259,7 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("precision", one_of(PRECISION_CHOICES)),
     ("txt_split", one_of(TXT_SPLITS)),
     ("export_dtype", one_of(EXPORT_DTYPES)),
+    ("export_arch", one_of(EXPORT_ARCHS)),
     ("device", DEVICE),
     ("steps", at_least(1)),
     ("batch_size", at_least(1)),
@@ -262,6 +276,11 @@ CONFIG_RULES: tuple[tuple[str, Rule], ...] = (
     ("val_fraction", OPEN_UNIT),
     ("temperature", POSITIVE),
     ("lr", POSITIVE),
+    ("lr_scheduler", one_of(LR_SCHEDULERS)),
+    ("min_lr", NON_NEGATIVE),
+    ("wsd_decay", Rule(lambda v: 0 < v <= 1, "above 0 and at most 1", "it is the share of --steps the last decay "
+                       "takes (0.1: the last tenth)")),
+    ("weight_decay", NON_NEGATIVE),
     ("adam_eps", POSITIVE),
     ("kl_weight", NON_NEGATIVE),
     ("lm_weight", NON_NEGATIVE),
@@ -300,6 +319,26 @@ def check_calib_samples(cfg: DistillConfig, n_sequences: int) -> None:
                        f"corpus packs to at seq_len={cfg.seq_len}; lower --calib-samples or add text")
 
 
+def parse_betas(value) -> tuple[float, float]:
+    """AdamW's (beta1, beta2) from "B1,B2" (or a YAML list of two numbers), each in
+    [0, 1); RedError naming ``adam_betas`` otherwise."""
+    parts = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        betas = tuple(float(b) for b in parts)
+    except (TypeError, ValueError):
+        betas = ()
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise RedError(f"adam_betas={value!r} is not two numbers B1,B2 with 0 <= B < 1; give e.g. --adam-betas "
+                       "0.9,0.999 (transformers' adam_beta1, adam_beta2)")
+    return betas
+
+
+def format_betas(betas) -> str:
+    """The one text of a pair of betas that run.yaml holds ("0.9,0.95"), so that the same
+    values written another way are not a change on --resume."""
+    return ",".join(repr(float(b)) for b in betas)
+
+
 #: Keys of earlier versions that a run.yaml may still hold; read and ignored, with why.
 RETIRED_KEYS = {"recompute_weights": "the student's weights are made once per optimizer step and kept for it"}
 
@@ -317,6 +356,8 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise RedError(f"{name} cannot be empty; give a {base.__name__}")
+    if name == "adam_betas":
+        return format_betas(parse_betas(value))
     if name == "data" and isinstance(value, (list, tuple)):  # several sources (a mixture)
         if not value:
             raise RedError("data is an empty list; give at least one source (a file, glob, saved dataset or "

@@ -51,6 +51,22 @@ def build_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>")
 
 
+def build_qwen2_tokenizer(corpus: Path, vocab_size: int = 300):
+    """A byte-level BPE trained here on ``corpus`` as transformers' ``Qwen2Tokenizer`` (its
+    tokenizer_config.json names that class, as a real Qwen2 repo's does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train([str(corpus)], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                 special_tokens=["<|endoftext|>"]))
+    model = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
+
 def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, layers: int = 2):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -66,15 +82,17 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, layers: int =
     raise ValueError(arch)
 
 
-def make_teacher(folder: Path, arch: str = "llama", seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Save a randomly initialized tiny teacher and a tokenizer to ``folder``.
+def make_teacher(folder: Path, arch: str = "llama", seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                 tokenizer=None) -> Path:
+    """Save a randomly initialized tiny teacher and a tokenizer (``tokenizer``, else the
+    character-level one) to ``folder``.
 
     Norm gains and biases are randomized too, so that tests notice if any is dropped.
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    tok = build_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
     cfg = tiny_config(arch, len(tok), hidden_size, layers)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -240,6 +258,44 @@ def tiny_gguf_model(arch: str = "llama", seed: int = 0):
             else:
                 p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 1.0))
     return model.eval()
+
+
+def make_spm_teacher(folder: Path, corpus: Path, seed: int = 0, arch: str = "llama") -> Path:
+    """A tiny teacher (Llama, or ``arch``) whose tokenizer is a SentencePiece BPE model trained here on
+    ``corpus`` (as Llama 2 and Mistral ship theirs): ``tokenizer.model`` beside the
+    ``tokenizer.json`` transformers converts it to, and the ``special_tokens_map.json`` an
+    older transformers writes. Needs the ``sentencepiece`` package."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=f"{tmp}/sp", vocab_size=80, model_type="bpe",
+                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+                                       minloglevel=2, num_threads=1)
+        src = Path(tmp) / "src"
+        src.mkdir()
+        shutil.copyfile(f"{tmp}/sp.model", src / "tokenizer.model")
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **specials}))
+        tok = AutoTokenizer.from_pretrained(src)
+        tok.save_pretrained(folder)
+        shutil.copyfile(src / "tokenizer.model", folder / "tokenizer.model")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    torch.manual_seed(seed)
+    # a Qwen2 folder's tokenizer loads as Qwen2Tokenizer, which adds <|endoftext|>; its
+    # embedding is padded past the tokenizer, as real Qwen2 checkpoints' are
+    cfg = tiny_config(arch, len(tok) + (8 if arch == "qwen2" else 0))
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, None
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)  # Qwen2's q/k/v biases: not zero, so that a dropped one shows
+    model.save_pretrained(folder)
+    return folder
 
 
 # -- Helpers shared by the tests of user errors: run the `red` CLI in-process, check that an

@@ -18,7 +18,7 @@ from red.config import DistillConfig, check_calib_samples, config_yaml
 from red.data.corpus import PackedCorpus, corpus_from_stores
 from red.distributed import DistContext, init_distributed, rank_device, shard_student
 from red.errors import RedError
-from red.model.export import check_student_width, export_student
+from red.model.export import check_export_arch, check_student_width, export_student
 from red.commands.checks import DistillInputs, check_distill_inputs
 from red.run.log import sink_folders
 from red.config import parse_report_to
@@ -110,6 +110,7 @@ def _plan_teacher(cfg: DistillConfig, ctx: DistContext):
         raise RedError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be divisible by the "
                        f"{ctx.world_size} processes; pick a multiple of {ctx.world_size}")
     check_student_width(tcfg, cfg.hidden_size)
+    check_export_arch(tcfg, cfg.export_arch, "--export-arch")
     device = resolve_device(rank_device(ctx, cfg.device))
     check_kernels(cfg, device)
     check_teacher_weights(cfg.teacher, tcfg, arch)
@@ -309,7 +310,8 @@ def _distill_locked(plan: DistillPlan, run: RunDir, ctx, progress) -> RunResult:
         student = unsharded_student(student, cfg, dtype, ctx)  # rank 0: a plain copy; others: None
     if ctx.is_main:
         run.own(STUDENT)
-        export_student(student, tokenizer, run.student, dtype=cfg.export_dtype, overwrite=True, owned=True)
+        export_student(student, cfg.teacher, run.student, dtype=cfg.export_dtype, overwrite=True, owned=True,
+                       arch=cfg.export_arch)
         last = {k: v for r in metrics.rows for k, v in r.items()}
         run.write_json(RESULT, {"status": "ok", "steps": cfg.steps, "world_size": ctx.world_size, "last": last})
     ctx.barrier()

@@ -287,7 +287,10 @@ def prepare_store(sources: Sequence[str], out: str | Path, tokenizer, *, text_fi
     that stays behind on an error: a new store folder is removed, an appended part's
     files are deleted and the manifest is untouched."""
     root = Path(out)
-    files = [f if isinstance(f, DatasetFiles) else Path(f) for s in sources for f in expand_source(str(s))]
+    # a DatasetFiles is a source already expanded (red distill's plan): its text joins the
+    # files with commas and is no pattern, so it is taken as it is, not globbed again
+    files = [f if isinstance(f, DatasetFiles) else Path(f) for s in sources
+             for f in ([s] if isinstance(s, DatasetFiles) else expand_source(str(s)))]
     if not files:
         raise RedError("no source given; pass at least one file, glob or saved dataset")
     # read-only checks first: nothing (not even the lock file) is written into a folder refused here

@@ -4,6 +4,12 @@ Every teacher tensor is mapped to its student counterpart by name (so the file u
 teacher's own key names), the config gets ``hidden_size = d``, an explicit ``head_dim``,
 the tie flag the student was trained with and the ``rms_norm_eps`` used in training.
 The result loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+
+The tokenizer is the teacher's own files, copied byte for byte (``TOKENIZER_FILES``), never
+saved again through transformers: a re-save writes the installed version's format (5.x
+names ``TokenizersBackend`` and drops ``special_tokens_map.json`` and a SentencePiece
+``tokenizer.model``), which older transformers and llama.cpp's converter then read
+differently from the teacher.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from red.config import EXPORT_ARCHS
 from red.errors import RedError
 from red.dtypes import BY_NAME
 from red.model.arch import check_width
@@ -99,6 +106,49 @@ def student_config(teacher, hidden_size: int, norm_eps: float, dtype: torch.dtyp
     return cfg
 
 
+def check_export_arch(teacher_config, arch: str, flag: str = "--arch") -> None:
+    """RedError unless a student of this teacher can be written as ``arch`` (``EXPORT_ARCHS``):
+    ``auto`` is the teacher's own architecture; ``llama`` takes a Llama (nothing to do) or
+    a Qwen2 without sliding-window layers (``as_llama``). Checked before anything loads."""
+    if arch not in EXPORT_ARCHS:
+        raise RedError(f"{flag} {arch!r} is not one of {', '.join(EXPORT_ARCHS)}; pick one of those")
+    kind = teacher_config.model_type
+    if arch == "auto" or kind == "llama":
+        return
+    if kind != "qwen2":
+        raise RedError(f"{flag} llama: a {kind} student cannot be written as a Llama (only a Qwen2's layers are "
+                       f"a Llama's with attention biases); use {flag} auto")
+    types = getattr(teacher_config, "layer_types", None) or []
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    if sliding or (not types and getattr(teacher_config, "use_sliding_window", False)):
+        raise RedError(f"{flag} llama: this qwen2 teacher uses sliding-window attention "
+                       f"(layers {', '.join(map(str, sliding)) or 'from max_window_layers on'}), which a Llama has "
+                       f"not; use {flag} auto")
+
+
+def as_llama(cfg, state: dict) -> tuple:
+    """A Qwen2 student's config and weights as a Llama's: the same layers, with
+    ``attention_bias`` (a Llama then biases q, k, v and o; Qwen2 biases q, k, v) and a zero
+    ``o_proj`` bias, so the logits are the Qwen2's. For stacks whose Qwen2 assumes
+    heads x head_dim = hidden_size, which a narrowed student never has (llama.cpp's graph;
+    vLLM's Qwen2 in the versions read, see the README), while their Llama reads head_dim."""
+    from transformers import LlamaConfig
+
+    known = LlamaConfig().to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "_name_or_path"}
+    values = {k: v for k, v in cfg.to_dict().items() if k in known and k not in skip}
+    llama = LlamaConfig(**{**values, "attention_bias": True, "mlp_bias": False})
+    llama.architectures = ["LlamaForCausalLM"]
+    llama.dtype = cfg.dtype
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        o = out[f"model.layers.{i}.self_attn.o_proj.weight"]
+        out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(o.shape[0], dtype=o.dtype)
+    if callable(getattr(llama, "validate", None)):
+        llama.validate()
+    return llama, out
+
+
 def _width_error(teacher_config, d: int) -> str | None:
     try:
         student_config(teacher_config, d, float(getattr(teacher_config, "rms_norm_eps", 1e-6)), torch.float32)
@@ -127,25 +177,90 @@ def check_student_width(teacher_config, hidden_size: int, flag: str = "--hidden-
     raise RedError(f"{flag} {d} is not a valid width for a {teacher_config.model_type} student: {err}; {fix}")
 
 
+#: The files of a Hugging Face tokenizer an export copies from the teacher's folder, where
+#: present: the fast tokenizer, its config and special tokens, SentencePiece / BPE /
+#: WordPiece vocabularies (what older transformers and llama.cpp's converter read), the
+#: chat template files, and transformers' folder of named chat templates.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "additional_chat_templates")
+
+
+def tokenizer_folder(tokenizer) -> Path:
+    """The folder whose tokenizer files an export copies: ``tokenizer`` itself when it is a
+    path, else the folder a loaded tokenizer was read from (its ``name_or_path``)."""
+    if isinstance(tokenizer, (str, Path)):
+        folder = Path(tokenizer)
+    else:
+        folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    found = [n for n in TOKENIZER_FILES if (folder / n).exists()] if str(folder) and folder.is_dir() else []
+    if not found:
+        raise RedError(f"no tokenizer files to copy from {str(folder) or 'a tokenizer made in memory'}: an export "
+                       "copies the teacher's tokenizer files byte for byte; pass the teacher's folder (or a "
+                       "tokenizer loaded from it)")
+    return folder
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` of ``src`` into ``dst`` byte for byte (a link in the
+    teacher's folder, as in a Hugging Face cache, is read through: its bytes are copied).
+    Returns the names copied."""
+    src, dst = Path(src), Path(dst)
+    names = []
+    for name in TOKENIZER_FILES:
+        p = src / name
+        if p.is_dir():
+            shutil.copytree(p, dst / name, symlinks=False)
+        elif p.is_file():
+            shutil.copyfile(p, dst / name)
+        else:
+            continue
+        names.append(name)
+    return names
+
+
 def export_student(student: ProjectedStudent, tokenizer, out_dir: str | Path, dtype: str | torch.dtype = "auto",
-                   overwrite: bool = False, owned: bool = False) -> Path:
+                   overwrite: bool = False, owned: bool = False, arch: str = "auto") -> Path:
     """Write ``out_dir`` as a Hugging Face checkpoint: config.json, model.safetensors,
-    tokenizer files (and generation_config.json when the teacher has one).
+    the teacher's tokenizer files copied byte for byte (and generation_config.json when the
+    teacher has one). ``tokenizer``: the teacher's folder, or a tokenizer loaded from it.
+    ``arch``: ``auto`` (the teacher's architecture) or ``llama`` (a Qwen2 student written
+    as a Llama, ``as_llama``).
 
     The files are written into a staging folder inside ``out_dir`` (nothing is written
     outside it) and moved into place only once all of them are complete; an existing
     export is replaced (with ``overwrite``) only after the new one is fully written, and
     only the files an export wrote (``_write_export``).
     """
+    check_export_arch(student.teacher.config, arch)
     return _write_export(student.teacher, student.hidden_size, student.norm_eps, merged_state_dict(student),
-                         tokenizer, out_dir, dtype, overwrite, owned)
+                         tokenizer_folder(tokenizer) if tokenizer is not None else None, out_dir, dtype, overwrite,
+                         owned, arch)
 
 
 EXPORT_MANIFEST = ".red-export.json"
 
 
-def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_dir, dtype, overwrite,
-                  owned: bool = False) -> Path:
+def _write_files(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, folder: Path,
+                 dtype: torch.dtype, arch: str = "auto") -> None:
+    """The export's files, written into ``folder`` (the staging folder ``_write_export``
+    moves into place): the weights in ``dtype``, the student's config (relabelled as a
+    Llama with ``arch="llama"``), the teacher's generation config and tokenizer files."""
+    sd = {k: v.to(dtype) for k, v in state.items()}
+    cfg = student_config(teacher, hidden_size, norm_eps, dtype)
+    if arch == "llama" and cfg.model_type != "llama":
+        cfg, sd = as_llama(cfg, sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(folder)
+    gen = getattr(teacher, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, folder)
+
+
+def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer_dir, out_dir, dtype, overwrite,
+                  owned: bool = False, arch: str = "auto") -> Path:
     """Write the export into a staging folder inside ``out_dir``, then move each file into
     place. ``out_dir`` is an ``red.run.folder.OwnedFolder`` with the manifest ``.red-export.json``:
     a re-export replaces the previous export's files; a name the export writes that is
@@ -171,14 +286,7 @@ def _write_export(teacher, hidden_size, norm_eps, state: dict, tokenizer, out_di
     tmp.mkdir()
     try:
         try:
-            sd = {k: v.to(dtype) for k, v in state.items()}
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            student_config(teacher, hidden_size, norm_eps, dtype).save_pretrained(tmp)
-            gen = getattr(teacher, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            _write_files(teacher, hidden_size, norm_eps, state, tokenizer_dir, tmp, dtype, arch)
         except Exception as e:
             if not is_write_error(e):
                 raise

@@ -136,12 +136,19 @@ def gather_state(student, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"opt.{idx}.{k}"] = full_tensor(v.detach()).cpu().contiguous()
             else:
                 opt_scalars[f"{idx}.{k}"] = v
-    return tensors, _optimizer_info(opt, opt_scalars)
+    return tensors, _optimizer_info(opt, opt_scalars, optimizer_param_names(student, optimizer))
 
 
-def _optimizer_info(opt: dict, scalars: dict) -> dict:
+def optimizer_param_names(student, optimizer) -> list[str]:
+    """The student's name of each tensor the optimizer steps, in its index order (groups
+    one after the other): what ``opt.<index>.*`` of a checkpoint belongs to."""
+    names = {id(p): n for n, p in student.named_trainable_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _optimizer_info(opt: dict, scalars: dict, names: list[str]) -> dict:
     return {"optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-            "optimizer_scalars": scalars}
+            "optimizer_scalars": scalars, "optimizer_param_names": names}
 
 
 def local_state(student, optimizer, rank: int, world: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -167,7 +174,7 @@ def local_state(student, optimizer, rank: int, world: int) -> tuple[dict[str, to
             if _sharding(t) == "shard0":
                 _shard_rows(name, t, rank, world)
             mine[name] = local_tensor(t).to(dtype).cpu().contiguous()
-    return mine, entries, _optimizer_info(opt, scalars)
+    return mine, entries, _optimizer_info(opt, scalars, optimizer_param_names(student, optimizer))
 
 
 def _rng_tensors(sharded: bool) -> dict[str, torch.Tensor]:
@@ -567,6 +574,7 @@ def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, ex
         raise RedError(f"checkpoint {path} does not match this student ({len(set(own) ^ saved)} tensors differ); "
                        "resume with the same teacher and width")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = _saved_index(path, info, student, optimizer)  # saved optimizer index -> this optimizer's
     state: dict = {}
     with _Reader(layout) as rd, torch.no_grad():
         for k, v in own.items():
@@ -578,10 +586,11 @@ def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, ex
             if not name.startswith("opt."):
                 continue
             _, idx, key = name.split(".", 2)
-            if int(idx) >= len(params):
+            if int(idx) >= len(index):
                 raise RedError(f"checkpoint {path} has optimizer state for {int(idx) + 1}+ tensors, this student "
                                f"trains {len(params)}; resume with the same teacher and width")
-            param = params[int(idx)]
+            idx = index[int(idx)]
+            param = params[idx]
             if e["shape"] and tuple(e["shape"]) == tuple(param.shape):  # moments: laid out like the parameter
                 local = rd.like(name, param).to(param.device)
                 value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
@@ -589,14 +598,26 @@ def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, ex
                     if isinstance(param, DTensor) else local
             else:  # AdamW's step count
                 value = rd.whole(name)
-            state.setdefault(int(idx), {})[key] = value
+            state.setdefault(idx, {})[key] = value
         # RNG: each rank its own on the same world size, else rank 0's (training draws none)
         rng = rd.rng(ctx.rank if layout.world_size == ctx.world_size else 0)
+    _load_optimizer(path, info, index, state, optimizer, scheduler)
+    sampler.load_state_dict(info["sampler"])
+    _restore_rng(rng, ctx)
+    return int(info["step"])
+
+
+def _load_optimizer(path: Path, info: dict, index: list[int], state: dict, optimizer, scheduler) -> None:
+    """Load AdamW's ``state`` (tensors read, keyed by this optimizer's index) with the
+    checkpoint's scalars and group settings, and the scheduler. A checkpoint of one group
+    (red before weight decay) gives its settings and its lr to each group."""
     for k, v in info["optimizer_scalars"].items():
         idx, name = k.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
+        state.setdefault(index[int(idx)], {})[name] = v
     groups = optimizer.state_dict()["param_groups"]
     saved_groups = info["optimizer_param_groups"]
+    if len(saved_groups) == 1:  # a checkpoint of one group: its settings for each
+        saved_groups = saved_groups * len(groups)
     if len(groups) != len(saved_groups):
         raise RedError(f"checkpoint {path} has {len(saved_groups)} optimizer groups, expected {len(groups)}")
     optimizer.load_state_dict({"state": state,
@@ -604,10 +625,26 @@ def load_checkpoint(path: str | Path, student, optimizer, scheduler, sampler, ex
                                # CUDA, foreach...) is this process's own choice for its device
                                "param_groups": [dict(sg, params=g["params"], **{k: g[k] for k in IMPL_KEYS if k in g})
                                                 for g, sg in zip(groups, saved_groups)]})
-    scheduler.load_state_dict(info["scheduler"])
-    sampler.load_state_dict(info["sampler"])
-    _restore_rng(rng, ctx)
-    return int(info["step"])
+    sched = dict(info["scheduler"])
+    for key in ("base_lrs", "_last_lr"):  # a one-group checkpoint: its one lr for each group
+        if isinstance(sched.get(key), list) and len(sched[key]) == 1:
+            sched[key] = sched[key] * len(groups)
+    scheduler.load_state_dict(sched)
+
+
+def _saved_index(path: Path, info: dict, student, optimizer) -> list[int]:
+    """For each optimizer index of the checkpoint, this optimizer's index of the same tensor,
+    matched by name: the names the checkpoint records, or, for a checkpoint written before
+    it recorded them (one group), the student's registration order, which its index was."""
+    own = optimizer_param_names(student, optimizer)
+    saved = info.get("optimizer_param_names") or [n for n, _ in student.named_trainable_parameters()]
+    where = {n: i for i, n in enumerate(own)}
+    missing = [n for n in saved if n not in where]
+    if missing or len(saved) != len(own):
+        raise RedError(f"checkpoint {path} has optimizer state for tensors this student does not train "
+                       f"({', '.join(missing[:4]) or f'{len(saved)} tensors, this student trains {len(own)}'}); "
+                       "resume with the same teacher and width")
+    return [where[n] for n in saved]
 
 
 def _restore_rng(rng: dict[str, torch.Tensor], ctx: DistContext) -> None:

@@ -5,11 +5,14 @@ holds the checkpoint metadata and decides what a ``--resume`` may change:
 
 - identity settings (teacher, data, width, sequence length, init, losses, batch and
   accumulation, seed, precision...) define the run: a change is refused, naming each key;
-- schedule settings (steps, lr, warmup, grad_clip and the log/eval/save cadence) may
-  change only with ``--allow-change KEY``; the change is recorded in ``run.yaml`` under
-  ``history`` with the step it took effect, so ``run.yaml`` always reproduces the run;
+- schedule settings (steps, the learning-rate schedule and AdamW's settings: lr,
+  lr_scheduler, min_lr, wsd_decay, warmup, weight_decay, adam_betas, adam_eps; grad_clip
+  and the log/eval/save cadence) may change only with ``--allow-change KEY``; the change is
+  recorded in ``run.yaml`` under ``history`` with the step it took effect, so ``run.yaml``
+  always reproduces the run;
 - execution settings (device, kernels, activation checkpointing, the placements of a
-  multi-process run, export dtype, the paths of inputs whose contents are unchanged) are free.
+  multi-process run, export dtype and architecture, the paths of inputs whose contents
+  are unchanged) are free.
 
 How a schedule change continues the learning rate: see ``red.train.trainer.lr_schedule``.
 """
@@ -27,16 +30,16 @@ IDENTITY_KEYS = ("hidden_size", "preset", "seq_len", "val_fraction", "text_field
                  "kl_reduction", "divergence", "jsd_beta", "teacher_top_k", "loss_on", "cross_doc_attention")
 
 
-SCHEDULE_KEYS = ("steps", "lr", "adam_eps", "warmup", "grad_clip", "log_every", "eval_every", "val_batches", "save_every",
-                 "keep_checkpoints")
+SCHEDULE_KEYS = ("steps", "lr", "lr_scheduler", "min_lr", "wsd_decay", "weight_decay", "adam_betas", "adam_eps",
+                 "warmup", "grad_clip", "log_every", "eval_every", "val_batches", "save_every", "keep_checkpoints")
 
 
 # inputs compared by content (fingerprint), not by path: a moved teacher or corpus is the same run
 INPUT_KEYS = ("teacher", "data", "calibration")
 
 
-FREE_KEYS = ("out", "device", "kernels", "activation_checkpointing", "teacher_sharding", "step_weights", "export_dtype", "report_to",
-             "overwrite", "resume", "trust_remote_code", "allow_change", "history")
+FREE_KEYS = ("out", "device", "kernels", "activation_checkpointing", "teacher_sharding", "step_weights", "export_dtype",
+             "export_arch", "report_to", "overwrite", "resume", "trust_remote_code", "allow_change", "history")
 
 
 @dataclasses.dataclass

@@ -9,8 +9,13 @@
 * ``wandb``: Weights & Biases under ``OUT/wandb/``, offline unless ``WANDB_MODE`` says
   otherwise (``pip install 'red[wandb]'``); the config is the run's ``config``.
 
-A row is ``{"step": int, name: number, ...}``; every other numeric key is one scalar named
-by its key ("loss", "clone/q", "lr", "grad_norm", "tokens_per_s", "val_loss", "erank_last").
+A row is ``{"step": int, name: number, ...}``; every other numeric key is one scalar. Its
+tag in the sinks (``sink_tag``) is grouped the way transformers' Trainer groups its own
+(``train/loss``, ``eval/loss``), so dashboards put training and validation curves in two
+sections: a validation number (``val_X`` and the eRank of the validation batch) is
+``eval/X``, anything else ``train/KEY`` ("train/loss", "train/clone/q", "train/lr",
+"train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/erank_last"). The JSONL keys
+stay as they are: they are the record that plots and ``result.json`` read.
 """
 from __future__ import annotations
 
@@ -23,6 +28,18 @@ from pathlib import Path
 
 from red.errors import RedError
 from red.config import JSONL, REPORT_TO, TENSORBOARD, WANDB, parse_report_to
+
+
+#: keys of a metrics row that ``red.train.trainer.evaluate`` writes without the ``val_`` prefix
+EVAL_KEYS = ("erank_last",)
+
+
+def sink_tag(key: str) -> str:
+    """The TensorBoard / W&B tag of a metrics row's key: ``eval/...`` for validation
+    numbers, ``train/...`` for the rest (see the module's docstring)."""
+    if key.startswith("val_"):
+        return "eval/" + key[len("val_"):]
+    return ("eval/" if key in EVAL_KEYS else "train/") + key
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -82,14 +99,14 @@ class TensorBoardSink(Sink):
             self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
             # hparams in this same event file (SummaryWriter.add_hparams would open a second run)
             h = {k: _hparam_value(v) for k, v in config.items()}
-            for summary in hparams(h, {"loss": 0.0, "val_loss": 0.0}):
+            for summary in hparams(h, {sink_tag("loss"): 0.0, sink_tag("val_loss"): 0.0}):
                 self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 
     def log(self, row: dict) -> None:
         step = int(row.get("step", 0))
         for k, v in scalars(row).items():
-            self.writer.add_scalar(k, v, step)
+            self.writer.add_scalar(sink_tag(k), v, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -106,7 +123,7 @@ class WandbSink(Sink):
                               mode=os.environ.get("WANDB_MODE", "offline"))
 
     def log(self, row: dict) -> None:
-        self.wandb.log(scalars(row), step=int(row.get("step", 0)))
+        self.wandb.log({sink_tag(k): v for k, v in scalars(row).items()}, step=int(row.get("step", 0)))
 
     def close(self) -> None:
         self.wandb.finish()

@@ -1,9 +1,10 @@
 """The distillation loop: one obvious loop over optimizer steps.
 
-AdamW (0.9, 0.999, no weight decay; fused on CUDA), linear warmup then linear decay,
-global-norm clipping, gradient accumulation, JSONL metrics, tqdm progress, periodic
-validation (loss + last-layer eRank) and atomic checkpoints that ``resume`` continues from
-bit for bit.
+AdamW (betas, epsilon and decoupled weight decay on the projections from the config;
+fused on CUDA), linear warmup then a linear, cosine, constant or warmup-stable-decay
+learning rate (``lr_schedule``), global-norm clipping, gradient accumulation, JSONL
+metrics, tqdm progress, periodic validation (loss + last-layer eRank) and atomic
+checkpoints that ``resume`` continues from bit for bit.
 
 Precision policy (README, "Precision policy"): the teacher is held in the compute dtype
 (bf16 under ``--precision bf16``, the default on CUDA; fp32 under ``fp32``, the default on
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from red.run.checkpoint import load_checkpoint, save_checkpoint
-from red.config import DistillConfig
+from red.config import DistillConfig, parse_betas
 from red.data.corpus import PackedCorpus
 from red.data.store import BlockSampler
 from red.distributed import DistContext, full_tensor
@@ -51,21 +52,67 @@ def _warmup_steps(steps: int, warmup: float) -> int:
     return max(1, int(round(warmup * steps)) if warmup < 1 else int(warmup))
 
 
-def lr_schedule(steps: int, warmup: float, history: list | None = None, lr: float | None = None):
-    """Multiplier of the first peak lr at each step: linear warmup, then linear decay to 0.
+#: the settings that shape the learning rate; a history entry changing none of them leaves it as it was
+LR_KEYS = ("steps", "warmup", "lr", "lr_scheduler", "min_lr", "wsd_decay")
+
+
+def decay_factor(step: int, start: int, end: int, shape: str, wsd_steps: int = 1) -> float:
+    """How much of the peak is left at ``step`` of a decay that runs from ``start`` (1) to
+    ``end`` (0), where it reaches the floor: linear ``1 - p``, cosine ``(1 + cos(pi p)) / 2``
+    (p = (step - start) / (end - start), as transformers' schedulers take it), constant 1,
+    wsd 1 until its last ``wsd_steps`` steps and a cosine over them."""
+    if shape == "constant":
+        return 1.0
+    if shape == "wsd":
+        start = max(start, end - wsd_steps)
+        if step < start:
+            return 1.0
+        shape = "cosine"
+    if shape == "linear":
+        return min(1.0, max(0.0, (end - step) / max(1, end - start)))
+    p = min(1.0, max(0.0, (step - start) / max(1, end - start)))
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def lr_schedule(steps: int, warmup: float, history: list | None = None, lr: float | None = None, *,
+                scheduler: str = "linear", min_lr: float = 0.0, wsd_decay: float = 0.1):
+    """Multiplier of the first peak lr at each step (0-based): linear warmup to the peak
+    (``lr * (step + 1) / w``, so that step 0 trains), then the shape of ``scheduler``
+    (``decay_factor``) from the peak down to ``min_lr`` at ``steps``:
+    ``min_lr + (lr - min_lr) * decay_factor(step, w, steps)``. ``wsd`` decays over its last
+    ``round(wsd_decay * steps)`` steps (at least 1). After the warmup every shape equals
+    transformers' (linear, cosine_with_min_lr, constant_with_warmup, warmup_stable_decay
+    with decay_type cosine), whose warmup is one step behind (``step / w``).
 
     ``history`` (run.yaml's record of schedule changes made on ``--resume``, each
-    ``{"step": s, "changed": {key: [old, new]}}``) continues the curve in a defined way: from
-    step s the lr is the value the old curve had at s, scaled by new lr / old lr; if s is
-    still inside the new warmup it rises linearly to the new peak at the warmup's end,
-    then (or else at once) it decays linearly to 0 at the new ``steps``. A run resumed at
-    or after the end of its old schedule (extending a finished run) gets a fresh warmup
-    and decay over the added steps (warmup as a fraction of, or a count within, them).
-    ``steps``, ``warmup`` and ``lr`` are the current (last) values.
+    ``{"step": s, "changed": {key: [old, new]}}``) continues the curve in a defined way when
+    an entry changes a setting of ``LR_KEYS``: from step s the lr starts from ``at``, the
+    value the old curve had at s, scaled by new lr / old lr. If s is still inside the new
+    warmup it rises linearly to the new peak at the warmup's end and follows the new curve
+    from there; else it follows the new curve's shape through ``at``:
+    ``min_lr + (at - min_lr) * g(step) / g(s)``, g the new ``decay_factor`` over the whole
+    run, which is the old curve itself when nothing but lr changed, and for linear the
+    straight line from ``at`` to the floor at the new ``steps``. A run resumed at or after
+    the end of its old schedule (extending a finished run) gets a fresh warmup and decay
+    over the added steps (warmup as a fraction of, or a count within, them; ``wsd_decay`` as
+    a fraction of them). The arguments are the current (last) values.
     """
-    history = list(history or [])
-    cur = {"steps": steps, "warmup": warmup, "lr": 1.0 if lr is None else lr}
-    first = dict(cur)
+    history = [e for e in (history or []) if set(e["changed"]) & set(LR_KEYS)]
+    segments = _schedule_segments({"steps": steps, "warmup": warmup, "lr": 1.0 if lr is None else lr,
+                                   "lr_scheduler": scheduler, "min_lr": min_lr, "wsd_decay": wsd_decay}, history)
+    lr0 = segments[0][1]["lr"] or 1.0
+
+    def factor(step: int) -> float:
+        k = max(i for i, (start, _) in enumerate(segments) if start <= step)
+        return _segment_lr(segments, step, k) / lr0
+    return factor
+
+
+def _schedule_segments(current: dict, history: list) -> list[tuple[int, dict]]:
+    """The schedule's settings by the step each took effect: the values the run started
+    with at step 0, then one segment per ``history`` entry; ``current`` holds the last
+    values, from which the history is walked back."""
+    first = dict(current)
     for entry in reversed(history):  # walk back to the values the run started with
         for k, (old, _new) in entry["changed"].items():
             if k in first:
@@ -75,38 +122,44 @@ def lr_schedule(steps: int, warmup: float, history: list | None = None, lr: floa
     for entry in history:
         vals = dict(vals, **{k: new for k, (_old, new) in entry["changed"].items() if k in vals})
         segments.append((int(entry["step"]), dict(vals)))
-    lr0 = first["lr"] or 1.0
+    return segments
 
-    def base(step: int, v: dict) -> float:  # absolute lr of a schedule started at step 0
-        n, w = int(v["steps"]), _warmup_steps(int(v["steps"]), v["warmup"])
+
+def _decay_of(step: int, v: dict, origin: int, w: int) -> float:
+    """g of the schedule ``v`` started at ``origin`` with warmup ``w`` steps."""
+    n = int(v["steps"])
+    return decay_factor(step, origin + w, n, v["lr_scheduler"], max(1, round(v["wsd_decay"] * (n - origin))))
+
+
+def _segment_lr(segments: list[tuple[int, dict]], step: int, k: int) -> float:
+    """The absolute lr at ``step`` under segment ``k`` (the rules of ``lr_schedule``): a
+    later segment starts from the lr the one before had at its start."""
+    start, v = segments[k]
+    n, w, low = int(v["steps"]), _warmup_steps(int(v["steps"]), v["warmup"]), v["min_lr"]
+    if k == 0:
         if step < w:
             return v["lr"] * (step + 1) / w
-        return v["lr"] * max(0.0, (n - step) / max(1, n - w))
+        return low + (v["lr"] - low) * _decay_of(step, v, 0, w)
+    prev = segments[k - 1][1]
+    if step >= n:
+        return low
+    if start >= int(prev["steps"]):  # the old schedule had ended: a new one over the added steps
+        wa = _warmup_steps(n - start, v["warmup"])
+        if step - start < wa:
+            return v["lr"] * (step - start + 1) / wa
+        return low + (v["lr"] - low) * _decay_of(step, v, start, wa)
+    at = _segment_lr(segments, start, k - 1) * (v["lr"] / prev["lr"] if prev["lr"] else 1.0)
+    if start < w:
+        if step < w:
+            return at + (v["lr"] - at) * (step - start + 1) / (w - start)
+        return low + (v["lr"] - low) * _decay_of(step, v, 0, w)
+    return low + (at - low) * _decay_of(step, v, 0, w) / _decay_of(start, v, 0, w)
 
-    def absolute(step: int, k: int) -> float:
-        start, v = segments[k]
-        if k == 0:
-            return base(step, v)
-        prev = segments[k - 1][1]
-        n, w = int(v["steps"]), _warmup_steps(int(v["steps"]), v["warmup"])
-        if step >= n:
-            return 0.0
-        if start >= int(prev["steps"]):  # the old schedule had ended: a new one over the added steps
-            wa = _warmup_steps(n - start, v["warmup"])
-            if step - start < wa:
-                return v["lr"] * (step - start + 1) / wa
-            return v["lr"] * (n - step) / max(1, n - start - wa)
-        at = absolute(start, k - 1) * (v["lr"] / prev["lr"] if prev["lr"] else 1.0)
-        if start < w:
-            if step < w:
-                return at + (v["lr"] - at) * (step - start + 1) / (w - start)
-            return v["lr"] * (n - step) / max(1, n - w)
-        return at * (n - step) / max(1, n - start)
 
-    def factor(step: int) -> float:
-        k = max(i for i, (start, _) in enumerate(segments) if start <= step)
-        return absolute(step, k) / lr0
-    return factor
+def schedule_of(cfg: DistillConfig):
+    """``lr_schedule`` of a run's configuration (its current values and history)."""
+    return lr_schedule(cfg.steps, cfg.warmup, cfg.history, cfg.lr, scheduler=cfg.lr_scheduler, min_lr=cfg.min_lr,
+                       wsd_decay=cfg.wsd_decay)
 
 
 def setting_at(cfg: DistillConfig, key: str, step: int):
@@ -129,10 +182,36 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[name]
 
 
-def make_optimizer(params, lr: float, device: torch.device, eps: float = 1e-8) -> torch.optim.Optimizer:
-    """AdamW over the fp32 masters; the fused (single-kernel) implementation on CUDA."""
+def decays(p: torch.Tensor) -> bool:
+    """Whether weight decay applies to ``p``: the projections (matrices), not the norm gains
+    (vectors), the rule transformers' Trainer follows (no decay on biases and norm weights)."""
+    return p.dim() >= 2
+
+
+def make_optimizer(params, lr: float, device: torch.device, eps: float = 1e-8, betas=(0.9, 0.999),
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the fp32 masters; the fused (single-kernel) implementation on CUDA.
+
+    Two parameter groups, the decayed tensors first (``decays``), then the rest with no
+    weight decay; a checkpoint records each index's name, so older one-group checkpoints
+    load too (``red.run.checkpoint.load_checkpoint``)."""
+    params = list(params)
+    groups = [{"params": [p for p in params if decays(p)], "weight_decay": float(weight_decay)},
+              {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
     fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=0.0, fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps,
+                             weight_decay=0.0, fused=fused)
+
+
+def set_adamw_settings(optimizer: torch.optim.Optimizer, cfg: DistillConfig, step: int) -> None:
+    """The AdamW settings of schedule keys in force at ``step`` (run.yaml's history) into every
+    group: after a checkpoint is loaded its saved values are replaced by this run's (the same
+    unless ``--allow-change`` changed one at this step)."""
+    betas = parse_betas(setting_at(cfg, "adam_betas", step))
+    for g in optimizer.param_groups:
+        g["eps"] = setting_at(cfg, "adam_eps", step)
+        g["betas"] = betas
+        g["weight_decay"] = setting_at(cfg, "weight_decay", step) if all(decays(p) for p in g["params"]) else 0.0
 
 
 def read_batch(blocks, idx, cfg: DistillConfig, device) -> dict:
@@ -194,7 +273,10 @@ def train_step(student: ProjectedStudent, optimizer: torch.optim.Optimizer, batc
     finite, naming the terms (or parameters).
     """
     ctx = ctx or DistContext()
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # the tensors AdamW steps
+    # the tensors AdamW steps, in the student's order: the gradient norm sums them in this order,
+    # so the norm (and every clipped step) does not depend on how AdamW groups them
+    rank = {id(p): i for i, p in enumerate(student.parameters())}
+    params = sorted((p for g in optimizer.param_groups for p in g["params"]), key=lambda p: rank.get(id(p), len(rank)))
     terms = step_gradients(student, batches, loss, ctx)
     # the norm first and the clipping after (what clip_grad_norm_ does), so that a
     # non-finite gradient is found before clipping spreads the NaN to every tensor
@@ -313,8 +395,9 @@ def train(student: ProjectedStudent, corpus: PackedCorpus, cfg: DistillConfig, r
     student.activation_checkpointing = cfg.activation_checkpointing
     # the scheduler's base is the lr the run started with; lr_schedule scales from it
     optimizer = make_optimizer(student.trainable_parameters(), setting_at(cfg, "lr", 0), device,
-                               setting_at(cfg, "adam_eps", 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup, cfg.history, cfg.lr))
+                               setting_at(cfg, "adam_eps", 0), parse_betas(setting_at(cfg, "adam_betas", 0)),
+                               setting_at(cfg, "weight_decay", 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(cfg))
     sampler = corpus.sampler(cfg.batch_size, cfg.seed) if hasattr(corpus, "sampler") else \
         BlockSampler(len(corpus.train), cfg.batch_size, cfg.seed)
     meta = identity.checkpoint_meta() if identity is not None else {
@@ -344,8 +427,8 @@ def _train_loop(student, corpus, cfg, run, progress, ctx, on_step, optimizer, sc
         # run.yaml's history changed the schedule at this step)
         for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             g["lr"] = base * fn(scheduler.last_epoch)
-            g["eps"] = setting_at(cfg, "adam_eps", step)  # an --allow-change adam_eps takes effect here
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        set_adamw_settings(optimizer, cfg, step)  # an --allow-change adam_eps, betas or weight decay takes effect here
         if ctx.is_main:
             run.truncate_metrics(step)
             # a resumed TensorBoard hides the killed run's events past this step

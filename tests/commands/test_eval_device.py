@@ -1,7 +1,8 @@
 """`red eval --device/--batch-size`: what reaches lm-evaluation-harness and what the report records.
 
 lm-eval is an optional extra; the tests replace the `lm_eval` module (its
-``simple_evaluate`` entry point) and nothing else."""
+``simple_evaluate`` entry point) and the check of its task names, which needs lm-eval's
+task index (tests/commands/test_eval_lm_eval.py runs the real lm-eval)."""
 import json
 import sys
 import types
@@ -24,6 +25,9 @@ def fake_lm_eval(monkeypatch):
     mod = types.ModuleType("lm_eval")
     mod.simple_evaluate = simple_evaluate
     monkeypatch.setitem(sys.modules, "lm_eval", mod)
+    import red.commands.eval
+
+    monkeypatch.setattr(red.commands.eval, "lm_eval_task_manager", lambda tasks, include_paths=(): None)
     return calls
 
 

@@ -378,3 +378,31 @@ def test_mixture_run_resumes_bitwise(tmp_path, teacher_dirs, corpus_file):
     final = lambda out: load_file(str(out / "checkpoints/step-0000004/state.safetensors"))
     want, got = final(tmp_path / "straight"), final(tmp_path / "cut")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_distill_reads_a_builder_glob_of_several_shards_as_prepare_does(tmp_path, teacher_dirs, corpus_file):
+    """Issue 22: `--data 'json:shards/*.jsonl.gz'` matching several files failed in `red
+    distill` (the expanded list was joined into one string and globbed again) while `red
+    prepare` took it."""
+    import gzip
+
+    pytest.importorskip("datasets")
+    from red.cli import main
+    from red.model.teacher import load_tokenizer
+
+    docs = docs_of(corpus_file)
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        with gzip.open(tmp_path / "shards" / f"{i}.jsonl.gz", "wt") as f:
+            f.write("".join(json.dumps({"text": d}) + "\n" for d in docs[i::3]))
+    spec = f"json:{tmp_path / 'shards' / '*.jsonl.gz'}"
+    t = teacher_dirs["llama"]
+    assert _distill(t, [spec], tmp_path / "r") == 0
+    assert main(["prepare", "--tokenizer", str(t), "--data", spec, "--out", str(tmp_path / "st"), "--workers", "1",
+                 "--quiet"]) == 0
+    run_store, prepared = TokenStore(tmp_path / "r" / "data" / "0"), TokenStore(tmp_path / "st")
+    expected = tokenize_documents(docs[0::3] + docs[1::3] + docs[2::3], load_tokenizer(t))
+    assert np.asarray(run_store.parts[0].tokens).tolist() == expected
+    assert np.asarray(prepared.parts[0].tokens).tolist() == expected
+    sources = run_store.manifest["parts"][0]["sources"]
+    assert len(sources) == 1 and sources[0]["path"].count(".jsonl.gz") == 3

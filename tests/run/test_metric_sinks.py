@@ -25,14 +25,28 @@ def jsonl_rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def tag_of(key: str) -> str:
+    """The tag a sink must give a JSONL key, written out here as transformers' Trainer
+    names its own: validation numbers under eval/, the rest under train/."""
+    if key.startswith("val_"):
+        return "eval/" + key[4:]
+    return "eval/erank_last" if key == "erank_last" else "train/" + key
+
+
 def expected_scalars(rows) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of every numeric non-step key of the JSONL rows."""
     want: dict[str, dict[int, float]] = {}
     for r in rows:
         for k, v in r.items():
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                want.setdefault(k, {})[r["step"]] = float(v)
+                want.setdefault(tag_of(k), {})[r["step"]] = float(v)
     return want
+
+
+#: the tags a run must show, by name (the JSONL keys: loss ... erank_last, unchanged)
+TRAIN_TAGS = {"train/loss", "train/kl", "train/lm", "train/clone", "train/lr", "train/grad_norm",
+              "train/tokens_per_s"}
+EVAL_TAGS = {"eval/loss", "eval/kl", "eval/lm", "eval/clone", "eval/erank_last"}
 
 
 def test_tensorboard_scalars_match_jsonl(teacher_dirs, corpus_file, tmp_path):
@@ -52,16 +66,18 @@ def test_tensorboard_scalars_match_jsonl(teacher_dirs, corpus_file, tmp_path):
     tags = set(acc.Tags()["scalars"])
     want = expected_scalars(rows)
     # every loss term of the training rows, plus the schedule, speed and validation numbers
-    need = set(train_rows[0]) - {"step"}
-    assert {"loss", "kl", "lm", "clone", "lr", "grad_norm", "tokens_per_s", "val_loss", "erank_last"} <= tags
-    assert any(t.startswith("clone/") for t in tags), tags
+    need = {tag_of(k) for k in train_rows[0]} - {"train/step"}
+    assert TRAIN_TAGS | EVAL_TAGS <= tags, tags
+    assert all(t.startswith(("train/", "eval/")) for t in tags), tags
+    assert any(t.startswith("train/clone/") for t in tags) and any(t.startswith("eval/clone/") for t in tags), tags
+    assert {"loss", "val_loss", "erank_last", "lr"} <= {k for r in rows for k in r}  # the JSONL keys are unchanged
     assert need <= tags and set(want) == tags, (need - tags, set(want) ^ tags)
     for tag, by_step in want.items():
         got = {e.step: e.value for e in acc.Scalars(tag)}
         assert set(got) == set(by_step), (tag, got, by_step)
         for step, v in by_step.items():
             assert got[step] == pytest.approx(v, rel=1e-6, abs=1e-6), (tag, step, got[step], v)
-    assert set(want["val_loss"]) == {0, 2, 4}
+    assert set(want["eval/loss"]) == {0, 2, 4}
 
     # the config went in once, as text (its YAML) and as hyper-parameters
     assert "config/text_summary" in acc.Tags()["tensors"]
@@ -70,6 +86,8 @@ def test_tensorboard_scalars_match_jsonl(teacher_dirs, corpus_file, tmp_path):
     assert cfg["hidden_size"] == 32 and cfg["report_to"] == "jsonl,tensorboard"
     from tensorboard.plugins.hparams import plugin_data_pb2
     plugin = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/experiment"])
+    assert {m.name.tag for m in experiment.experiment.metric_infos} == {"train/loss", "eval/loss"}
     session = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["hidden_size"].number_value == 32
     assert session.session_start_info.hparams["preset"].string_value == "red"
@@ -147,7 +165,7 @@ def test_wandb_gets_config_and_scalars(teacher_dirs, corpus_file, tmp_path, monk
             for k, v in c[1].items():
                 logged.setdefault(k, {})[c[2]] = v
     assert logged == expected_scalars(jsonl_rows(out))  # jsonl written too: it is the record
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "erank_last"} <= set(logged)
+    assert TRAIN_TAGS | EVAL_TAGS <= set(logged)
 
 
 def test_wandb_mode_from_environment(tmp_path, monkeypatch):
@@ -158,7 +176,7 @@ def test_wandb_mode_from_environment(tmp_path, monkeypatch):
     sink.log({"step": 3, "loss": 1.5, "note": "text"})
     sink.close()
     assert fake.calls == [("init", {"project": "red", "dir": str(tmp_path), "config": {"a": 1}, "mode": "online"}),
-                          ("log", {"loss": 1.5}, 3), ("finish",)]
+                          ("log", {"train/loss": 1.5}, 3), ("finish",)]
 
 
 def test_tensorboard_continues_on_resume(teacher_dirs, corpus_file, tmp_path):
@@ -172,7 +190,7 @@ def test_tensorboard_continues_on_resume(teacher_dirs, corpus_file, tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     want = expected_scalars(jsonl_rows(out))
-    assert sorted(want["loss"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(want["train/loss"]) == [1, 2, 3, 4, 5, 6]
     for tag, by_step in want.items():
         got = {e.step: e.value for e in acc.Scalars(tag)}
         assert got == pytest.approx(by_step, rel=1e-6, abs=1e-6), tag

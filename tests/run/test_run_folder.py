@@ -309,12 +309,13 @@ def test_adam_eps_reaches_adamw_and_changes_only_when_allowed(tmp_path, teacher_
     assert distill(teacher_dirs["llama"], corpus_file, run, "--adam-eps", "0.25") == 0
     groups = lambda step: json.loads((run / f"checkpoints/step-{step:07d}/trainer.json").read_text())[
         "optimizer_param_groups"]
-    assert [g["eps"] for g in groups(4)] == [0.25]
+    assert [g["eps"] for g in groups(4)] == [0.25, 0.25]  # the projections' group and the gains'
+
     # a schedule setting: refused on resume unless allowed, then in force from the resumed step
     one_line(capfd, distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "6",
                             "--allow-change", "steps", "--adam-eps", "0.5"), "adam_eps 0.25 -> 0.5")
     assert distill(teacher_dirs["llama"], corpus_file, run, "--resume", "--steps", "6", "--adam-eps", "0.5",
                    "--allow-change", "steps,adam_eps") == 0
-    assert [g["eps"] for g in groups(6)] == [0.5]
+    assert [g["eps"] for g in groups(6)] == [0.5, 0.5]
     saved = yaml.safe_load((run / "run.yaml").read_text())
     assert saved["history"] == [{"step": 4, "changed": {"steps": [4, 6], "adam_eps": [0.25, 0.5]}}]
