@@ -22,7 +22,7 @@ _EXPORTS = {
     "Calibration": "train.calibration", "calibrate": "train.calibration", "channel_scores": "train.calibration",
     "PRESETS": "config", "DistillConfig": "config", "make_config": "config",
     "PackedCorpus": "data.corpus", "load_corpus": "data.corpus", "read_documents": "data.corpus",
-    "prepare_store": "data.store", "TokenStore": "data.store",
+    "prepare_store": "data.store", "TokenStore": "data.store", "prepare": "commands.prepare",
     "RedError": "errors",
     "export_student": "model.export",
     "import_gguf": "model.gguf",
@@ -40,7 +40,7 @@ __all__ = [
     "make_config", "PackedCorpus", "load_corpus", "read_documents", "prepare_store", "TokenStore", "RedError", "export_student", "initialize",
     "select_channels", "selection_matrix", "erank", "hidden_states", "layer_eranks", "mean_token_cosine",
     "spectrum", "build_student", "distill", "export_run", "run_calibration", "LossSettings", "ProjectedStudent",
-    "load_teacher", "evaluate", "train", "import_gguf",
+    "load_teacher", "evaluate", "train", "import_gguf", "prepare",
 ]
 
 

@@ -303,33 +303,11 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from red.config import OPEN_UNIT, SEED, at_least, check_values
-    from red.files import check_out_path, check_separate
-    from red.data.sources import expand_source, parse_data_spec
+    from red.commands.prepare import prepare
 
-    check_values({"--val-fraction": args.val_fraction, "--seed": args.seed, "--workers": args.workers},
-                 (("--val-fraction", OPEN_UNIT), ("--seed", SEED), ("--workers", at_least(0))))
-    if args.append and args.overwrite:
-        raise RedError("--append and --overwrite exclude each other; pick one")
-    if not Path(args.tokenizer).is_dir():
-        raise RedError(f"tokenizer folder {args.tokenizer} does not exist; pass the teacher folder")
-    check_out_path(args.out)
-    sources = []
-    for s in args.data:
-        spec = parse_data_spec(s)
-        if spec.weight is not None:
-            raise RedError(f"--data {s}: mixture weights belong to red distill, not to a store; drop ':{spec.weight:g}'")
-        sources.append(spec.path)
-        for f in expand_source(spec.path):
-            for one in getattr(f, "files", (f,)):
-                check_separate(args.out, {"source": one})
-    from red.data.store import prepare_store
-    from red.model.teacher import load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
-    store = prepare_store(sources, args.out, tok, text_field=args.text_field, txt_split=args.txt_split,
-                          val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, append=args.append,
-                          overwrite=args.overwrite, progress=not args.quiet)
+    store = prepare(args.data, args.tokenizer, args.out, text_field=args.text_field, txt_split=args.txt_split,
+                    val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, append=args.append,
+                    overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     m = store.manifest
     part = m["parts"][-1]
     print(f"token store {args.out}: {part['tokens']:,} tokens in {part['documents']:,} documents added "

@@ -72,7 +72,7 @@ class DistillConfig:
 
     # what to distill
     teacher: str = field(default="", metadata={"help": "local folder of a Llama/Qwen2/Qwen3 Hugging Face checkpoint (safetensors)"})
-    data: str = field(default="", metadata={"help": "training data: a .txt/.jsonl/.parquet file, a glob, a saved Hugging Face dataset, or a token store from `red prepare`; PATH:WEIGHT and repeated --data make a mixture (e.g. --data general.jsonl:0.9 --data math.jsonl:0.1); files are tokenized once into OUT/data"})
+    data: str | list[str] = field(default="", metadata={"help": "training data: a .txt/.jsonl/.parquet file, a glob, a saved Hugging Face dataset, or a token store from `red prepare`; PATH:WEIGHT and repeated --data make a mixture (e.g. --data general.jsonl:0.9 --data math.jsonl:0.1); files are tokenized once into OUT/data"})
     hidden_size: int = field(default=0, metadata={"help": "student residual width d (0 < d < teacher's D)"})
     out: str = field(default="", metadata={"help": "output folder"})
     preset: str = field(default="red", metadata={"help": "red (T=1, red init) or lrc (T=40, lrc init)"})
@@ -343,6 +343,17 @@ def format_betas(betas) -> str:
 RETIRED_KEYS = {"recompute_weights": "the student's weights are made once per optimizer step and kept for it"}
 
 
+def _coerce_data(value) -> str | list[str]:
+    """``data``: one source (a string) or a mixture (a list of at least two)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise RedError("data is an empty list; give at least one source (a file, glob, saved dataset or "
+                           "token store), e.g. data: [corpus.jsonl]")
+        items = [str(v) for v in value]
+        return items[0] if len(items) == 1 else items
+    return str(value)
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, with an error that names the key."""
     hints = typing.get_type_hints(DistillConfig)
@@ -352,18 +363,14 @@ def _coerce(name: str, value: Any) -> Any:
     tp = hints[name]
     optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
     base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+    if name == "data" and value is not None:
+        return _coerce_data(value)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise RedError(f"{name} cannot be empty; give a {base.__name__}")
+        raise RedError(f"{name} cannot be empty; give a {'source' if name == 'data' else base.__name__}")
     if name == "adam_betas":
         return format_betas(parse_betas(value))
-    if name == "data" and isinstance(value, (list, tuple)):  # several sources (a mixture)
-        if not value:
-            raise RedError("data is an empty list; give at least one source (a file, glob, saved dataset or "
-                           "token store), e.g. data: [corpus.jsonl]")
-        items = [str(v) for v in value]
-        return items[0] if len(items) == 1 else items
     try:
         if base is bool:
             if isinstance(value, bool):

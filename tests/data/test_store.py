@@ -406,3 +406,21 @@ def test_distill_reads_a_builder_glob_of_several_shards_as_prepare_does(tmp_path
     assert np.asarray(prepared.parts[0].tokens).tolist() == expected
     sources = run_store.manifest["parts"][0]["sources"]
     assert len(sources) == 1 and sources[0]["path"].count(".jsonl.gz") == 3
+
+
+def test_the_prepare_api_checks_and_writes_what_red_prepare_does(tmp_path, teacher_dirs, corpus_file):
+    """`red.prepare` is `red prepare` without the parser: the same checks (a mixture weight
+    refused before anything is written), the same store."""
+    import red
+    from red.cli import main
+
+    t = teacher_dirs["llama"]
+    with pytest.raises(RedError, match="mixture weights belong to red distill"):
+        red.prepare([f"{corpus_file}:0.5"], t, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    store = red.prepare([str(corpus_file)], t, tmp_path / "api", workers=1, progress=False)
+    assert main(["prepare", "--tokenizer", str(t), "--data", str(corpus_file), "--out", str(tmp_path / "cli"),
+                 "--workers", "1", "--quiet"]) == 0
+    cli = TokenStore(tmp_path / "cli")
+    assert store.manifest["tokens"] == cli.manifest["tokens"] > 0
+    assert np.asarray(store.parts[0].tokens).tolist() == np.asarray(cli.parts[0].tokens).tolist()
