@@ -327,16 +327,17 @@ def statistics_median(xs):
     return statistics.median(xs)
 
 
-def part_distill(work: Path, minutes: float, seeds) -> dict:
-    """Both presets at their chosen lr, the same number of steps: as many as fit in
-    ``minutes`` for the slower preset (its step time measured in part lr). Also a 1-step
+def part_distill(work: Path, minutes: float, seeds, steps: int | None = None) -> dict:
+    """Both presets at their chosen lr, the same number of steps: ``steps``, or as many as
+    fit in ``minutes`` for the slower preset (its step time measured in part lr). Also a 1-step
     run at lr 1e-12 of each preset and seed: the initialization, as red distill builds it
     (calibration and channel selection for red, the seeded Gaussian for lrc)."""
     lr = load_part(work, "lr")
     if lr is None:
         raise SystemExit("part distill needs part lr first")
     slow = max(lr["seconds_per_step"].values())
-    steps = max(2, int(minutes * 60 / slow) // 2 * 2)
+    steps_from = "--steps" if steps else "--minutes"
+    steps = steps or max(2, int(minutes * 60 / slow) // 2 * 2)
     runs = []
     for seed in seeds:
         for preset in ("red", "lrc"):
@@ -347,7 +348,7 @@ def part_distill(work: Path, minutes: float, seeds) -> dict:
             log(f"distill {preset} seed {seed}: {steps} steps in {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU; "
                 f"val_lm {r['val'][-1]['val_lm']:.4f}")
             runs.append(r)
-    return dict(minutes_target=minutes, seconds_per_step_measured=lr["seconds_per_step"], steps=steps,
+    return dict(steps_from=steps_from, minutes_target=minutes, seconds_per_step_measured=lr["seconds_per_step"], steps=steps,
                 tokens_per_step=BATCH * SEQ, lr=lr["best"], seeds=list(seeds), runs=runs)
 
 
@@ -725,6 +726,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--minutes", type=float, default=20.0, help="budget of one distillation run (part distill)")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of part distill")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps of each part-distill run (default: as many as fit in --minutes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"real-teacher-{DATE}.json"))
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -748,7 +751,7 @@ def main(argv=None) -> int:
         elif name == "lr":
             res = part_lr(work)
         elif name == "distill":
-            res = part_distill(work, args.minutes, [int(x) for x in args.seeds.split(",")])
+            res = part_distill(work, args.minutes, [int(x) for x in args.seeds.split(",")], args.steps)
         elif name == "erank":
             res = part_erank(work)
         elif name == "eval":
