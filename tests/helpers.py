@@ -82,6 +82,18 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, layers: int =
     raise ValueError(arch)
 
 
+def randomize_weights(model, scale: float) -> None:
+    """Norm gains around 1, small biases, matrices of std ``scale``/sqrt(fan-in): random,
+    so that a dropped gain or bias shows in the outputs. Call under no_grad."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.5 * torch.randn_like(p))
+        elif name.endswith(".bias"):
+            p.copy_(0.1 * torch.randn_like(p))
+        else:
+            p.copy_(torch.randn_like(p) * (scale / p.shape[-1] ** 0.5 if p.dim() == 2 else 1.0))
+
+
 def make_teacher(folder: Path, arch: str = "llama", seed: int = 0, hidden_size: int = 64, layers: int = 2,
                  tokenizer=None) -> Path:
     """Save a randomly initialized tiny teacher and a tokenizer (``tokenizer``, else the
@@ -96,13 +108,7 @@ def make_teacher(folder: Path, arch: str = "llama", seed: int = 0, hidden_size: 
     cfg = tiny_config(arch, len(tok), hidden_size, layers)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.5 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.3 / p.shape[-1] ** 0.5 if p.dim() == 2 else 1.0))
+        randomize_weights(model, 0.3)
         # A few loud channels, as real residual streams have: selection should find them.
         model.model.embed_tokens.weight[:, :4] *= 6.0
     model.save_pretrained(folder)
@@ -250,13 +256,7 @@ def tiny_gguf_model(arch: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(gguf_vocabulary())))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.5 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 1.0))
+        randomize_weights(model, 0.5)
     return model.eval()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from red.errors import RedError
+from red.commands.checks import STUDENT_FIX, check_student_folder
 from red.model.metrics import layer_eranks, mean_token_cosine, hidden_states, spectrum
 
 
@@ -42,12 +43,8 @@ def check_analyze_models(teacher_dir: str | Path, student: str | Path) -> None:
     from red.model.arch import Arch
 
     arch = Arch.from_config(read_teacher_config(teacher_dir))
-    sp = Path(student)
-    fix = "pass a `red distill` run folder or an exported model folder (OUT/student) to --student"
-    if not sp.exists():
-        raise RedError(f"student folder {sp} does not exist; {fix}")
-    if not sp.is_dir():
-        raise RedError(f"student path {sp} is not a folder; {fix}")
+    sp = check_student_folder(student)
+    fix = STUDENT_FIX
     if (sp / "run.yaml").is_file():
         _check_run_teacher(sp, teacher_dir)
         return

@@ -176,18 +176,26 @@ def check_export_inputs(run_dir: str | Path, out: str | Path, checkpoint: str | 
         raise RedError(f"export folder {o} is not empty; choose another --out or pass --overwrite")
 
 
+STUDENT_FIX = "pass a `red distill` run folder or an exported model folder (OUT/student) to --student"
+
+
+def check_student_folder(student: str | Path) -> Path:
+    """``--student`` names an existing folder (what kind of student it holds is read later)."""
+    sp = Path(student)
+    if not sp.exists():
+        raise RedError(f"student folder {sp} does not exist; {STUDENT_FIX}")
+    if not sp.is_dir():
+        raise RedError(f"student path {sp} is not a folder; {STUDENT_FIX}")
+    return sp
+
+
 def check_analyze_paths(teacher: str | Path, student: str | Path, data: str | Path, out: str | Path | None) -> None:
     """`red analyze`'s paths, before any heavy import: the teacher, a student folder (a run
     folder or an exported model), the corpus, and an output folder path."""
     from red.files import check_out_path
 
     read_teacher_json(teacher)
-    sp = Path(student)
-    fix = "pass a `red distill` run folder or an exported model folder (OUT/student) to --student"
-    if not sp.exists():
-        raise RedError(f"student folder {sp} does not exist; {fix}")
-    if not sp.is_dir():
-        raise RedError(f"student path {sp} is not a folder; {fix}")
+    check_student_folder(student)
     check_corpus_path(data)
     if out is not None:
         check_out_path(out)

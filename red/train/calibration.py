@@ -86,15 +86,27 @@ def _stats_forward(pi: int, module, cursor: dict):
 
 
 @torch.no_grad()
-def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Calibration:
-    """Run the teacher on ``sequences`` [N, T] and collect channel statistics at every
-    residual-reading RMSNorm (teacher's own transformers forward, norms swapped)."""
+def _stats_buffers(teacher, sequences: torch.Tensor):
+    """The norms to watch and a zeroed [points, N, stats, D] float32 buffer for ``sequences``
+    [N, T]; RedError when there is no sequence to calibrate on."""
     if sequences.dim() != 2 or sequences.shape[0] == 0:
         raise RedError("calibration needs at least one sequence; give a corpus with enough text")
     points = norm_points(teacher)
     N, T = sequences.shape
     D = teacher.config.hidden_size
-    stats = torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32)
+    return points, torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32), (N, T, D)
+
+
+def _calibration_of(teacher, stats: torch.Tensor, tokens_per_seq: int, points) -> "Calibration":
+    return Calibration(stats=stats, tokens_per_seq=tokens_per_seq, points=list(points),
+                       meta={"model_type": teacher.config.model_type, "hidden_size": teacher.config.hidden_size,
+                             "num_layers": len(teacher.model.layers)})
+
+
+def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Calibration:
+    """Run the teacher on ``sequences`` [N, T] and collect channel statistics at every
+    residual-reading RMSNorm (teacher's own transformers forward, norms swapped)."""
+    points, stats, (N, T, D) = _stats_buffers(teacher, sequences)
     cursor = {"start": 0, "into": stats}
     for pi, (name, module) in enumerate(points.items()):
         module.forward = _stats_forward(pi, module, cursor)
@@ -106,9 +118,7 @@ def calibrate(teacher, sequences: torch.Tensor, batch_size: int = 4, progress: b
     finally:
         for module in points.values():
             del module.forward
-    return Calibration(stats=stats, tokens_per_seq=T, points=list(points),
-                       meta={"model_type": teacher.config.model_type, "hidden_size": D,
-                             "num_layers": len(teacher.model.layers)})
+    return _calibration_of(teacher, stats, T, points)
 
 
 def _gather_layers_on_entry(teacher, probe) -> list:
@@ -222,12 +232,7 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
 
     from red.distributed import _collective_device, local_tensor, shard_rows
 
-    if sequences.dim() != 2 or sequences.shape[0] == 0:
-        raise RedError("calibration needs at least one sequence; give a corpus with enough text")
-    points = norm_points(teacher)
-    N, T = sequences.shape
-    D = teacher.config.hidden_size
-    stats = torch.zeros(len(points), N, len(STAT_NAMES), D, dtype=torch.float32)
+    points, stats, (N, T, D) = _stats_buffers(teacher, sequences)
     scratch = torch.zeros(len(points), batch_size, len(STAT_NAMES), D, dtype=torch.float32)
     cursor = {"start": 0, "into": stats}
     embed = teacher.model.embed_tokens
@@ -252,9 +257,7 @@ def calibrate_sharded(teacher, sequences: torch.Tensor, ctx, batch_size: int = 4
         _undo_calibration_patches(hooks, points, embed, table, probe)
     summed = stats.to(_collective_device())
     dist.all_reduce(summed)
-    return Calibration(stats=summed.cpu(), tokens_per_seq=T, points=list(points),
-                       meta={"model_type": teacher.config.model_type, "hidden_size": D,
-                             "num_layers": len(teacher.model.layers)})
+    return _calibration_of(teacher, summed.cpu(), T, points)
 
 
 def check_calibration_teacher(cal: Calibration, path: str | Path, teacher_dir: str | Path, arch) -> None:
