@@ -25,7 +25,8 @@ Parts, each written to WORK/parts/PART.json, then merged into one results file:
   validation rows that pick the learning rate).
 - ``lr``: ``red distill`` runs of each preset, LR_STEPS steps at each lr of LR_GRID; the lr
   with the lowest validation next-token loss (of the train store's held-out documents)
-  wins. They also measure the time of a training step.
+  wins; a winner at an edge of the grid is tried against one more lr past that edge (at
+  most LR_EXTEND times), as ``red demo`` does. They also measure the time of a training step.
 - ``distill``: ``red distill --preset red|lrc`` at that lr, the same number of steps for
   both (as many as fit in ``--minutes`` for the slower preset), per seed; and a 1-step run
   at lr 1e-12 of each, which is the initialization as red distill builds it.
@@ -297,6 +298,8 @@ def run_distill(work: Path, preset: str, name: str, steps: int, lr: float, seed:
 
 
 LR_GRID = (1e-4, 5e-4, 2.5e-3)
+LR_RATIO = 5.0  # the grid's step, also the step of an extension past its edge
+LR_EXTEND = 2  # at most this many extensions, as red demo's --lr-grid-extend
 LR_STEPS = 10
 
 
@@ -304,21 +307,38 @@ def part_lr(work: Path) -> dict:
     """Each preset at each lr of LR_GRID for LR_STEPS steps (seed 0); the winner is the lr of
     the lowest validation next-token loss (val_lm, the same measure for both presets) at the
     end. The runs also give the time of a step, which sets the budget of part distill."""
-    runs, best = [], {}
+    runs, best, extended, at_edge = [], {}, {}, {}
     for preset in ("red", "lrc"):
-        for lr in LR_GRID:
-            r = run_distill(work, preset, f"lr-{preset}-{lr:g}", LR_STEPS, lr, 0, eval_every=0)  # val at the end
-            runs.append(r)
-            log(f"lr grid {preset} {lr:g}: val_lm {r['val'][-1]['val_lm']:.4f} in {r['wall_s']:.0f} s")
-        mine = [r for r in runs if r["preset"] == preset]
-        win = min(mine, key=lambda r: r["val"][-1]["val_lm"] if r["val"][-1]["val_lm"] == r["val"][-1]["val_lm"]
-                  else float("inf"))
-        best[preset] = win["lr"]
+        mine = [_lr_run(work, preset, lr) for lr in LR_GRID]
+        extended[preset] = []
+        for _ in range(LR_EXTEND):  # a pick at an edge of the grid: one more lr past that edge
+            win = min(mine, key=_val_lm)
+            lrs = sorted(r["lr"] for r in mine)
+            if win["lr"] not in (lrs[0], lrs[-1]):
+                break
+            nxt = win["lr"] / LR_RATIO if win["lr"] == lrs[0] else win["lr"] * LR_RATIO
+            extended[preset].append(nxt)
+            mine.append(_lr_run(work, preset, nxt))
+        win = min(mine, key=_val_lm)
+        lrs = sorted(r["lr"] for r in mine)
+        best[preset], at_edge[preset] = win["lr"], win["lr"] in (lrs[0], lrs[-1])
+        runs += mine
     step_s = {p: max(statistics_median([BATCH * SEQ / t["tokens_per_s"] for r in runs if r["preset"] == p
                                         for t in r["train"]]), 1e-9) for p in ("red", "lrc")}
     return dict(grid=list(LR_GRID), steps=LR_STEPS, seed=0, chosen_by="lowest val_lm (next-token loss of the "
                 "student on the train store's held-out 5 % of documents) after the short run",
-                best=best, seconds_per_step=step_s, runs=runs)
+                best=best, extended=extended, at_edge=at_edge, seconds_per_step=step_s, runs=runs)
+
+
+def _lr_run(work: Path, preset: str, lr: float) -> dict:
+    r = run_distill(work, preset, f"lr-{preset}-{lr:g}", LR_STEPS, lr, 0, eval_every=0)  # val at the end
+    log(f"lr grid {preset} {lr:g}: val_lm {r['val'][-1]['val_lm']:.4f} in {r['wall_s']:.0f} s")
+    return r
+
+
+def _val_lm(r: dict) -> float:
+    v = r["val"][-1]["val_lm"]
+    return v if v == v else float("inf")  # a NaN loss never wins
 
 
 def statistics_median(xs):
