@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     except RedError as e:
         if not quiet:
             print(f"red {args.command}: error: {e}", file=sys.stderr)
+        _order_error_exit(quiet)
         return 2
     except KeyboardInterrupt:
         print(f"red {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
@@ -487,7 +488,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"red {args.command}: error: a write failed ({' '.join(str(e).split())[:200]}); free space or "
                   "fix the disk, then run again (a run continues with --resume from its last complete checkpoint)",
                   file=sys.stderr)
+        _order_error_exit(quiet)
         return 2
+
+
+def _order_error_exit(quiet: bool) -> None:
+    """Under torchrun rank 0 alone prints the error; it says when it has, and the other
+    ranks wait for that (bounded) so that their exit cannot get rank 0 stopped first."""
+    if not _launched_by_torchrun():
+        return
+    from red.distributed import mark_error_reported, wait_for_error_report
+
+    if quiet:
+        wait_for_error_report()
+    else:
+        sys.stderr.flush()
+        mark_error_reported()
 
 
 def _is_disk_error(e: BaseException) -> bool:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -218,3 +220,41 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+REPORTED_KEY = "red/rank0-reported"
+
+
+def _default_store():
+    """The process group's key-value store, or None without a process group."""
+    try:
+        if dist.is_available() and dist.is_initialized():
+            return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def mark_error_reported() -> None:
+    """Rank 0, once it has printed a run's one error line: the other ranks may now leave."""
+    store = _default_store()
+    if store is not None:
+        try:
+            store.set(REPORTED_KEY, "1")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def wait_for_error_report(timeout_s: float = 30.0) -> None:
+    """A rank other than 0 that leaves on an error first lets torchrun stop rank 0 before it
+    prints the run's one error line; so wait, at most ``timeout_s``, until rank 0 has."""
+    store = _default_store()
+    if store is None:
+        import time
+
+        time.sleep(min(timeout_s, 3.0))  # no group yet: rank 0 runs the same checks at the same time
+        return
+    try:
+        store.wait([REPORTED_KEY], timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001
+        pass
